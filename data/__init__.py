@@ -1,0 +1,1 @@
+"""Dataset readers, list/label I/O and image transforms (knows no model)."""

@@ -1,0 +1,1 @@
+"""Conformer backbone with the TransCAM and BAO heads, and checkpoint I/O (knows no dataset)."""

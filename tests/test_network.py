@@ -1,0 +1,226 @@
+"""Conformer layout, shapes, gradients and checkpoint loading."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, load_weights, read_state_dict
+from network.conformer import Conformer, build_conformer
+from network.conformer_CAM import ARCHS, Net_sm, Net_ti, Net_tiny
+from network.factory import build_network
+from tool.errors import UserError
+
+DATA = Path(__file__).parent / "data"
+
+
+def _layout(size: str) -> list[tuple[str, str]]:
+    rows = (line.rstrip("\n").split("\t") for line in (DATA / f"net_{size}_state_dict.tsv").open())
+    return [(name, shape) for name, shape in rows]
+
+
+@pytest.mark.parametrize("builder,size", [(Net_sm, "sm"), (Net_ti, "ti")])
+def test_state_dict_layout_equals_published(builder, size):
+    with torch.device("meta"):
+        model = builder(num_classes=21)
+    got = [(k, ",".join(map(str, v.shape))) for k, v in model.state_dict().items()]
+    assert got == _layout(size)
+
+
+def test_parameter_counts_match_spec():
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Net_sm().parameters()) == 36_680_127
+        assert sum(p.numel() for p in Net_ti().parameters()) == 22_992_975
+
+
+def test_class_count_sets_heads():
+    with torch.device("meta"):
+        model = Net_sm(num_classes=81)
+    assert model.label_enc.weight.shape == (1024, 80)
+    assert model.classifier_x.weight.shape[0] == 81
+    assert model.trans_cls_head.weight.shape[0] == 81
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Conformer:
+    torch.manual_seed(0)
+    return Net_tiny(num_classes=6)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_forward_shapes(tiny, hw):
+    b, k = 2, tiny.num_classes
+    x = torch.randn(b, 3, *hw)
+    labels = torch.zeros(b, k - 1)
+    labels[0, 1] = labels[1, 3] = 1
+    out = tiny.eval()(x, labels)
+    h, w = hw[0] // 16, hw[1] // 16
+    assert out.conv_logits.shape == out.trans_logits.shape == (b, k)
+    for t in (out.am, out.cams, out.bao):
+        assert t.shape == (b, k, h, w)
+    assert torch.equal(out.bao[:, :1], out.am[:, :1])
+    assert torch.equal(out.bao[:, 1:], out.cams[:, 1:])
+    conv_logits, trans_logits, am, cams, bao = out  # the published tuple order
+    assert am is out.am and cams is out.cams
+
+
+def test_forward_without_labels_skips_bao(tiny):
+    out = tiny.eval()(torch.randn(1, 3, 32, 32))
+    assert out.am is None and out.bao is None and out.cams.shape == (1, 6, 2, 2)
+
+
+def test_rejects_bad_inputs(tiny):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiny(torch.randn(1, 3, 40, 32))
+    with pytest.raises(ValueError, match="labels must be"):
+        tiny(torch.randn(1, 3, 32, 32), torch.zeros(1, 3))
+
+
+def test_refine_matches_definition():
+    maps = torch.randn(2, 3, 2, 3)
+    attn = torch.rand(2, 6, 6)
+    out = Conformer.refine(maps, attn)
+    flat = maps.flatten(2)
+    expected = torch.einsum("bij,bkj->bki", attn, flat).reshape(2, 3, 2, 3)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_attention_sum_is_sum_of_head_means(tiny):
+    """forward_features' running sum equals summing every block's head-averaged attention."""
+    tiny.eval()
+    x = torch.randn(1, 3, 32, 48)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+             for m in tiny.modules() if type(m).__name__ == "Attention"]
+    try:
+        _, _, attn_sum = tiny.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == tiny.depth
+    expected = sum(a[:, :, 1:, 1:].mean(1) for a in seen)
+    assert torch.allclose(attn_sum, expected, atol=1e-5)
+    # each block's rows sum to 1 over all 1+N tokens, so patch rows sum to at most depth
+    assert attn_sum.sum(-1).max() <= tiny.depth + 1e-4
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = Net_tiny(num_classes=4, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 64, 48)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    out = model(x, labels)
+    loss = out.conv_logits.sum() + out.trans_logits.sum() + out.am.pow(2).mean() + out.cams.mean()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_build_network_by_name():
+    assert set(ARCHS) == {"tiny", "ti", "sm", "bs"}
+    model = build_network("network.conformer_CAM", "tiny", num_classes=3)
+    assert model.num_classes == 3
+    with pytest.raises(UserError, match="unknown --arch"):
+        build_network("network.conformer_CAM", "huge", num_classes=3)
+    with pytest.raises(UserError, match="cannot import"):
+        build_network("network.nope", "sm", num_classes=3)
+    with pytest.raises(ValueError, match="unknown Conformer size"):
+        build_conformer("huge")
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+def test_sm_state_dict_round_trips_strictly(tmp_path):
+    torch.manual_seed(0)
+    src = Net_sm(num_classes=21)
+    path = tmp_path / "bao.pth"
+    torch.save(src.state_dict(), path)
+    dst = Net_sm(num_classes=21)
+    dst.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    report = load_weights(Net_sm(num_classes=21), path, purpose="bao")
+    assert report.loaded == len(src.state_dict()) and not report.missing and not report.unexpected
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.fixture
+def tiny_state():
+    torch.manual_seed(1)
+    return Net_tiny(num_classes=6).state_dict()
+
+
+def test_transcam_checkpoint_loads_for_training_and_is_refused_for_bao(tmp_path, tiny_state):
+    transcam = {k: v for k, v in tiny_state.items() if not k.startswith(BAO_HEADS)}
+    path = tmp_path / "transcam.pth"
+    torch.save(transcam, path)
+    assert checkpoint_kind(transcam) == "transcam"
+    model = Net_tiny(num_classes=6)
+    init_label_enc = model.label_enc.weight.clone()
+    report = load_weights(model, path, purpose="transcam")
+    assert sorted(report.missing) == sorted(k for k in tiny_state if k.startswith(BAO_HEADS))
+    assert "4 missing" in report.summary() and "label_enc.weight" in report.summary()
+    assert torch.equal(model.label_enc.weight, init_label_enc)  # kept its initialisation
+    assert torch.equal(model.conv_cls_head.weight, tiny_state["conv_cls_head.weight"])
+    with pytest.raises(UserError, match="TransCAM checkpoint.*--method transcam"):
+        load_weights(Net_tiny(num_classes=6), path, purpose="bao")
+
+
+def test_module_prefixed_and_wrapped_checkpoints(tmp_path, tiny_state):
+    prefixed = {f"module.{k}": v for k, v in tiny_state.items()}
+    for i, obj in enumerate([prefixed, {"model": prefixed}, {"state_dict": tiny_state, "epoch": 3}]):
+        path = tmp_path / f"c{i}.pth"
+        torch.save(obj, path)
+        assert list(read_state_dict(path)) == list(tiny_state)
+        model = Net_tiny(num_classes=6)
+        report = load_weights(model, path, purpose="bao")
+        assert report.loaded == len(tiny_state) and not report.missing
+        assert torch.equal(model.classifier_x.weight, tiny_state["classifier_x.weight"])
+
+
+def test_imagenet_weights_drop_heads(tmp_path, tiny_state):
+    imagenet = {k: v for k, v in tiny_state.items() if not k.startswith(BAO_HEADS + CLASSIFIER_HEADS)}
+    imagenet["trans_cls_head.weight"] = torch.zeros(1000, 96)
+    imagenet["trans_cls_head.bias"] = torch.zeros(1000)
+    imagenet["conv_cls_head.weight"] = torch.zeros(1000, 256)
+    imagenet["conv_cls_head.bias"] = torch.zeros(1000)
+    path = tmp_path / "imagenet.pth"
+    torch.save(imagenet, path)
+    assert checkpoint_kind(imagenet) == "imagenet"
+    report = load_weights(Net_tiny(num_classes=6), path, purpose="backbone")
+    assert len(report.dropped) == 4 and "dropped 4" in report.summary()
+    assert set(report.missing) == {k for k in tiny_state if k.startswith(BAO_HEADS + CLASSIFIER_HEADS)}
+    with pytest.raises(UserError, match="ImageNet classification weights"):
+        load_weights(Net_tiny(num_classes=6), path, purpose="transcam")
+
+
+def test_wrong_class_count_and_architecture_are_refused(tmp_path, tiny_state):
+    path = tmp_path / "t.pth"
+    torch.save(tiny_state, path)
+    with pytest.raises(UserError, match="different number of classes"):
+        load_weights(Net_tiny(num_classes=21), path, purpose="bao")
+    with pytest.raises(UserError, match="does not fit this model.*--arch"):
+        load_weights(Net_tiny(num_classes=6, embed_dim=48), path, purpose="bao")
+
+
+def test_unsafe_truncated_and_missing_files(tmp_path, tiny_state):
+    with pytest.raises(UserError, match="not found"):
+        read_state_dict(tmp_path / "none.pth")
+    good = tmp_path / "good.pth"
+    torch.save(tiny_state, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        read_state_dict(cut)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        read_state_dict(text)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": tiny_state, "hook": _Payload()}, evil)
+    with pytest.raises(UserError, match="weights_only"):
+        read_state_dict(evil)
+
+
+class _Payload:
+    """An arbitrary object: unpickling it needs code, which weights_only refuses."""

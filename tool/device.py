@@ -1,0 +1,105 @@
+"""Device, mixed precision and distributed helpers shared by the entry scripts.
+
+Distributed mode is switched on by the environment: under ``torchrun`` (``WORLD_SIZE`` > 1)
+:func:`setup_distributed` initialises the process group (NCCL on CUDA, gloo on CPU) and
+pins each rank to its local GPU. Without it everything runs in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tool.errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` and ``--amp`` to an entry script's parser."""
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision on CUDA: 'auto' = bf16 where supported, else fp16; "
+                             "ignored on CPU (always fp32 there)")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its device, its rank and the world size."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs and saves."""
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``--device`` into a torch.device, refusing CUDA when there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def setup_distributed(device_name: str = "auto") -> Runtime:
+    """Initialise the process group when launched by torchrun; return this process's runtime."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return Runtime(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Runtime(device, rank, local_rank, world_size)
+
+
+def cleanup_distributed() -> None:
+    """Tear the process group down if one was created."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device``; None means fp32 (always on CPU)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for ``dtype`` on ``device``, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def barrier() -> None:
+    """Synchronise ranks (no-op outside distributed mode)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
