@@ -1,0 +1,152 @@
+"""Torch datasets over a list of names, a :class:`DatasetLayout` and :class:`ImageLabels`.
+
+- :class:`ClassificationDataset`: augmented crops and label vectors for training.
+- :class:`InferenceDataset`: multi-scale (and flipped) inputs for CAM / BAO inference;
+  batch it with :func:`collate_inference`.
+- :class:`SegmentationDataset`: ground-truth masks (and optionally images) for evaluation
+  and visualisation.
+
+Each constructor checks once that every name has an image (and a label where one is
+used), so a wrong list fails at start-up with one clear message instead of mid-epoch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.images import read_image
+from data.labels import ImageLabels
+from data.layout import DatasetLayout
+from data.transforms import TrainAugment, multiscale_inputs, stack_scales
+from tool.errors import UserError
+from tool.palette import read_label_png
+
+
+class ClassificationDataset(Dataset):
+    """Training samples: ``{"name": str, "img": (3, S, S) float32, "label": (C-1,) float32}``.
+
+    The augmentation of sample ``index`` in epoch ``e`` is drawn from
+    ``np.random.default_rng([seed, e, index])``: it does not depend on the worker that
+    loads it nor on what was loaded before, so a run resumed at epoch ``e`` sees exactly
+    the crops of an uninterrupted run. Call :meth:`set_epoch` before iterating each
+    epoch; with a DataLoader, use ``persistent_workers=False`` (the default) so that the
+    workers receive the updated epoch.
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
+                 transform: TrainAugment, seed: int = 0):
+        labels.check_names(names)
+        layout.check(names)
+        self.layout = layout
+        self.names = list(names)
+        self.labels = labels
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (0-based)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        img = self.transform(read_image(self.layout.image_path(name)), rng)
+        return {"name": name, "img": img, "label": torch.from_numpy(self.labels.vector(name))}
+
+
+class InferenceDataset(Dataset):
+    """Multi-scale inference samples.
+
+    Each item is ``{"name": str, "size": (H, W), "label": (C-1,) float32 tensor,
+    "inputs": [(S, (V, 3, S, S) float32), ...]}`` (see :func:`multiscale_inputs`), plus
+    ``"image": (H, W, 3) uint8`` when ``return_image`` (for CRF and overlays).
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
+                 scales: tuple[int, ...] = (256, 512, 768), flip: bool = True,
+                 return_image: bool = False):
+        labels.check_names(names)
+        layout.check(names)
+        self.layout = layout
+        self.names = list(names)
+        self.labels = labels
+        self.scales = tuple(int(s) for s in scales)
+        self.flip = bool(flip)
+        self.return_image = bool(return_image)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        img = read_image(self.layout.image_path(name))
+        item = {
+            "name": name,
+            "size": (int(img.shape[0]), int(img.shape[1])),
+            "label": torch.from_numpy(self.labels.vector(name)),
+            "inputs": multiscale_inputs(img, self.scales, self.flip),
+        }
+        if self.return_image:
+            item["image"] = img
+        return item
+
+
+def collate_inference(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch :class:`InferenceDataset` items (a DataLoader ``collate_fn``).
+
+    Returns:
+        ``{"names": [B], "sizes": [B x (H, W)], "labels": (B, C-1) float32,
+        "inputs": [(S, (B * V, 3, S, S)), ...], "views": V}`` and ``"images"`` (list of B
+        uint8 arrays) when the items hold images. Rows of each input are image-major:
+        image b owns rows ``b * V`` (plain) and ``b * V + 1`` (flipped, when V = 2).
+    """
+    batch = {
+        "names": [it["name"] for it in items],
+        "sizes": [it["size"] for it in items],
+        "labels": torch.stack([it["label"] for it in items]),
+        "inputs": stack_scales([it["inputs"] for it in items]),
+        "views": int(items[0]["inputs"][0][1].shape[0]),
+    }
+    if "image" in items[0]:
+        batch["images"] = [it["image"] for it in items]
+    return batch
+
+
+class SegmentationDataset(Dataset):
+    """Ground-truth masks: ``{"name": str, "mask": (H, W) uint8}`` (255 = ignore), plus
+    ``"image": (H, W, 3) uint8`` when ``return_image``; the image and mask sizes must agree.
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], return_image: bool = False):
+        layout.check_masks(names)
+        if return_image:
+            layout.check(names)
+        self.layout = layout
+        self.names = list(names)
+        self.return_image = bool(return_image)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        path = self.layout.mask_path(name)
+        if path is None:
+            raise UserError(f"ground-truth mask of {name} disappeared from {self.layout.root}")
+        item: dict[str, Any] = {"name": name, "mask": read_label_png(path)}
+        if self.return_image:
+            img = read_image(self.layout.image_path(name))
+            if img.shape[:2] != item["mask"].shape:
+                raise UserError(
+                    f"{path} is {item['mask'].shape[1]}x{item['mask'].shape[0]} but its image is "
+                    f"{img.shape[1]}x{img.shape[0]}; the mask does not belong to this image"
+                )
+            item["image"] = img
+        return item

@@ -1,0 +1,151 @@
+"""Image transforms for training (random augmentation) and multi-scale inference.
+
+All functions take (H, W, 3) uint8 RGB arrays as :func:`data.images.read_image` returns
+them and produce float32 tensors normalised with the ImageNet mean and std.
+
+Training (method spec section 3, :class:`TrainAugment`): resize so the long side is a
+random integer in [320, 640] (bicubic), random horizontal flip, colour jitter, normalise,
+random crop to a square, placing the image in a zero canvas when it is smaller.
+
+Inference (section 4, :func:`multiscale_inputs`): resize to S x S for each scale S
+(bicubic), normalise, and stack the horizontally flipped copy behind the plain one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
+_INV_STD = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
+
+
+def normalize(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32, ``(x / 255 - mean) / std`` per channel."""
+    out = (np.asarray(img, np.float32) - _MEAN) * _INV_STD
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+class TrainAugment:
+    """The training augmentation; every random choice comes from the generator passed in.
+
+    Calling ``aug(img, rng)`` with a generator built from the same seed gives the same
+    tensor, so a dataset that seeds one generator per (seed, epoch, index), e.g.
+    ``np.random.default_rng([seed, epoch, index])``, gives a resumed run the same
+    augmentation whatever the worker count. Nothing here touches the global ``random``,
+    ``numpy.random`` or ``torch`` generators.
+
+    Args:
+        crop_size: side of the square output crop.
+        resize_long: inclusive range of the random long side after resizing.
+        jitter: maximum brightness, contrast, saturation and hue change, as in
+            torchvision's ColorJitter (factors drawn in [1 - x, 1 + x], hue in [-h, h]),
+            applied in a random order.
+    """
+
+    def __init__(self, crop_size: int = 512, resize_long: tuple[int, int] = (320, 640),
+                 jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)):
+        if resize_long[0] < 1 or resize_long[0] > resize_long[1]:
+            raise ValueError(f"resize_long must be an increasing pair of positive sizes, got {resize_long}")
+        if not 0.0 <= jitter[3] <= 0.5:
+            raise ValueError(f"hue jitter must lie in [0, 0.5], got {jitter[3]}")
+        self.crop_size = int(crop_size)
+        self.resize_long = (int(resize_long[0]), int(resize_long[1]))
+        self.jitter = tuple(float(j) for j in jitter)
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator | int) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, crop_size, crop_size) float32 normalised tensor."""
+        rng = _as_rng(rng)
+        pil = Image.fromarray(img)
+        pil = self._resize_long(pil, rng)
+        if rng.random() < 0.5:
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pil = self._color_jitter(pil, rng)
+        return self._crop(normalize(np.asarray(pil)), rng)
+
+    def _resize_long(self, pil: Image.Image, rng: np.random.Generator) -> Image.Image:
+        target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+        w, h = pil.size
+        scale = target / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return pil.resize(size, Image.Resampling.BICUBIC)
+
+    def _color_jitter(self, pil: Image.Image, rng: np.random.Generator) -> Image.Image:
+        brightness, contrast, saturation, hue = self.jitter
+        factors = [
+            rng.uniform(max(0.0, 1.0 - brightness), 1.0 + brightness),
+            rng.uniform(max(0.0, 1.0 - contrast), 1.0 + contrast),
+            rng.uniform(max(0.0, 1.0 - saturation), 1.0 + saturation),
+            rng.uniform(-hue, hue),
+        ]
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+        for i in rng.permutation(4):
+            if enabled[i]:
+                pil = ops[i](pil, float(factors[i]))
+        return pil
+
+    def _crop(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Random crop_size x crop_size window; a smaller side is placed at a random offset
+        in a zero canvas (zero = the mean colour after normalisation)."""
+        crop = self.crop_size
+        _, h, w = img.shape
+        src_y, dst_y, ch = _crop_offsets(h, crop, rng)
+        src_x, dst_x, cw = _crop_offsets(w, crop, rng)
+        out = torch.zeros((3, crop, crop), dtype=img.dtype)
+        out[:, dst_y:dst_y + ch, dst_x:dst_x + cw] = img[:, src_y:src_y + ch, src_x:src_x + cw]
+        return out
+
+
+def _crop_offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(source start, canvas start, copied length) along one axis."""
+    if length >= crop:
+        return int(rng.integers(0, length - crop + 1)), 0, crop
+    return 0, int(rng.integers(0, crop - length + 1)), length
+
+
+def multiscale_inputs(img: np.ndarray, scales: tuple[int, ...] = (256, 512, 768),
+                      flip: bool = True) -> list[tuple[int, torch.Tensor]]:
+    """Inference inputs of one image.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        scales: output sides S; the image is resized to S x S (bicubic), ignoring its aspect.
+        flip: also return the horizontally flipped image.
+
+    Returns:
+        One ``(S, x)`` per scale, x of shape (V, 3, S, S) float32 normalised, V = 2 with
+        ``flip`` (x[0] plain, x[1] flipped; flip predictions of x[1] back along the last
+        axis before combining) else V = 1.
+    """
+    pil = Image.fromarray(img)
+    out = []
+    for s in scales:
+        x = normalize(np.asarray(pil.resize((int(s), int(s)), Image.Resampling.BICUBIC)))
+        views = torch.stack([x, x.flip(-1)]) if flip else x[None]
+        out.append((int(s), views))
+    return out
+
+
+def stack_scales(per_image: list[list[tuple[int, torch.Tensor]]]) -> list[tuple[int, torch.Tensor]]:
+    """Batch :func:`multiscale_inputs` of several images, scale by scale.
+
+    Returns:
+        One ``(S, x)`` per scale, x of shape (B * V, 3, S, S), image-major: rows
+        ``b * V .. b * V + V - 1`` belong to image b (reshape to (B, V, ...) to split).
+    """
+    if not per_image:
+        raise ValueError("stack_scales needs at least one image")
+    scales = [s for s, _ in per_image[0]]
+    for inputs in per_image[1:]:
+        if [s for s, _ in inputs] != scales:
+            raise ValueError("all images of a batch must use the same scales")
+    return [(s, torch.cat([inputs[k][1] for inputs in per_image])) for k, s in enumerate(scales)]
