@@ -1,0 +1,205 @@
+"""Metrics, the one-pass threshold sweep and the CAM file format (library level)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data.classes import COCO_UNUSED_IDS
+from tool.camio import load_cams, save_cams
+from tool.errors import UserError
+from tool.metrics import (
+    _count_below, argmax_labels, check_ids, confusion, confusions_from_bins, evaluate_cams, evaluate_labels, scores,
+    sweep_bins, sweep_confusions, threshold_labels, threshold_range, valid_classes,
+)
+from tool.palette import save_label_png
+
+# Hand-made 2x4 masks with 3 classes; 255 in the ground truth is ignored.
+GT = np.array([[0, 0, 1, 1],
+               [2, 2, 255, 1]], np.uint8)
+PRED = np.array([[0, 1, 1, 1],
+                 [2, 0, 2, 0]], np.uint8)
+# Counted by hand, rows = gt, columns = prediction, the (255, 2) pixel left out.
+CONF = np.array([[1, 1, 0],
+                 [1, 2, 0],
+                 [1, 0, 1]])
+
+
+def test_confusion_hand_made() -> None:
+    np.testing.assert_array_equal(confusion(GT, PRED, 3), CONF)
+
+
+def test_scores_hand_computed() -> None:
+    r = scores(CONF)
+    # class 0: T=2 P=3 TP=1 union 4; class 1: T=3 P=3 TP=2 union 4; class 2: T=2 P=1 TP=1 union 2
+    np.testing.assert_allclose(r["iou"], [1 / 4, 2 / 4, 1 / 2])
+    np.testing.assert_allclose(r["fp"], [2 / 4, 1 / 4, 0 / 2])
+    np.testing.assert_allclose(r["fn"], [1 / 4, 1 / 4, 1 / 2])
+    np.testing.assert_allclose(r["precision"], [1 / 3, 2 / 3, 1 / 1])
+    np.testing.assert_allclose(r["recall"], [1 / 2, 2 / 3, 1 / 2])
+    assert r["miou"] == pytest.approx((0.25 + 0.5 + 0.5) / 3)
+    assert r["mean_fp"] == pytest.approx(0.75 / 3)
+    assert r["mean_fn"] == pytest.approx(1.0 / 3)
+    assert r["mean_precision"] == pytest.approx((1 / 3 + 2 / 3 + 1) / 3)
+    assert r["mean_recall"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+    np.testing.assert_array_equal(r["gt_pixels"], [2, 3, 2])
+    np.testing.assert_array_equal(r["pred_pixels"], [3, 3, 1])
+
+
+def test_scores_nan_classes_skipped() -> None:
+    # 5 classes: class 3 absent everywhere (all NaN), class 4 in the ground truth only.
+    gt = np.array([[0, 1, 4, 4]], np.uint8)
+    pred = np.array([[0, 1, 0, 1]], np.uint8)
+    r = scores(confusion(gt, pred, 5))
+    assert np.isnan(r["iou"][2]) and np.isnan(r["iou"][3]) and np.isnan(r["recall"][3])
+    assert r["iou"][4] == 0 and r["recall"][4] == 0 and np.isnan(r["precision"][4])
+    # IoU: class 0 = 1/2 (T=1, P=2), class 1 = 1/2, class 4 = 0 -> mean over 3 classes
+    assert r["miou"] == pytest.approx(1 / 3)
+    assert r["mean_precision"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    empty = scores(np.zeros((3, 3), np.int64))
+    assert np.isnan(empty["miou"])
+
+
+def test_coco_raw_ids_unused_classes() -> None:
+    valid = valid_classes(91)
+    assert valid.sum() == 81 and not valid[list(COCO_UNUSED_IDS)].any()
+    gt = np.array([[0, 1, 90, 255]], np.uint8)
+    r = scores(confusion(gt, np.array([[0, 1, 90, 5]], np.uint8), 91))
+    assert r["miou"] == pytest.approx(1.0)  # only 0, 1, 90 defined; unused ids never count
+    assert np.isnan(r["iou"][12])
+    with pytest.raises(UserError, match="unused COCO category ids.*--num_classes 81"):
+        confusion(gt, np.array([[0, 12, 90, 5]], np.uint8), 91, pred_name="p.png")
+    with pytest.raises(UserError, match=r"p.png contains class id\(s\) 85 .*0\.\.80.*raw COCO category ids"):
+        confusion(np.zeros((1, 2), np.uint8), np.array([[0, 85]], np.uint8), 81, pred_name="p.png")
+
+
+def test_ids_out_of_range_and_ignore() -> None:
+    with pytest.raises(UserError, match=r"g.png contains class id\(s\) 3 outside the 3-class range 0..2"):
+        confusion(np.array([[3]], np.uint8), np.array([[0]], np.uint8), 3, gt_name="g.png")
+    with pytest.raises(UserError, match="255 .ignore. is allowed in ground truth only"):
+        confusion(np.array([[0]], np.uint8), np.array([[255]], np.uint8), 3)
+    with pytest.raises(UserError, match="size 3x1 .WxH. but .* size 2x1"):
+        confusion(np.zeros((1, 2), np.uint8), np.zeros((1, 3), np.uint8), 3)
+    check_ids([0, 2, 255], 3, "x", allow_ignore=True)
+
+
+def test_threshold_range() -> None:
+    t = threshold_range(0.05, 0.95, 0.01)
+    assert t.dtype == np.float32 and t.size == 91
+    assert t[0] == np.float32(0.05) and t[-1] == np.float32(0.95) and t[44] == np.float32(0.49)
+    with pytest.raises(UserError, match="bad threshold range"):
+        threshold_range(0.5, 0.1, 0.1)
+
+
+def test_sweep_hand_made_ties() -> None:
+    # one foreground class 3; scores 0.2, 0.5, 0.8; at t = 0.5 the tie goes to background
+    keys = np.array([0, 3])
+    cams = np.array([[[0.9, 0.9, 0.9]], [[0.2, 0.5, 0.8]]], np.float32)
+    gt = np.array([[0, 3, 3]], np.uint8)
+    conf = sweep_confusions(gt, keys, cams, np.array([0.1, 0.5, 0.9], np.float32), 4)
+    np.testing.assert_array_equal(conf[0][[0, 3]][:, [0, 3]], [[0, 1], [0, 2]])  # all pixels class 3
+    np.testing.assert_array_equal(conf[1][[0, 3]][:, [0, 3]], [[1, 0], [1, 1]])  # 0.5 == t -> background
+    np.testing.assert_array_equal(conf[2][[0, 3]][:, [0, 3]], [[1, 0], [2, 0]])  # all background
+    # the learned background (key 0) is ignored by the sweep but used by the argmax
+    np.testing.assert_array_equal(argmax_labels(keys, cams), [[0, 0, 0]])
+
+
+def _random_cams(rng: np.random.Generator, keys: list[int], shape: tuple[int, int]) -> np.ndarray:
+    # half the scores on the 0.05 grid of the thresholds, so that many pixels tie with a
+    # threshold and foreground classes tie with each other; the rest anywhere, also < 0, > 1
+    grid = np.round(0.05 * rng.integers(0, 21, (len(keys),) + shape), 6).astype(np.float32)
+    free = rng.uniform(-0.2, 1.2, grid.shape).astype(np.float32)
+    return np.where(rng.random(grid.shape) < 0.5, grid, free)
+
+
+def test_count_below_equals_searchsorted() -> None:
+    rng = np.random.default_rng(3)
+    thresholds = threshold_range(0.05, 0.95, 0.01)
+    score = np.concatenate([
+        rng.uniform(-1, 2, 20000), thresholds, np.nextafter(thresholds, 2), np.nextafter(thresholds, -2),
+        [0.0, -0.0, 1e-30, -1e-30, 1e30, np.inf, -np.inf],
+    ]).astype(np.float32)
+    np.testing.assert_array_equal(_count_below(thresholds, score),
+                                  np.searchsorted(thresholds, score, side="left"))
+
+
+def test_one_pass_sweep_equals_direct_thresholding() -> None:
+    rng = np.random.default_rng(0)
+    c = 6
+    thresholds = threshold_range(0.0, 1.0, 0.05)
+    total_bins = np.zeros((thresholds.size + 1, c, c), np.int64)
+    direct = np.zeros((thresholds.size, c, c), np.int64)
+    for keys in ([0, 1, 4], [2], [0], [], [1, 3, 5], [0, 5]):
+        keys = np.array(keys, np.int64)
+        shape = (7, 9)
+        cams = _random_cams(rng, list(keys), shape)
+        gt = rng.integers(0, c, shape).astype(np.uint8)
+        gt[rng.random(shape) < 0.1] = 255
+        total_bins += sweep_bins(gt, keys, cams, thresholds, c)
+        for j, t in enumerate(thresholds):
+            direct[j] += confusion(gt, threshold_labels(keys, cams, t).astype(np.uint8), c)
+    swept = confusions_from_bins(total_bins)
+    np.testing.assert_array_equal(swept, direct)
+    assert swept.sum() > 0 and len({int(s) for s in swept.sum(axis=(1, 2))}) == 1
+
+
+def test_cam_file_round_trip(tmp_path) -> None:
+    keys = np.array([0, 2, 7])
+    cams = np.random.default_rng(1).random((3, 4, 5)).astype(np.float16)
+    save_cams(tmp_path / "a.npz", keys, cams)
+    k, m = load_cams(tmp_path / "a.npz")
+    assert k.dtype == np.int64 and m.dtype == np.float32 and m.shape == (3, 4, 5)
+    np.testing.assert_array_equal(k, keys)
+    np.testing.assert_array_equal(m, cams.astype(np.float32))
+    save_cams(tmp_path / "empty.npz", np.zeros(0, np.int64), np.zeros((0, 4, 5), np.float32))
+    assert load_cams(tmp_path / "empty.npz")[1].shape == (0, 4, 5)
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "empty.npz"]  # no temporary file left
+    with pytest.raises(ValueError, match="strictly increasing"):
+        save_cams(tmp_path / "b.npz", np.array([2, 1]), np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(K, H, W\) with K = 1"):
+        save_cams(tmp_path / "b.npz", np.array([1]), np.zeros((2, 3, 3), np.float32))
+
+
+def test_cam_files_of_another_format(tmp_path) -> None:
+    published = tmp_path / "pub.npy"
+    with open(published, "wb") as f:  # the published layout: a pickled dict in .npy
+        np.save(f, np.array({0: np.zeros((2, 2), np.float32)}, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="pickled file.*infer_bao.py"):
+        load_cams(published)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(UserError, match=r"holds arrays \['x'\], not a CAM file"):
+        load_cams(tmp_path / "other.npz")
+    np.save(tmp_path / "plain.npy", np.zeros((2, 2)))
+    with pytest.raises(UserError, match="single array"):
+        load_cams(tmp_path / "plain.npy")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(UserError, match="junk.npz"):
+        load_cams(tmp_path / "junk.npz")
+    np.savez(tmp_path / "nan.npz", keys=np.array([1]), cams=np.full((1, 2, 2), np.nan, np.float32))
+    with pytest.raises(UserError, match="NaN"):
+        load_cams(tmp_path / "nan.npz")
+
+
+def test_folder_evaluation_parallel_equals_serial(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    gt_dir, pred_dir, cam_dir = tmp_path / "gt", tmp_path / "pred", tmp_path / "cam"
+    names = [f"im{i}" for i in range(5)]
+    thresholds = threshold_range(0.1, 0.9, 0.2)
+    expected = np.zeros((3, 3), np.int64)
+    expected_sweep = np.zeros((thresholds.size, 3, 3), np.int64)
+    for n in names:
+        gt = rng.integers(0, 3, (6, 8)).astype(np.uint8)
+        pred = rng.integers(0, 3, (6, 8)).astype(np.uint8)
+        keys = np.array([0, 1, 2])
+        cams = _random_cams(rng, [0, 1, 2], (6, 8))
+        save_label_png(gt_dir / f"{n}.png", gt)
+        save_label_png(pred_dir / f"{n}.png", pred)
+        save_cams(cam_dir / f"{n}.npz", keys, cams)
+        expected += confusion(gt, pred, 3)
+        expected_sweep += sweep_confusions(gt, keys, cams, thresholds, 3)
+    for workers in (1, 2):
+        np.testing.assert_array_equal(evaluate_labels(names, pred_dir, gt_dir, 3, workers, False), expected)
+        confs, free = evaluate_cams(names, cam_dir, gt_dir, 3, thresholds, True, workers, False)
+        np.testing.assert_array_equal(confs, expected_sweep)
+        assert free.shape == (3, 3) and free.sum() == 5 * 48
