@@ -1,0 +1,161 @@
+"""Threshold-free pseudo-labels from a trained BAO model (method spec section 4), or the
+TransCAM baseline's CAMs for threshold sweeps.
+
+    python infer_bao.py --weights bao.pth --voc12_root VOCdevkit/VOC2012 \\
+        --out_pred out/pseudo_labels --out_crf out/pseudo_labels_crf --out_cam out/cams
+    python infer_bao.py --method transcam --weights transcam.pth --out_cam out/transcam_cams
+    torchrun --nproc_per_node 4 infer_bao.py --weights bao.pth ...   # list sharded over ranks
+
+Per image: the multi-scale, flipped maps (``tool.predict``), then
+
+- ``--out_pred DIR``: ``<name>.png``, palette PNG of class ids = argmax over [learned
+  background, present classes' maps] (BAO; no threshold), or over [t, CAMs] with ``--t``
+  (TransCAM);
+- ``--out_crf DIR``: ``<name>.png``, that label map refined by a dense CRF;
+- ``--out_cam DIR``: ``<name>.npz`` (``tool.camio``): the normalised maps of the present
+  classes (key 0 = the background map for BAO), float16, for threshold studies.
+
+Without any output flag, BAO writes ``--out_pred out/pseudo_labels`` and TransCAM
+``--out_cam out/cams``. An image whose requested outputs all exist is skipped (resume)
+unless ``--overwrite``; every file is written atomically, so an interrupted run leaves no
+truncated output.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.datasets import InferenceDataset
+from data.labels import read_list
+from data.layout import REPO_ROOT, dataset_from_args
+from tool.cam import pseudo_labels
+from tool.camio import CAM_SUFFIX, save_cams
+from tool.crf import crf_refine_labels
+from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
+from tool.errors import UserError, run_cli
+from tool.fileio import is_temporary
+from tool.palette import save_label_png
+from tool.predict import (MultiScalePredictor, add_prediction_args, iterate_batches, load_model,
+                          prepare_output_dir)
+
+DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams")}
+SUFFIX = {"out_pred": ".png", "out_crf": ".png", "out_cam": CAM_SUFFIX}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--infer_list", default=str(REPO_ROOT / "voc12" / "train.txt"),
+                        help="images to process: a list file of names or published '/JPEGImages/x.jpg ...' "
+                             "lines (default: voc12/train.txt of this repository)")
+    parser.add_argument("--out_pred", default=None,
+                        help="folder for the pseudo-label PNGs (class ids, VOC palette)")
+    parser.add_argument("--out_crf", default=None,
+                        help="folder for the dense-CRF refined pseudo-label PNGs")
+    parser.add_argument("--out_cam", default=None,
+                        help="folder for the normalised maps of the present classes (<name>.npz, "
+                             "tool.camio format; BAO includes the background map as key 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute images whose outputs already exist (default: skip them)")
+    add_prediction_args(parser)
+    return parser
+
+
+def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """Requested output kinds ('out_pred', 'out_crf', 'out_cam') -> folder; checks flag combinations."""
+    outputs = {k: Path(getattr(args, k)) for k in SUFFIX if getattr(args, k)}
+    if args.method == "bao" and args.t is not None:
+        raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
+    if args.method == "transcam" and args.t is None and ("out_pred" in outputs or "out_crf" in outputs):
+        raise UserError(
+            "--method transcam has no background map: label PNGs (--out_pred/--out_crf) need a background "
+            "threshold --t; or write the CAMs with --out_cam and sweep t with evaluation_bao.py"
+        )
+    if not outputs:
+        kind, folder = DEFAULT_OUT[args.method]
+        outputs[kind] = Path(folder)
+    return outputs
+
+
+def _remove_stale_temporaries(folder: Path, names: set[str], suffix: str) -> None:
+    """Delete temporary files an interrupted run left for this rank's images.
+
+    ``tool.fileio.atomic_path`` names them ``.<final name>.<random>.tmp<suffix>``; only
+    those of ``names`` are touched, so ranks working on other images are not disturbed.
+    """
+    for entry in os.scandir(folder):
+        if is_temporary(entry.name) and entry.name.endswith(suffix):
+            final = entry.name[1:].rsplit(".", 3)[0]
+            if final.endswith(suffix) and final[:-len(suffix)] in names:
+                Path(entry.path).unlink(missing_ok=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    outputs = output_dirs(args)
+    runtime = setup_distributed(args.device)
+    try:
+        _run(args, outputs, runtime)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
+    spec = dataset_from_args(args)
+    names = read_list(args.infer_list)
+    spec.check(names, source=str(args.infer_list))
+    mine = names[runtime.rank::runtime.world_size]
+    model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method,
+                               runtime.device)
+    for folder in outputs.values():
+        prepare_output_dir(folder)
+    barrier()  # folders exist before any rank scans them
+    for kind, folder in outputs.items():
+        _remove_stale_temporaries(folder, set(mine), SUFFIX[kind])
+    todo = [n for n in mine if args.overwrite
+            or not all((folder / f"{n}{SUFFIX[k]}").is_file() for k, folder in outputs.items())]
+    if runtime.is_main:
+        print(f"weights {args.weights}: {report.summary()}")
+        where = ", ".join(f"--{k} {folder}" for k, folder in outputs.items())
+        shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""
+        print(f"{len(names)} images in {args.infer_list}{shard}: {len(mine) - len(todo)} already done (skipped), "
+              f"{len(todo)} to do -> {where}")
+
+    if todo:
+        dataset = InferenceDataset(spec.layout, todo, spec.labels, scales=args.scales, flip=True,
+                                   return_image="out_crf" in outputs)
+        predictor = MultiScalePredictor(model, args.method, runtime.device, amp_dtype(args.amp, runtime.device),
+                                        args.forward_pixels)
+        with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar:
+            for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
+                images = batch.get("images", [None] * len(batch["names"]))
+                for name, image, (keys, maps) in zip(batch["names"], images, predictor(batch)):
+                    _write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes)
+                bar.update(len(batch["names"]))
+    barrier()
+    if runtime.is_main:
+        print(f"done: {len(todo)} images written by rank 0")
+
+
+def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps: torch.Tensor,
+                   outputs: dict[str, Path], t: float | None, num_classes: int) -> None:
+    """Write the requested files of one image.
+
+    image (H, W, 3) uint8 (needed for the CRF), keys (K',) int64 class ids, maps (K', H, W)
+    normalised; the files go in last-written order pred, crf, cam, each atomically.
+    """
+    if "out_pred" in outputs or "out_crf" in outputs:
+        label = pseudo_labels(maps, keys, t).cpu().numpy().astype(np.uint8)
+        if "out_pred" in outputs:
+            save_label_png(outputs["out_pred"] / f"{name}.png", label)
+        if "out_crf" in outputs:
+            save_label_png(outputs["out_crf"] / f"{name}.png", crf_refine_labels(image, label, num_classes))
+    if "out_cam" in outputs:
+        save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy().astype(np.float16))
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

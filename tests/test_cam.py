@@ -1,0 +1,173 @@
+"""Multi-scale aggregation, normalisation, pseudo-labels (tool/cam.py), the batched
+predictor (tool/predict.py) and the dense CRF (tool/crf.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from data.datasets import collate_inference
+from data.transforms import multiscale_inputs
+from network.conformer import ConformerOutput
+from network.conformer_CAM import Net_tiny
+from tool.cam import NORM_EPS, fold_views, normalize_maps, present_keys, pseudo_labels
+from tool.crf import crf_refine_labels
+from tool.predict import MultiScalePredictor
+
+
+def test_present_keys_with_and_without_background():
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert present_keys(label, background=True).tolist() == [0, 2, 4]
+    assert present_keys(label, background=False).tolist() == [2, 4]
+    assert present_keys(torch.zeros(4), background=True).tolist() == [0]
+
+
+def test_fold_views_flips_back_and_sums():
+    plain = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    views = torch.stack([plain, plain.flip(-1)])  # (V=2, K=1, 2, 2): the second is a flipped input's map
+    out = fold_views(views, (2, 2), [False, True])
+    assert torch.equal(out, 2 * plain)
+
+
+def test_fold_views_upsamples_bilinear_without_corner_alignment():
+    # Width 2 -> 4 with align_corners=False samples source x = -0.25 (clamped), 0.25, 0.75, 1.25 (clamped).
+    out = fold_views(torch.tensor([[[[0.0, 4.0]]]]), (1, 4), [False])
+    assert torch.allclose(out, torch.tensor([[[0.0, 1.0, 3.0, 4.0]]]))
+
+
+def test_normalize_maps_follows_the_published_rule():
+    maps = torch.tensor([[[-1.0, 0.0], [2.0, 4.0]],
+                         [[3.0, 3.0], [3.0, 3.0]]])
+    out = normalize_maps(maps)
+    expect0 = torch.tensor([[0.0, 0.0], [(2 - NORM_EPS) / (4 + NORM_EPS), (4 - NORM_EPS) / (4 + NORM_EPS)]])
+    assert torch.allclose(out[0], expect0)
+    assert torch.equal(out[1], torch.zeros(2, 2))  # a constant channel carries no information
+    assert normalize_maps(torch.zeros(0, 3, 5)).shape == (0, 3, 5)
+
+
+def test_pseudo_labels_background_wins_everywhere():
+    keys = torch.tensor([0, 3])
+    x = torch.linspace(0, 1, 8).expand(5, 8)
+    maps = normalize_maps(torch.stack([x + 1.0, x ** 2]))  # bg >= fg at every pixel (ties at 0 and 1)
+    assert torch.equal(pseudo_labels(maps, keys), torch.zeros(5, 8, dtype=torch.int64))
+
+
+def test_pseudo_labels_argmax_and_threshold():
+    keys = torch.tensor([0, 2, 5])
+    maps = torch.tensor([[[0.9, 0.1, 0.2]], [[0.5, 0.8, 0.3]], [[0.1, 0.2, 0.7]]])
+    assert pseudo_labels(maps, keys).tolist() == [[0, 2, 5]]
+    fg_keys = torch.tensor([2, 5])
+    assert pseudo_labels(maps[1:], fg_keys, background_score=0.6).tolist() == [[0, 2, 5]]
+    assert pseudo_labels(maps[1:], fg_keys, background_score=0.75).tolist() == [[0, 2, 0]]
+    with pytest.raises(ValueError, match="background map"):
+        pseudo_labels(maps[1:], fg_keys)
+
+
+def test_present_channels_equal_masking_all_channels():
+    """Keeping only present channels gives the labels of the published [1, y] masking over all K."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(6, 9, 11, generator=gen)
+    label = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])
+    full = normalize_maps(raw * torch.cat([torch.ones(1), label])[:, None, None])
+    expected = full.argmax(dim=0)
+    keys = present_keys(label, background=True)
+    assert torch.equal(pseudo_labels(normalize_maps(raw[keys]), keys), expected)
+
+
+class _FixedMaps(nn.Module):
+    """Stands in for the network: returns given feature-resolution maps for every input."""
+
+    def __init__(self, maps: torch.Tensor):
+        super().__init__()
+        self.maps = maps
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ConformerOutput:
+        n = x.shape[0]
+        maps = nn.functional.interpolate(self.maps[None], size=(x.shape[2] // 16, x.shape[3] // 16)).expand(n, -1, -1, -1)
+        zeros = torch.zeros(n, self.maps.shape[0])
+        return ConformerOutput(zeros, zeros, maps, maps, maps)
+
+
+def _batch(images: list[np.ndarray], labels: list[np.ndarray], scales: tuple[int, ...]) -> dict:
+    items = [{"name": f"im{i}", "size": img.shape[:2], "label": torch.from_numpy(lab),
+              "inputs": multiscale_inputs(img, scales)} for i, (img, lab) in enumerate(zip(images, labels))]
+    return collate_inference(items)
+
+
+def test_predictor_background_wins_gives_all_background():
+    grad = torch.linspace(0, 1, 4)[:, None].expand(4, 4)  # varies along y only, so flips leave it unchanged
+    maps = torch.stack([grad + 2.0, grad ** 2, grad, torch.zeros(4, 4)])  # K = 4; channel 2 absent
+    img = np.full((20, 30, 3), 128, np.uint8)
+    batch = _batch([img], [np.array([1, 0, 1], np.float32)], (32, 64))
+    (keys, out), = MultiScalePredictor(_FixedMaps(maps), "bao", torch.device("cpu"))(batch)
+    assert keys.tolist() == [0, 1, 3]
+    assert out.shape == (3, 20, 30)
+    assert torch.equal(pseudo_labels(out, keys), torch.zeros(20, 30, dtype=torch.int64))
+
+
+class _PooledInput(nn.Module):
+    """Per-sample maps that depend on the input: channel k = (k + 1) x colour channel k % 3,
+    averaged over 16 x 16 patches. Records whether labels were passed."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.got_labels: list[bool] = []
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ConformerOutput:
+        self.got_labels.append(labels is not None)
+        pooled = nn.functional.avg_pool2d(x, 16)
+        maps = torch.stack([(k + 1) * pooled[:, k % 3] for k in range(self.num_classes)], dim=1)
+        zeros = torch.zeros(x.shape[0], self.num_classes)
+        return ConformerOutput(zeros, zeros, maps, maps, maps)
+
+
+def test_predictor_batches_and_chunks_like_single_images():
+    """Images of different sizes in one batch, any chunking: each image gets its maps computed alone."""
+    model = _PooledInput(num_classes=5)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 56), (64, 48), (33, 70))]
+    labels = [np.array(v, np.float32) for v in ([1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0])]
+    scales = (32, 64)
+    cpu = torch.device("cpu")
+    alone = [MultiScalePredictor(model, "bao", cpu)(_batch([im], [lab], scales))[0] for im, lab in zip(images, labels)]
+    for pixels in (1, 3 * 64 * 64, 10 ** 7):  # one input per forward, mixed chunks, everything at once
+        batched = MultiScalePredictor(model, "bao", cpu, forward_pixels=pixels)(_batch(images, labels, scales))
+        for (k1, m1), (k2, m2), img in zip(alone, batched, images):
+            assert torch.equal(k1, k2)
+            assert m1.shape == (len(k1),) + img.shape[:2]
+            assert torch.allclose(m1, m2, atol=1e-5)
+            assert m1.amax() > 0.99  # maps really vary, so the comparison means something
+    assert all(model.got_labels)
+    model.got_labels.clear()
+    (keys, maps), = MultiScalePredictor(model, "transcam", cpu)(_batch(images[:1], labels[:1], scales))
+    assert keys.tolist() == [1, 4] and maps.shape == (2, 40, 56)
+    assert not any(model.got_labels)  # TransCAM skips the label-conditioned head
+
+
+def test_predictor_runs_the_real_network():
+    torch.manual_seed(0)
+    model = Net_tiny(num_classes=5).eval().to(memory_format=torch.channels_last)
+    img = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    (keys, maps), = MultiScalePredictor(model, "bao", torch.device("cpu"))(
+        _batch([img], [np.array([0, 1, 0, 1], np.float32)], (32, 64)))
+    assert keys.tolist() == [0, 2, 4] and maps.shape == (3, 40, 56)
+    assert maps.min() >= 0 and maps.max() < 1 and torch.isfinite(maps).all()
+
+
+def test_crf_removes_isolated_pixels_and_follows_colour_edges():
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = (200, 50, 50)
+    label = np.zeros((40, 60), np.uint8)
+    label[:, 28:] = 2  # boundary two pixels off the colour edge
+    label[10, 10] = 1  # an isolated pixel
+    out = crf_refine_labels(img, label, n_labels=21)
+    expected = np.zeros_like(label)
+    expected[:, 30:] = 2
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+
+
+def test_crf_rejects_ids_outside_the_label_count():
+    with pytest.raises(ValueError, match="0..2"):
+        crf_refine_labels(np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 3, np.uint8), n_labels=3)

@@ -1,0 +1,256 @@
+"""infer_bao.py end to end on the generated dataset with tiny models: outputs, resume,
+interruption, TransCAM CAMs and the refusal of bad inputs.
+
+Most runs call the script's own ``get_args_parser`` / ``main`` / ``run_cli`` in-process
+(the same path as the command line, without paying the interpreter and torch start-up per
+case); the interrupted run and two error cases run as real subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer_bao
+from conftest import ROOT, run_cli
+from data.labels import ImageLabels, read_list
+from tool.camio import load_cams
+from tool.errors import run_cli as run_entry
+from tool.fileio import is_temporary
+from tool.palette import read_label_png
+
+
+def _common(voc_root: Path, weights: Path, scales: str = "32,64") -> list[str]:
+    return ["--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
+            "--infer_list", str(voc_root / "ImageSets/Segmentation/train.txt"), "--weights", str(weights),
+            "--arch", "tiny", "--scales", scales, "--num_workers", "0", "--batch_size", "1", "--device", "cpu"]
+
+
+def _infer(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run infer_bao like its command line, in-process: (exit status, stdout, stderr)."""
+    code = 0
+    try:
+        run_entry(infer_bao.main, infer_bao.get_args_parser().parse_args(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def bao_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
+    """One full command-line run writing label PNGs, CRF PNGs and maps."""
+    out = tmp_path_factory.mktemp("infer")
+    proc = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"),
+                   "--out_crf", str(out / "crf"), "--out_cam", str(out / "cam"))
+    assert proc.returncode == 0, proc.stderr
+    assert "12 to do" in proc.stdout
+    return out
+
+
+def test_outputs_have_image_size_and_only_present_ids(bao_run, voc_root):
+    labels = ImageLabels.load(voc_root / "cls_labels.json")
+    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
+    assert sorted(p.stem for p in (bao_run / "pred").iterdir()) == sorted(names)
+    for name in names:
+        with Image.open(voc_root / "JPEGImages" / f"{name}.jpg") as im:
+            size = im.size[::-1]
+        with Image.open(bao_run / "pred" / f"{name}.png") as png:
+            assert png.mode == "P"  # palette PNG: viewable and holding class ids
+        pred = read_label_png(bao_run / "pred" / f"{name}.png")
+        crf = read_label_png(bao_run / "crf" / f"{name}.png")
+        assert pred.shape == size and crf.shape == size
+        allowed = {0, *labels.ids[name]}
+        assert set(np.unique(pred).tolist()) <= allowed
+        assert set(np.unique(crf).tolist()) <= allowed
+        keys, cams = load_cams(bao_run / "cam" / f"{name}.npz")
+        assert keys.tolist() == [0, *labels.ids[name]]
+        assert cams.shape == (len(keys),) + size
+        assert cams.min() >= 0 and cams.max() <= 1
+        # The PNG is the argmax of the stored maps wherever float16 storage cannot swap the winner.
+        top2 = np.sort(cams, axis=0)[-2:]
+        clear = top2[1] - top2[0] > 1e-2
+        assert np.array_equal(pred[clear], keys[np.argmax(cams, axis=0)][clear])
+    assert np.load(bao_run / "cam" / f"{names[0]}.npz")["cams"].dtype == np.float16
+
+
+def test_resume_skips_done_images_and_redoes_missing_ones(bao_run, voc_root, tiny_bao_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(bao_run, out)
+    before = {kind: _files(out / kind) for kind in ("pred", "cam")}
+    names = sorted(before["pred"])
+    for name in names[:3]:
+        (out / "pred" / name).unlink()
+    (out / "cam" / names[5].replace(".png", ".npz")).unlink()
+    kept = out / "pred" / names[8]
+    stamp = kept.stat().st_mtime_ns
+    code, stdout, _ = _infer(_common(voc_root, tiny_bao_weights) + ["--out_pred", str(out / "pred"),
+                                                                   "--out_cam", str(out / "cam")], capsys)
+    assert code == 0
+    assert "8 already done (skipped), 4 to do" in stdout
+    assert kept.stat().st_mtime_ns == stamp  # a finished image is not rewritten
+    assert {kind: _files(out / kind) for kind in ("pred", "cam")} == before
+
+
+def test_interrupted_run_resumes_to_the_same_files(voc_root, tiny_bao_weights, tmp_path, capsys):
+    # Larger scales make each image take ~0.1 s, so the kill lands mid-run.
+    args = _common(voc_root, tiny_bao_weights, scales="128,256")
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "infer_bao.py", *args, "--out_pred", str(killed / "pred"), "--out_cam", str(killed / "cam")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    def finished() -> int:
+        return len([p for p in (killed / "pred").glob("*.png") if not is_temporary(p.name)])
+
+    while not (killed / "pred").is_dir() or not finished():
+        assert proc.poll() is None and time.monotonic() < deadline, "inference ended before it could be interrupted"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = [p for p in killed.rglob("*") if p.is_file() and not is_temporary(p.name)]
+    assert 0 < len([p for p in partial if p.suffix == ".png"]) < 12
+    for path in partial:  # whatever carries an output name is complete
+        if path.suffix == ".png":
+            assert read_label_png(path).ndim == 2
+        else:
+            load_cams(path)
+
+    code, stdout, _ = _infer(args + ["--out_pred", str(killed / "pred"), "--out_cam", str(killed / "cam")], capsys)
+    assert code == 0 and "already done (skipped)" in stdout
+    assert not [p for p in killed.rglob("*") if is_temporary(p.name)]  # stale temporaries cleaned
+    clean = tmp_path / "clean"
+    assert _infer(args + ["--out_pred", str(clean / "pred"), "--out_cam", str(clean / "cam")], capsys)[0] == 0
+    for kind in ("pred", "cam"):
+        assert _files(killed / kind) == _files(clean / kind)
+
+
+def test_background_winning_everywhere_gives_all_background(voc_root, tiny_bao_weights, tmp_path, capsys):
+    state = torch.load(tiny_bao_weights, weights_only=True)
+    # No CNN class evidence: every foreground CAM is 0, the learned background map is >= 0.
+    state["conv_cls_head.weight"].zero_()
+    state["conv_cls_head.bias"].zero_()
+    weights = tmp_path / "bg_wins.pth"
+    torch.save(state, weights)
+    out = tmp_path / "pred"
+    assert _infer(_common(voc_root, weights) + ["--out_pred", str(out)], capsys)[0] == 0
+    files = list(out.iterdir())
+    assert len(files) == 12
+    assert all(not read_label_png(p).any() for p in files)
+
+
+def test_transcam_writes_foreground_cams_and_thresholded_labels(voc_root, tiny_transcam_weights, tmp_path, capsys):
+    labels = ImageLabels.load(voc_root / "cls_labels.json")
+    code, _, _ = _infer(_common(voc_root, tiny_transcam_weights) + [
+        "--method", "transcam", "--out_cam", str(tmp_path / "cam"), "--out_pred", str(tmp_path / "pred"),
+        "--t", "0.4"], capsys)
+    assert code == 0
+    for path in (tmp_path / "cam").iterdir():
+        keys, cams = load_cams(path)
+        assert keys.tolist() == labels.ids[path.stem]  # foreground only, no background map
+        pred = read_label_png(tmp_path / "pred" / f"{path.stem}.png")
+        fg = cams.max(axis=0) > 0.4 + 1e-2
+        assert pred[fg].all() and not pred[cams.max(axis=0) < 0.4 - 1e-2].any()
+
+
+def _bad_files(tmp_path: Path, voc_root: Path, num_classes: int) -> dict[str, Path]:
+    from network.conformer_CAM import Net_tiny
+
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    torch.save(Net_tiny(num_classes=num_classes + 2).state_dict(), tmp_path / "other_classes.pth")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    (tmp_path / "ghost.txt").write_text("ghost_image\n")
+    (tmp_path / "unlabelled.txt").write_text("synth_000000\nnot_in_labels\n")
+    raw = json.loads((voc_root / "cls_labels.json").read_text())
+    raw["labels"]["ghost_image"] = [1]
+    (tmp_path / "labels_ghost.json").write_text(json.dumps(raw))
+    (tmp_path / "a_file").write_text("")
+    return {p.stem: p for p in tmp_path.iterdir()}
+
+
+ERROR_CASES = {
+    # case: (argument changes, expected message part)
+    "weights missing": ({"--weights": "{tmp}/nope.pth"}, "weights file not found"),
+    "not a checkpoint": ({"--weights": "{tmp}/text.pth"}, "not a readable PyTorch checkpoint"),
+    "other class count": ({"--weights": "{tmp}/other_classes.pth"}, "different number of classes"),
+    "other arch": ({"--arch": "ti"}, "does not fit this model"),
+    "transcam weights for bao": ({"--weights": "{transcam}"}, "is a TransCAM checkpoint"),
+    "unknown arch": ({"--arch": "huge"}, "unknown --arch 'huge'"),
+    "dataset root missing": ({"--voc12_root": "{tmp}/no_voc"}, "does not exist"),
+    "list missing": ({"--infer_list": "{tmp}/no_list.txt"}, "list file not found"),
+    "list empty": ({"--infer_list": "{tmp}/empty.txt"}, "is empty"),
+    "name without image": ({"--infer_list": "{tmp}/ghost.txt", "--label_file": "{tmp}/labels_ghost.json"},
+                           "images of"),
+    "name without label": ({"--infer_list": "{tmp}/unlabelled.txt"}, "have no image-level label"),
+    "output parent is a file": ({"--out_pred": "{tmp}/a_file/pred"}, "cannot create output folder"),
+    "transcam png without t": ({"--method": "transcam", "--weights": "{transcam}"}, "need a background threshold --t"),
+    "threshold for bao": ({"--t": "0.5"}, "BAO labels need no threshold"),
+    "negative batch": ({"--batch_size": "-2"}, "argument --batch_size: must be >= 1"),
+    "unknown method": ({"--method": "gradcam"}, "argument --method: invalid choice"),
+    "empty scales": ({"--scales": ","}, "argument --scales: needs at least one scale"),
+    "scale not multiple of 16": ({"--scales": "256,500"}, "multiples of 16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_inputs_are_refused_before_any_output(case, voc_root, num_classes, tiny_bao_weights,
+                                                  tiny_transcam_weights, tmp_path, capsys):
+    _bad_files(tmp_path, voc_root, num_classes)
+    changes, message = ERROR_CASES[case]
+    argv = _common(voc_root, tiny_bao_weights) + ["--out_pred", str(tmp_path / "out" / "pred")]
+    for flag, value in changes.items():
+        value = value.format(tmp=tmp_path, transcam=tiny_transcam_weights)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    code, _, err = _infer(argv, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_command_line_error_exits_cleanly(voc_root, tmp_path):
+    missing = run_cli("infer_bao.py", *_common(voc_root, tmp_path / "missing.pth"), "--out_pred", str(tmp_path / "o"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: weights file not found") and "Traceback" not in missing.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_shards_the_list_and_writes_the_same_files(bao_run, voc_root, tiny_bao_weights, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_bao.py",
+                   *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"), "--out_cam", str(out / "cam"))
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0 of 2 takes 6" in proc.stdout
+    for kind in ("pred", "cam"):
+        assert _files(out / kind) == _files(bao_run / kind)
+
+
+def test_corrupt_image_is_reported_without_worker_traceback(voc_root, tiny_bao_weights, tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_root, root)
+    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
+    jpeg = root / "JPEGImages" / f"{names[2]}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated
+    argv = _common(root, tiny_bao_weights) + ["--out_pred", str(tmp_path / "pred")]
+    argv[argv.index("--num_workers") + 1] = "1"  # the error crosses a DataLoader worker
+    code, _, err = _infer(argv, capsys)
+    assert code == 2
+    assert f"error: cannot read image {jpeg}" in err and "Traceback" not in err
+    done = sorted(p.stem for p in (tmp_path / "pred").iterdir())
+    assert done == names[:2]  # images before the corrupt one are finished and kept, nothing partial

@@ -1,0 +1,228 @@
+"""Multi-scale prediction of normalised BAO / TransCAM maps, shared by infer_bao.py and
+visual_bao.py (method spec section 4, steps 1-3).
+
+Images arrive in batches from :class:`data.datasets.InferenceDataset` (every image resized
+to the same S x S squares, plain and flipped). Each scale runs as one batched forward, split
+into chunks of at most ``forward_pixels`` input pixels so that memory stays bounded at large
+scales (attention memory grows with S^4). Only the small feature-resolution outputs of a
+scale are kept; they are folded into one (K', H, W) accumulator per image holding just the
+present classes (and the background map for BAO), so nothing of size (views x classes x
+H x W) is ever alive.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from data.datasets import collate_inference
+from data.layout import add_dataset_args
+from network.checkpoint import LoadReport, load_weights
+from network.factory import DEFAULT_NETWORK, build_network
+from tool.cam import fold_views, normalize_maps, present_keys
+from tool.device import add_device_args, autocast
+from tool.errors import UserError
+
+METHODS = ("bao", "transcam")
+DEFAULT_SCALES = (256, 512, 768)
+# One image and its flip at 768 per forward; 4 inputs at 512, 18 at 256.
+DEFAULT_FORWARD_PIXELS = 2 * 768 * 768
+
+
+def parse_scales(text: str) -> tuple[int, ...]:
+    """argparse type for ``--scales``: comma-separated positive multiples of 16, e.g. ``256,512,768``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("needs at least one scale, e.g. 256,512,768")
+    try:
+        scales = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    bad = [s for s in scales if s <= 0 or s % 16]
+    if bad:
+        raise argparse.ArgumentTypeError(f"scales must be positive multiples of 16 (the network stride), got {bad}")
+    if len(set(scales)) != len(scales):
+        raise argparse.ArgumentTypeError(f"scales must be distinct, got {text!r}")
+    return scales
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for counts that may be 0 (worker processes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_prediction_args(parser: argparse.ArgumentParser) -> None:
+    """Model, method, scale, batching, device and dataset flags of the inference scripts."""
+    group = parser.add_argument_group("model and multi-scale inference")
+    group.add_argument("--weights", required=True,
+                       help="checkpoint: BAO weights from train_bao.py (--method bao) or TransCAM weights "
+                            "(--method transcam); plain state_dicts and {'model': ...} wrappers are read")
+    group.add_argument("--network", default=DEFAULT_NETWORK,
+                       help=f"module with the ARCHS table of model builders (default: {DEFAULT_NETWORK})")
+    group.add_argument("--arch", default="sm",
+                       help="model size: sm (all published weights), ti, bs, or tiny (tests) (default: sm)")
+    group.add_argument("--method", default="bao", choices=METHODS,
+                       help="bao: learned background map + TransCAM foreground maps (threshold-free); "
+                            "transcam: foreground CAMs only, for threshold sweeps (default: bao)")
+    group.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
+                       help="square input sides, comma-separated multiples of 16; each is also run "
+                            "flipped (default: 256,512,768)")
+    group.add_argument("--batch_size", type=positive_int, default=4,
+                       help="images per batch; each scale of a batch runs as one forward of 2 x batch "
+                            "inputs, chunked by --forward_pixels (default: 4)")
+    group.add_argument("--forward_pixels", type=positive_int, default=DEFAULT_FORWARD_PIXELS,
+                       help="most input pixels (inputs x S x S) in one forward pass; bounds memory at large "
+                            f"scales, raise it on a large GPU (default: {DEFAULT_FORWARD_PIXELS} = one image "
+                            "and its flip at 768)")
+    group.add_argument("--num_workers", type=non_negative_int, default=2,
+                       help="data-loading processes reading and resizing images (0: in the main process) "
+                            "(default: 2)")
+    group.add_argument("--t", type=float, default=None,
+                       help="transcam only: background score t for thresholded pseudo-labels, argmax over "
+                            "[t, normalised CAMs]; BAO needs no threshold (default: none)")
+    add_device_args(parser)
+    add_dataset_args(parser)
+
+
+def prepare_output_dir(folder: str | os.PathLike) -> None:
+    """Create an output folder now, so that an unusable path fails before any work is done."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {folder}: {err.strerror or err}; choose another path") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write to output folder {folder}: permission denied; choose another path")
+
+
+def load_model(network: str, arch: str, weights: str, num_classes: int, method: str,
+               device: torch.device) -> tuple[nn.Module, LoadReport]:
+    """Build ``arch`` for ``num_classes`` classes, load ``weights`` for ``method``, eval mode on ``device``.
+
+    ``method`` "bao" needs the BAO heads in the checkpoint; "transcam" accepts TransCAM
+    weights (which lack them). Wrong files raise :class:`tool.errors.UserError`.
+    """
+    model = build_network(network, arch, num_classes)
+    report = load_weights(model, weights, purpose=method)
+    # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (GPU); equal up to float rounding.
+    model = model.eval().to(device=device, memory_format=torch.channels_last)
+    return model, report
+
+
+def iterate_batches(dataset: Dataset, batch_size: int, num_workers: int,
+                    device: torch.device) -> Iterator[dict[str, Any]]:
+    """In-order :func:`collate_inference` batches of an :class:`data.datasets.InferenceDataset`.
+
+    A :class:`UserError` raised while loading an image (a corrupt file) is re-raised here
+    with its own message; through a DataLoader worker it would otherwise arrive wrapped in
+    the worker's traceback text.
+    """
+    loader = DataLoader(_ErrorsAsItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_or_error, pin_memory=device.type == "cuda")
+    for batch in loader:
+        if "error" in batch:
+            raise UserError(batch["error"])
+        yield batch
+
+
+class _ErrorsAsItems(Dataset):
+    """Dataset wrapper returning ``{"error": message}`` instead of raising a UserError."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except UserError as err:
+            return {"error": str(err)}
+
+
+def _collate_or_error(items: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [it["error"] for it in items if "error" in it]
+    return {"error": errors[0]} if errors else collate_inference(items)
+
+
+class MultiScalePredictor:
+    """Run a model over the scales and views of a batch and return normalised maps per image.
+
+    Args:
+        model: a :class:`network.conformer.Conformer` in eval mode on ``device``.
+        method: "bao" (``bao`` output, background map kept) or "transcam" (``cams``,
+            foreground only).
+        device: where the model runs.
+        amp_dtype: autocast dtype on CUDA, None for fp32.
+        forward_pixels: most input pixels per forward pass (at least one input always runs).
+    """
+
+    def __init__(self, model: nn.Module, method: str, device: torch.device, amp_dtype: torch.dtype | None = None,
+                 forward_pixels: int = DEFAULT_FORWARD_PIXELS):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = model
+        self.method = method
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.forward_pixels = int(forward_pixels)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised maps of each image of a :func:`collate_inference` batch.
+
+        Returns:
+            One ``(keys, maps)`` per image: keys (K',) int64 class ids on the CPU ([0, present
+            foreground ids] for BAO, [present foreground ids] for TransCAM) and maps (K', H, W)
+            float32 on ``self.device``, normalised to [0, 1) at the image's original size.
+        """
+        labels = batch["labels"]
+        views = batch["views"]
+        flipped = [v == 1 for v in range(views)]  # collate_inference puts the flipped view second
+        bao = self.method == "bao"
+        keys = [present_keys(label, background=bao) for label in labels]
+        index = [k.to(self.device) for k in keys]
+        sums: list[torch.Tensor | None] = [None] * len(keys)
+        view_labels = labels.repeat_interleave(views, dim=0)
+        for _, inputs in batch["inputs"]:
+            out = self._forward(inputs, view_labels)  # (B * V, K, h, w)
+            for b, size in enumerate(batch["sizes"]):
+                folded = fold_views(out[b * views:(b + 1) * views, index[b]], size, flipped)
+                sums[b] = folded if sums[b] is None else sums[b] + folded
+        return [(k, normalize_maps(s)) for k, s in zip(keys, sums)]
+
+    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """inputs (n, 3, S, S), labels (n, C-1) -> float32 (n, K, S/16, S/16) maps, in chunks."""
+        side = inputs.shape[-1] * inputs.shape[-2]
+        chunk = max(1, self.forward_pixels // side)
+        outs = []
+        for start in range(0, inputs.shape[0], chunk):
+            x = inputs[start:start + chunk].to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[start:start + chunk].to(self.device) if self.method == "bao" else None
+            with autocast(self.device, self.amp_dtype):
+                result = self.model(x, y)
+            outs.append((result.bao if self.method == "bao" else result.cams).float())
+        return torch.cat(outs)

@@ -1,0 +1,115 @@
+"""Look at the maps behind the pseudo-labels (method spec section 6).
+
+    python visual_bao.py --weights bao.pth --voc12_root VOCdevkit/VOC2012 --max_images 10
+    python visual_bao.py --weights bao.pth --names 2007_000032,2007_000039 --out_dir out/visual
+
+For each image (the same multi-scale maps as infer_bao.py, ``tool.predict``), written to
+``--out_dir``:
+
+- ``<name>_bg.jpg``: the learned background map (BAO) as a JET heat map on the image;
+- ``<name>_<class>.jpg``: the same for each class present in the image-level label;
+- ``<name>_sheet.png``: one summary sheet: image, ground truth (when the dataset has a
+  mask), pseudo-label, background map and class maps.
+
+With ``--method transcam`` there is no background map; the pseudo-label panel then needs
+a background threshold ``--t``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.datasets import InferenceDataset
+from data.labels import read_list
+from data.layout import REPO_ROOT, DatasetSpec, dataset_from_args
+from tool.cam import pseudo_labels
+from tool.device import amp_dtype, resolve_device
+from tool.errors import UserError, run_cli
+from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
+from tool.palette import read_label_png
+from tool.predict import (MultiScalePredictor, add_prediction_args, iterate_batches, load_model, positive_int,
+                          prepare_output_dir)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", default=str(REPO_ROOT / "voc12" / "train.txt"),
+                        help="list file to take images from (default: voc12/train.txt of this repository)")
+    parser.add_argument("--names", default=None,
+                        help="comma-separated image names to show instead of the first --max_images of --list")
+    parser.add_argument("--max_images", type=positive_int, default=10,
+                        help="how many images of --list to show, from the top (default: 10)")
+    parser.add_argument("--out_dir", default="out/visual",
+                        help="folder for the overlays and sheets (default: out/visual)")
+    add_prediction_args(parser)
+    return parser
+
+
+def _selected_names(args: argparse.Namespace) -> tuple[list[str], str]:
+    if args.names:
+        names = [n.strip() for n in args.names.split(",") if n.strip()]
+        if not names:
+            raise UserError("--names is empty; give comma-separated image names")
+        return names, "--names"
+    return read_list(args.list)[:args.max_images], str(args.list)
+
+
+def _file_part(class_name: str) -> str:
+    """A class name usable in a file name ('traffic light' -> 'traffic_light')."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", class_name).strip("_") or "class"
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.method == "bao" and args.t is not None:
+        raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
+    device = resolve_device(args.device)
+    spec = dataset_from_args(args)
+    names, source = _selected_names(args)
+    spec.check(names, source=source)
+    model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method, device)
+    print(f"weights {args.weights}: {report.summary()}")
+    out_dir = Path(args.out_dir)
+    prepare_output_dir(out_dir)
+
+    dataset = InferenceDataset(spec.layout, names, spec.labels, scales=args.scales, flip=True, return_image=True)
+    predictor = MultiScalePredictor(model, args.method, device, amp_dtype(args.amp, device), args.forward_pixels)
+    with tqdm(total=len(names), unit="img", desc="visual") as bar:
+        for batch in iterate_batches(dataset, args.batch_size, args.num_workers, device):
+            for name, image, (keys, maps) in zip(batch["names"], batch["images"], predictor(batch)):
+                _visualise(name, image, keys, maps, spec, args.method, args.t, out_dir)
+            bar.update(len(batch["names"]))
+    print(f"wrote {len(names)} sheets and their overlays to {out_dir}")
+
+
+def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Tensor, spec: DatasetSpec,
+               method: str, t: float | None, out_dir: Path) -> None:
+    """Write the overlays and the sheet of one image; maps (K', H, W) normalised, keys (K',)."""
+    panels = [("image", image)]
+    mask_path = spec.layout.mask_path(name)
+    if mask_path is not None:
+        gt = read_label_png(mask_path)
+        if gt.shape != image.shape[:2]:
+            raise UserError(f"{mask_path} is {gt.shape[1]}x{gt.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}; the mask does not belong to this image")
+        panels.append(("ground truth", colorize_labels(gt)))
+    if method == "bao" or t is not None:
+        label = pseudo_labels(maps, keys, t).cpu().numpy()
+        title = "pseudo-label" if method == "bao" else f"pseudo-label (t={t:g})"
+        panels.append((title, colorize_labels(label)))
+    heat = maps.cpu().numpy()
+    for key, channel in zip(keys.tolist(), heat):
+        class_name = "background" if key == 0 else spec.class_names[key]
+        overlay = jet_overlay(image, channel)
+        suffix = "bg" if key == 0 else _file_part(class_name)
+        save_rgb(out_dir / f"{name}_{suffix}.jpg", overlay)
+        panels.append((f"{class_name} map" if key else "background map (learned)", overlay))
+    save_rgb(out_dir / f"{name}_sheet.png", summary_sheet(panels))
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
