@@ -1,0 +1,252 @@
+"""train_bao.py through its real command line: outputs, exact resume, Ctrl-C, faults,
+flag checks and a two-process DistributedDataParallel run (gloo on CPU).
+
+Tiny settings everywhere: arch ``tiny``, 64x64 crops, batch 4 on the 12 generated
+training images, so an epoch is 3 steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from network.checkpoint import load_weights
+from network.conformer_CAM import Net_tiny
+from tool.errors import run_cli as run_main
+from tool.training import ResumableSampler, state_digest
+
+TEMP_MARK = ".tmp"
+
+
+def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
+    return ["--arch", "tiny", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0",
+            "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
+            "--train_list", str(voc_root / "ImageSets" / "Segmentation" / "train.txt"),
+            "--save_dir", str(save_dir), *extra]
+
+
+def _records(run_dir: Path, event: str) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if TEMP_MARK in p.name]
+
+
+def _assert_clean_failure(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def full_run(voc_root, tiny_transcam_weights, tmp_path_factory) -> Path:
+    """Two uninterrupted BAO epochs (6 steps), logging every step."""
+    save = tmp_path_factory.mktemp("full")
+    proc = run_cli("train_bao.py", *_args(voc_root, save, "--weights", str(tiny_transcam_weights),
+                                          "--max_epoches", "2", "--log_every", "1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return save / "bao"
+
+
+def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes):
+    expected = {"args.json", "log.txt", "log.jsonl", "checkpoint.pth", "tb"}
+    for ep in (1, 2):
+        expected |= {f"bao_{ep}epochs_modelt.pth", f"bao_{ep}epochs_models.pth"}
+    assert {p.name for p in full_run.iterdir()} == expected
+    assert list((full_run / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((full_run / "args.json").read_text())["max_epoches"] == 2
+
+    steps = _records(full_run, "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_cls", "loss_pcl", "images_per_s"))
+        assert r["loss"] == pytest.approx(r["loss_cls"] + r["loss_pcl"], rel=1e-5)  # l_pcl = 1
+        assert r["lr"] == 5e-5
+    # first epoch: copy (m = 0); second: cosine from 0.9995 over its 3 steps
+    assert [r["ema_momentum"] for r in steps[:3]] == [0.0, 0.0, 0.0]
+    assert [r["ema_momentum"] for r in steps[3:]] == pytest.approx(
+        [1 - 0.0005 * (math.cos(math.pi * i / 3) + 1) / 2 for i in range(3)])
+    log = (full_run / "log.txt").read_text()
+    assert "4 missing, kept at initialisation" in log  # the LoadReport of the TransCAM weights
+
+    # The plain files are published-layout BAO weights; teacher and student differ after EMA.
+    for name in ("bao_2epochs_modelt.pth", "bao_2epochs_models.pth"):
+        load_weights(Net_tiny(num_classes=num_classes), full_run / name, purpose="bao")
+    assert not _same_weights(full_run / "bao_2epochs_modelt.pth", full_run / "bao_2epochs_models.pth")
+    ckpt = torch.load(full_run / "checkpoint.pth", weights_only=True)
+    assert ckpt["position"] == {"epoch": 2, "step": 0, "global_step": 6}
+    assert {"student", "teacher", "optimizer", "scaler", "rng", "args"} <= ckpt.keys()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_transcam_weights, tmp_path):
+    args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "2")
+    first = run_cli("train_bao.py", *args, "--max_steps", "4")  # stops inside the second epoch
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "bao"
+    assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["step"] == 1
+    second = run_cli("train_bao.py", *args, "--resume", "auto")
+    assert second.returncode == 0, second.stderr
+    assert "resumed" in second.stdout
+    for name in ("bao_2epochs_modelt.pth", "bao_2epochs_models.pth"):
+        assert _same_weights(run_dir / name, full_run / name), name
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights, tmp_path):
+    args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "50",
+                 "--log_every", "1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "train_bao.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "bao" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and '"step"' in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "resumable checkpoint" in out + err
+    run_dir = tmp_path / "bao"
+    assert _no_temporary_files(run_dir)
+    done = torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"]
+    assert done >= 1
+
+    resumed = run_cli("train_bao.py", *args, "--resume", "auto", "--max_steps", str(done + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"] == done + 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root, tiny_transcam_weights, tmp_path):
+    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+                                          "--max_epoches", "2", "--debug_fault", "nan:5"))
+    _assert_clean_failure(proc, "non-finite loss at epoch 2, step 2", "last good checkpoint", "--resume")
+    run_dir = tmp_path / "bao"
+    assert _no_temporary_files(run_dir)
+    assert not (run_dir / "bao_2epochs_models.pth").exists()
+    ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert ckpt["position"] == {"epoch": 1, "step": 0, "global_step": 3}
+    assert _same_weights(run_dir / "bao_1epochs_models.pth", full_run / "bao_1epochs_models.pth")
+    assert _records(run_dir, "error")
+
+
+def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights, tmp_path):
+    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+                                          "--debug_fault", "oom:1"))
+    _assert_clean_failure(proc, "out of memory", "--batch_size", "--crop_size")
+    assert not (tmp_path / "bao" / "checkpoint.pth").exists()
+
+
+def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
+    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
+                                          "--max_epoches", "1"))
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "transcam"
+    assert (run_dir / "transcam_1epochs.pth").is_file()
+    steps = _records(run_dir, "step")
+    assert steps and all("loss_pcl" not in r and "ema_momentum" not in r for r in steps)
+    # Saved in the published TransCAM layout: the BAO heads are absent, as BAO training expects.
+    report = load_weights(Net_tiny(num_classes=num_classes), run_dir / "transcam_1epochs.pth", purpose="transcam")
+    assert len(report.missing) == 4
+
+
+@pytest.mark.parametrize("extra,phrase", [
+    (["--batch_size", "-2"], "--batch_size must be a positive integer"),
+    (["--crop_size", "60"], "--crop_size must be a multiple of 16"),
+    (["--arch", "huge"], "unknown --arch 'huge'"),
+    (["--resume", "missing.pth"], "checkpoint to resume not found"),
+    (["--from_scratch"], "contradict"),
+    (["--eps", "1.5"], "--eps"),
+    (["--debug_fault", "nan"], "--debug_fault"),
+    (["--method", "cam"], "invalid choice: 'cam'"),
+    (["--weights", None], "weights file not found"),
+    (["--weights", "", "--method", "transcam"], "give --weights (ImageNet Conformer weights) or, to train from "
+                                                "random initialisation, --from_scratch"),
+])
+def test_bad_flags_are_refused_before_any_work(voc_root, tiny_transcam_weights, tmp_path, capsys, extra, phrase):
+    import train_bao
+
+    # the last --weights wins: None stands for a missing file, "" for no weights
+    extra = [str(tmp_path / "missing.pth") if e is None else e for e in extra]
+    argv = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), *extra)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
+    assert exit_info.value.code == 2
+    assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "bao").exists()
+
+
+def test_bad_flags_through_the_process(voc_root, tiny_transcam_weights, tmp_path):
+    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+                                          "--crop_size", "100"))
+    _assert_clean_failure(proc, "--crop_size must be a multiple of 16")
+    assert not (tmp_path / "bao").exists()
+
+
+def test_resume_refuses_changed_settings(full_run, voc_root, tmp_path, capsys):
+    import train_bao
+
+    argv = _args(voc_root, tmp_path, "--resume", str(full_run / "checkpoint.pth"), "--lr", "1e-4")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
+    assert exit_info.value.code == 2
+    assert "--lr 5e-05 (now 0.0001)" in capsys.readouterr().err
+    assert not (tmp_path / "bao").exists()
+
+
+def test_resume_refuses_plain_weights(voc_root, tiny_transcam_weights, tmp_path, capsys):
+    import train_bao
+
+    argv = _args(voc_root, tmp_path, "--resume", str(tiny_transcam_weights))
+    with pytest.raises(SystemExit):
+        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
+    assert "not a resumable checkpoint" in capsys.readouterr().err
+
+
+def test_resumable_sampler_skips_exactly_the_batches_done():
+    sampler = ResumableSampler(list(range(10)), num_replicas=1, rank=0, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    sampler.set_start(4)
+    assert list(sampler) == order[4:] and len(sampler) == 6
+    sampler.set_epoch(3)
+    sampler.set_start(0)
+    assert list(sampler) != order
+
+
+def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, tmp_path, num_classes):
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py",
+                   *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1"),
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "bao"
+    ranks = _records(run_dir, "ranks")
+    assert len(ranks) == 1 and ranks[0]["world_size"] == 2 and ranks[0]["identical"]
+    (student0, teacher0), (student1, teacher1) = ranks[0]["digests"]
+    assert (student0, teacher0) == (student1, teacher1)
+    # the digests are those of the saved files
+    model = Net_tiny(num_classes=num_classes)
+    load_weights(model, run_dir / "bao_1epochs_models.pth", purpose="bao")
+    assert state_digest(model) == student0
+    load_weights(model, run_dir / "bao_1epochs_modelt.pth", purpose="bao")
+    assert state_digest(model) == teacher0
+    assert "x2" in proc.stdout  # both processes took part: "on cpu x2"
