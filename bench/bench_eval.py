@@ -34,14 +34,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_name, write_section  # noqa: E402
 from tool.camio import load_cams, save_cams  # noqa: E402
 from tool.errors import UserError, run_cli  # noqa: E402
-from tool.fileio import atomic_path  # noqa: E402
 from tool.metrics import default_workers, evaluate_cams, evaluate_labels, threshold_range  # noqa: E402
 from tool.palette import IGNORE_INDEX, save_label_png  # noqa: E402
 
 NUM_CLASSES = 21
-BEGIN, END = "<!-- bench_eval:begin -->", "<!-- bench_eval:end -->"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -166,30 +165,6 @@ def _timed(fn, *args) -> tuple[object, float]:
 # ---------------------------------------------------------------- report
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_results(path: str, body: str) -> None:
-    """Replace (or append) the evaluation section of the results file, atomically."""
-    path = Path(path)
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 def main(args: argparse.Namespace) -> None:
     if args.quick:
         args.num, args.num_sweep = 40, 10
@@ -233,7 +208,7 @@ def main(args: argparse.Namespace) -> None:
     body = "\n".join([
         "## Evaluation (bench/bench_eval.py)",
         "",
-        f"Run {datetime.now().astimezone().isoformat(timespec='seconds')} on {_cpu_model()}, "
+        f"Run {datetime.now().astimezone().isoformat(timespec='seconds')} on {cpu_name()}, "
         f"{os.cpu_count()} cores (1-min load average {load:.2f} at start; the machine is shared), "
         f"Python {platform.python_version()}, NumPy {np.__version__}, Pillow {PIL.__version__}.",
         f"Command: `python bench/bench_eval.py {' '.join(sys.argv[1:])}`".rstrip(),
@@ -253,7 +228,7 @@ def main(args: argparse.Namespace) -> None:
     ])
     print("\n" + body)
     if args.results:
-        write_results(args.results, body)
+        write_section(args.results, "bench_eval", body)
         print(f"\nresults written to {args.results}")
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_name, write_section  # noqa: E402
 from data.datasets import InferenceDataset  # noqa: E402
 from data.images import read_image  # noqa: E402
 from data.labels import ImageLabels, read_list  # noqa: E402
@@ -44,11 +45,9 @@ from data.layout import DatasetLayout  # noqa: E402
 from data.transforms import multiscale_inputs  # noqa: E402
 from network.conformer_CAM import ARCHS  # noqa: E402
 from tool.errors import UserError, run_cli  # noqa: E402
-from tool.fileio import atomic_path  # noqa: E402
 from tool.make_dataset import generate  # noqa: E402
 from tool.predict import MultiScalePredictor, iterate_batches, parse_scales, positive_int  # noqa: E402
 
-BEGIN, END = "<!-- bench_infer:begin -->", "<!-- bench_infer:end -->"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -190,30 +189,6 @@ def _compare(ours: np.lib.npyio.NpzFile, ref: np.lib.npyio.NpzFile) -> dict:
             "max_margin": max_margin}
 
 
-def write_results(path: str, body: str) -> None:
-    """Replace (or append) the inference section of the results file, atomically."""
-    file = Path(path)
-    text = file.read_text() if file.is_file() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    with atomic_path(file) as tmp:
-        Path(tmp).write_text(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(args: argparse.Namespace) -> None:
     if args.variant:
         _variant(args)
@@ -226,7 +201,7 @@ def main(args: argparse.Namespace) -> None:
         results = {v: _child(args, v, work) for v in ("reference", "ours")}
         agreement = _compare(np.load(work / "ours_maps.npz"), np.load(work / "reference_maps.npz"))
 
-    ref, ours = results["reference"], results["ours"]
+    _ref, _ours = results["reference"], results["ours"]
     per_img = {v: r["seconds"] / r["images"] for v, r in results.items()}
     mem = {v: r["peak_mb"] - r["base_mb"] for v, r in results.items()}
     speedup = per_img["reference"] / per_img["ours"]
@@ -235,7 +210,7 @@ def main(args: argparse.Namespace) -> None:
     scales = ",".join(map(str, args.scales))
     body = f"""## Inference (bench/bench_infer.py)
 
-Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {_cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads (1-min load average {load:.2f} at start; the machine is shared), {cuda}. Python {platform.python_version()}, torch {torch.__version__}.
+Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads (1-min load average {load:.2f} at start; the machine is shared), {cuda}. Python {platform.python_version()}, torch {torch.__version__}.
 Command: `python bench/bench_infer.py --arch {args.arch} --images {args.images} --size {args.size} --scales {scales} --batch_size {args.batch_size} --threads {args.threads}`
 
 Conformer `{args.arch}` with seeded random weights (the same in both), {args.images} generated images of {min(s[0] for s in sizes)}-{max(s[0] for s in sizes)} x {min(s[1] for s in sizes)}-{max(s[1] for s in sizes)} pixels, scales {scales} with flips ({2 * len(args.scales)} forward passes per image). Published approach: batch 1, one forward per scale and flip under no_grad, the attention maps of all blocks stacked then averaged and summed, all class channels upsampled and summed in NumPy. Ours: infer_bao's path (batch {args.batch_size}, forwards chunked to at most one image and its flip at 768 (the default --forward_pixels), inference_mode, channels-last, running attention sum, present classes only). Peak memory = peak RSS of the variant's own process minus its RSS after loading the model and images.
@@ -250,7 +225,7 @@ Agreement: normalised maps differ by at most {agreement['max_diff']:.2e}; labels
 """
     print(body)
     if args.results:
-        write_results(args.results, body)
+        write_section(args.results, "bench_infer", body)
 
 
 if __name__ == "__main__":

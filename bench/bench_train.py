@@ -42,10 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_name, write_section  # noqa: E402
 from data.images import read_image  # noqa: E402
 from network.factory import DEFAULT_NETWORK, build_network  # noqa: E402
 from tool.errors import UserError, run_cli  # noqa: E402
-from tool.fileio import atomic_path  # noqa: E402
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label  # noqa: E402
 from tool.make_dataset import generate  # noqa: E402
 from tool.teacher import make_teacher, update_teacher  # noqa: E402
@@ -53,7 +53,6 @@ from tool.training import bao_losses  # noqa: E402
 
 NUM_CLASSES = 21
 # One section per device, so that a GPU run does not replace the CPU figures.
-MARKERS = {dev: (f"<!-- bench_train_{dev}:begin -->", f"<!-- bench_train_{dev}:end -->") for dev in ("cpu", "cuda")}
 CPU_VARIANTS = ("ours", "published")
 GPU_VARIANTS = ("fp32", "bf16")
 
@@ -167,28 +166,6 @@ def _run_variant(args: argparse.Namespace, variant: str, work: Path, images_dir:
     return json.loads(out.read_text())
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def write_results(path: str, body: str, device: str) -> None:
-    """Replace (or append) the training section of ``device`` in the results file, atomically."""
-    begin, end = MARKERS[device]
-    file = Path(path)
-    text = file.read_text() if file.is_file() else "# Benchmark results\n"
-    section = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    with atomic_path(file) as tmp:
-        Path(tmp).write_text(text)
-
-
 def _cpu_report(args: argparse.Namespace, res: dict[str, dict], load: float, command: str) -> str:
     ours, pub = res["ours"], res["published"]
     rows = []
@@ -201,7 +178,7 @@ def _cpu_report(args: argparse.Namespace, res: dict[str, dict], load: float, com
     return "\n".join([
         "## Training step (bench/bench_train.py)",
         "",
-        f"Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {_cpu_name()}, {os.cpu_count()} cores, "
+        f"Run {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {cpu_name()}, {os.cpu_count()} cores, "
         f"{args.threads} threads (1-min load average {load:.2f} at start; the machine is shared), "
         f"Python {platform.python_version()}, torch {torch.__version__}. " + (
             "GPU figures (sm, batch 8, 512x512, fp32 vs bf16): `--device cuda`." if torch.cuda.is_available() else
@@ -268,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
             body = _cpu_report(args, res, load, command.strip())
     print(body)
     if args.results:
-        write_results(args.results, body, args.device)
+        write_section(args.results, f"bench_train_{args.device}", body)
 
 
 if __name__ == "__main__":
