@@ -23,7 +23,6 @@ truncated output.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +31,15 @@ from tqdm import tqdm
 
 from data.datasets import InferenceDataset
 from data.labels import read_list
-from data.layout import REPO_ROOT, dataset_from_args
+from data.layout import DEFAULT_INFER_LISTS, dataset_from_args
 from tool.cam import pseudo_labels
 from tool.camio import CAM_SUFFIX, save_cams
 from tool.crf import crf_refine_labels
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
 from tool.errors import UserError, run_cli
-from tool.fileio import is_temporary
+from tool.fileio import prepare_output_dir, remove_temporaries
 from tool.palette import save_label_png
-from tool.predict import (MultiScalePredictor, add_prediction_args, iterate_batches, load_model,
-                          prepare_output_dir)
+from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model
 
 DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams")}
 SUFFIX = {"out_pred": ".png", "out_crf": ".png", "out_cam": CAM_SUFFIX}
@@ -49,9 +47,10 @@ SUFFIX = {"out_pred": ".png", "out_crf": ".png", "out_cam": CAM_SUFFIX}
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--infer_list", default=str(REPO_ROOT / "voc12" / "train.txt"),
+    parser.add_argument("--infer_list", default=None,
                         help="images to process: a list file of names or published '/JPEGImages/x.jpg ...' "
-                             "lines (default: voc12/train.txt of this repository)")
+                             "lines (default: voc12/train.txt for voc, coco14/train.txt for coco, in this "
+                             "repository)")
     parser.add_argument("--out_pred", default=None,
                         help="folder for the pseudo-label PNGs (class ids, VOC palette)")
     parser.add_argument("--out_crf", default=None,
@@ -81,19 +80,6 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
     return outputs
 
 
-def _remove_stale_temporaries(folder: Path, names: set[str], suffix: str) -> None:
-    """Delete temporary files an interrupted run left for this rank's images.
-
-    ``tool.fileio.atomic_path`` names them ``.<final name>.<random>.tmp<suffix>``; only
-    those of ``names`` are touched, so ranks working on other images are not disturbed.
-    """
-    for entry in os.scandir(folder):
-        if is_temporary(entry.name) and entry.name.endswith(suffix):
-            final = entry.name[1:].rsplit(".", 3)[0]
-            if final.endswith(suffix) and final[:-len(suffix)] in names:
-                Path(entry.path).unlink(missing_ok=True)
-
-
 def main(args: argparse.Namespace) -> None:
     outputs = output_dirs(args)
     runtime = setup_distributed(args.device)
@@ -105,6 +91,7 @@ def main(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
     spec = dataset_from_args(args)
+    args.infer_list = str(args.infer_list or DEFAULT_INFER_LISTS[args.dataset])
     names = read_list(args.infer_list)
     spec.check(names, source=str(args.infer_list))
     mine = names[runtime.rank::runtime.world_size]
@@ -114,7 +101,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
         prepare_output_dir(folder)
     barrier()  # folders exist before any rank scans them
     for kind, folder in outputs.items():
-        _remove_stale_temporaries(folder, set(mine), SUFFIX[kind])
+        # Stale temporaries of an interrupted run, of this rank's images only (other ranks are writing).
+        remove_temporaries(folder, SUFFIX[kind], set(mine))
     todo = [n for n in mine if args.overwrite
             or not all((folder / f"{n}{SUFFIX[k]}").is_file() for k, folder in outputs.items())]
     if runtime.is_main:

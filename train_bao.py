@@ -39,30 +39,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from data.datasets import ClassificationDataset
-from data.labels import read_list
+from data.datasets import ClassificationDataset, CollateOrError, ErrorsAsItems, raise_batch_error
+from data.labels import ImageLabels, read_list
 from data.layout import REPO_ROOT, add_dataset_args, dataset_from_args
 from data.transforms import TrainAugment
-from network.checkpoint import BAO_HEADS, load_weights
+from network.checkpoint import BAO_HEADS, load_weights, require_file
 from network.factory import DEFAULT_NETWORK, arch_choices, build_network
 from tool.device import Runtime, add_device_args, amp_dtype, barrier, cleanup_distributed, setup_distributed
-from tool.errors import UserError, run_cli
+from tool.errors import UserError, ignore_sigint, run_cli
 from tool.fileio import atomic_write
 from tool.teacher import make_teacher, update_teacher
 from tool.train_log import RunLog
 from tool.training import (METHODS, ResumableSampler, bao_losses, broadcast_buffers, cpu_state, gather_objects,
-                           ignore_sigint, load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything,
+                           load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything,
                            set_rng_state, state_digest, transcam_losses)
 
 DEFAULT_EPOCHS = {"bao": 10, "transcam": 20}
 DEFAULT_TRAIN_LISTS = {"voc": REPO_ROOT / "voc12" / "train_aug.txt", "coco": REPO_ROOT / "coco14" / "train.txt"}
 CHECKPOINT_NAME = "checkpoint.pth"
 # Flags that define the optimisation: a resumed run must use the values it was started with.
-RUN_DEFINING = ("method", "network", "arch", "batch_size", "crop_size", "lr", "wt_dec", "adam_eps", "eps",
-                "momentum", "l_pcl", "teacher_mode", "seed", "dataset")
+RUN_DEFINING = ("method", "network", "arch", "batch_size", "wt_dec", "adam_eps", "eps", "momentum", "l_pcl",
+                "teacher_mode", "seed", "dataset")
+# Flags a resumed run may change (the usual remedies for a diverging or out-of-memory run);
+# changes are logged. Everything in RUN_DEFINING must stay as the run was started.
+ADJUSTABLE_ON_RESUME = ("lr", "crop_size", "resize_long")
 FAULTS = ("nan", "oom")
 
 
@@ -94,9 +97,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adam_eps", type=float, default=1e-8,
                         help="AdamW epsilon (the published --eps is the label smoothing below; default: %(default)s)")
     parser.add_argument("--crop_size", type=int, default=512, help="side of the square training crops (a multiple of 16; default: %(default)s)")
+    parser.add_argument("--resize_long", type=int, nargs=2, default=[320, 640], metavar=("LO", "HI"),
+                        help="before cropping, resize each image so its long side is a random integer in "
+                             "[LO, HI] (published: 320 640 for 512 crops; scale it with the image size of "
+                             "small datasets) (default: 320 640)")
     parser.add_argument("--train_list", default=None,
-                        help="list of training images (default: voc12/train_aug.txt for voc, "
-                             "coco14/train.txt for coco)")
+                        help="list of training images; those whose image-level label has no foreground "
+                             "class (COCO images without annotations) are skipped (default: "
+                             "voc12/train_aug.txt for voc, coco14/train.txt for coco)")
     add_dataset_args(parser)
     parser.add_argument("--session_name", default=None,
                         help="run name: prefix of the weight files and folder under --save_dir "
@@ -150,6 +158,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.crop_size % 16:
         raise UserError(f"--crop_size must be a multiple of 16 (the network's stride), got {args.crop_size}; "
                         f"try {max(16, round(args.crop_size / 16) * 16)}")
+    lo, hi = args.resize_long
+    if not 0 < lo <= hi:
+        raise UserError(f"--resize_long needs 0 < LO <= HI, got {lo} {hi}")
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} is the global batch and must be divisible by the "
                         f"{world_size} processes")
@@ -170,8 +181,8 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"{', '.join(arch_choices(args.network))}")
     if args.weights and args.from_scratch:
         raise UserError("--weights and --from_scratch contradict each other; give one of them")
-    if args.weights and not Path(args.weights).is_file():
-        raise UserError(f"weights file not found: {args.weights}")
+    if args.weights:
+        require_file(args.weights, "weights file")
     args.debug_fault = _parse_fault(args.debug_fault)
 
     args.max_epoches = args.max_epoches or DEFAULT_EPOCHS[args.method]
@@ -186,8 +197,8 @@ def validate_args(args: argparse.Namespace) -> None:
     own_checkpoint = run_dir / CHECKPOINT_NAME
     if args.resume == "auto":
         args.resume = str(own_checkpoint) if own_checkpoint.is_file() else None
-    elif args.resume is not None and not Path(args.resume).is_file():
-        raise UserError(f"checkpoint to resume not found: {args.resume}")
+    elif args.resume is not None:
+        require_file(args.resume, "checkpoint to resume")
     if args.resume is None:
         if own_checkpoint.is_file():
             raise UserError(f"{run_dir} already holds a run ({own_checkpoint}); continue it with --resume auto, "
@@ -254,12 +265,12 @@ class Trainer:
         self.amp = amp_dtype(args.amp, rt.device)
         checkpoint = load_checkpoint(args.resume) if args.resume else None
         spec = dataset_from_args(args)
-        names = read_list(args.train_list)
+        names, skipped = _labelled(read_list(args.train_list), spec.labels, args.train_list)
         self.data_id = {"num_images": len(names), "num_classes": spec.num_classes,
                         "names_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()}
         if checkpoint is not None:
             self._check_resumable(checkpoint)
-        self.dataset = ClassificationDataset(spec.layout, names, spec.labels, TrainAugment(args.crop_size),
+        self.dataset = ClassificationDataset(spec.layout, names, spec.labels, TrainAugment(args.crop_size, tuple(args.resize_long)),
                                              seed=args.seed)  # checks that every image and label exists
         self.per_rank_batch = args.batch_size // rt.world_size
         self.sampler = ResumableSampler(self.dataset, rt.world_size, rt.rank, args.seed)
@@ -267,18 +278,28 @@ class Trainer:
         if self.iters_per_epoch == 0:
             raise UserError(f"{args.train_list} has {len(names)} images, fewer than one batch per process "
                             f"({self.per_rank_batch}); lower --batch_size")
-        self.log = RunLog(self.run_dir, args.tblog_dir, enabled=rt.is_main)
         self.loader = DataLoader(
-            self.dataset, batch_size=self.per_rank_batch, sampler=self.sampler, num_workers=args.num_workers,
+            # A corrupt image reaches the loop as an error item: one clear message, not a worker's traceback.
+            ErrorsAsItems(self.dataset), collate_fn=CollateOrError(default_collate),
+            batch_size=self.per_rank_batch, sampler=self.sampler, num_workers=args.num_workers,
+            # Workers ignore Ctrl-C so that the main process can finish its step and save a checkpoint.
             pin_memory=rt.device.type == "cuda", drop_last=True, worker_init_fn=ignore_sigint,
             # Its own generator: creating loader iterators must not consume the global torch RNG.
             generator=torch.Generator().manual_seed(args.seed))
 
         seed_everything(args.seed)
         self.model = build_network(args.network, args.arch, spec.num_classes)
+        report = None
         if checkpoint is None and args.weights:
             purpose = "transcam" if args.method == "bao" else "backbone"
             report = load_weights(self.model, args.weights, purpose=purpose)
+        # Created only now: a run refused for its data or weights leaves no run directory behind.
+        self.log = RunLog(self.run_dir, args.tblog_dir, enabled=rt.is_main)
+        if skipped:
+            self.log.message(f"skipped {skipped} image(s) of {args.train_list} without any foreground class in "
+                             "their image-level label (e.g. COCO images without annotations): they cannot "
+                             "teach the classification loss")
+        if report is not None:
             self.log.message(f"weights {args.weights}: {report.summary()}")
         if args.method == "transcam":
             # The BAO heads take no part in the TransCAM loss: frozen, so that DDP needs no
@@ -327,6 +348,8 @@ class Trainer:
         else:
             self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.optimizer.param_groups:  # --lr may be changed on resume
+            group["lr"] = self.args.lr
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.pos = Position(**checkpoint["position"])
         self.last_checkpoint = Position(**checkpoint["position"])
@@ -337,6 +360,11 @@ class Trainer:
             self.log.message(f"note: the checkpoint was written by {len(rngs)} processes, this run has "
                              f"{self.rt.world_size}; training continues but not bit-identically")
             seed_everything(self.args.seed + self.rt.rank + self.pos.global_step)
+        saved = checkpoint["args"]
+        adjusted = [f"--{k} {saved.get(k)} -> {getattr(self.args, k)}" for k in ADJUSTABLE_ON_RESUME
+                    if saved.get(k) != getattr(self.args, k)]
+        if adjusted:
+            self.log.message(f"changed on resume: {'; '.join(adjusted)}")
         self.log.message(f"resumed {self.args.resume} at {self._where(self.pos)} "
                          f"({self.pos.global_step} steps done)")
         self.log.record("resume", {"checkpoint": self.args.resume, "epoch": self.pos.epoch + 1, "iter": self.pos.step,
@@ -427,6 +455,7 @@ class Trainer:
         with tqdm(total=self.iters_per_epoch, initial=self.pos.step, desc=f"epoch {epoch + 1}/{args.max_epoches}",
                   unit="step", dynamic_ncols=True, disable=not self.rt.is_main) as bar:
             for batch in self.loader:
+                raise_batch_error(batch, self._checkpoint_hint())
                 values = self._step(batch)
                 steps += 1
                 for k, v in values.items():
@@ -490,7 +519,8 @@ class Trainer:
                 raise
             raise UserError(
                 f"out of memory on {rt.device} at --batch_size {args.batch_size} (per process "
-                f"{self.per_rank_batch}) and --crop_size {args.crop_size}: lower --batch_size or --crop_size"
+                f"{self.per_rank_batch}) and --crop_size {args.crop_size}: lower --crop_size (a resumed run may "
+                f"change it) or start a new run with a lower --batch_size"
                 + (", or use --amp bf16" if rt.device.type == "cuda" and self.amp is None else "")
                 + self._checkpoint_hint()) from None
         broadcast_buffers(self.model)
@@ -544,6 +574,21 @@ class Trainer:
                         step=self.pos.global_step)
         if not identical:
             self.log.message("warning: the processes ended with different weights; only rank 0's are saved")
+
+
+def _labelled(names: list[str], labels: ImageLabels, source: str) -> tuple[list[str], int]:
+    """Drop the names whose image-level label is empty; return the kept names and how many were dropped.
+
+    An image without any foreground class gives the multi-label classification loss nothing
+    to learn and BAO's pseudo-label loss no class to condition on (the usual COCO training
+    lists leave these images out). Names without a label at all are kept, for the dataset's
+    check to report them.
+    """
+    kept = [n for n in names if n not in labels or labels.ids[n]]
+    if not kept:
+        raise UserError(f"no image of {source} has a foreground class in its image-level label; "
+                        "check the list and --label_file")
+    return kept, len(names) - len(kept)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

@@ -26,20 +26,21 @@ from tqdm import tqdm
 
 from data.datasets import InferenceDataset
 from data.labels import read_list
-from data.layout import REPO_ROOT, DatasetSpec, dataset_from_args
+from data.layout import DEFAULT_INFER_LISTS, DatasetSpec, dataset_from_args
 from tool.cam import pseudo_labels
 from tool.device import amp_dtype, resolve_device
 from tool.errors import UserError, run_cli
+from tool.fileio import prepare_output_dir
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
 from tool.palette import read_label_png
-from tool.predict import (MultiScalePredictor, add_prediction_args, iterate_batches, load_model, positive_int,
-                          prepare_output_dir)
+from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model, positive_int
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list", default=str(REPO_ROOT / "voc12" / "train.txt"),
-                        help="list file to take images from (default: voc12/train.txt of this repository)")
+    parser.add_argument("--list", default=None,
+                        help="list file to take images from (default: voc12/train.txt for voc, "
+                             "coco14/train.txt for coco, in this repository)")
     parser.add_argument("--names", default=None,
                         help="comma-separated image names to show instead of the first --max_images of --list")
     parser.add_argument("--max_images", type=positive_int, default=10,
@@ -56,7 +57,8 @@ def _selected_names(args: argparse.Namespace) -> tuple[list[str], str]:
         if not names:
             raise UserError("--names is empty; give comma-separated image names")
         return names, "--names"
-    return read_list(args.list)[:args.max_images], str(args.list)
+    path = args.list or DEFAULT_INFER_LISTS[args.dataset]
+    return read_list(path)[:args.max_images], str(path)
 
 
 def _file_part(class_name: str) -> str:

@@ -55,11 +55,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, COCO_RAW_CLASSES
+from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, COCO_RAW_CLASSES, CONVENTION_FILE
 from data.labels import ImageLabels, write_list
 from data.layout import DEFAULT_LABEL_FILES, DatasetLayout
-from tool.errors import UserError, run_cli
-from tool.fileio import atomic_path, is_temporary
+from tool.errors import UserError, ignore_sigint, run_cli
+from tool.fileio import atomic_path, is_temporary, remove_temporaries
 from tool.palette import IGNORE_INDEX, save_label_png
 
 SPLITS = ("train", "val")
@@ -69,7 +69,6 @@ CROWD_POLICY = (
     "crowd categories count in the image-level label"
 )
 OVERLAP_POLICY = "smaller instance on top (painted by decoded area, largest first; ties by annotation id)"
-CONVENTION_FILE = "convention.json"
 LABEL_FILE = DEFAULT_LABEL_FILES["coco"]  # where training looks for the labels by default
 
 # One instance as sent to a worker: (annotation id, pixel value, is crowd, segmentation).
@@ -368,17 +367,27 @@ def main(args: argparse.Namespace) -> None:
     # Fork the workers now, while this process is small: forked later, each would share
     # (and, as its garbage collector touches them, copy) the gigabytes of parsed JSON.
     # Workers receive each image's own annotations with its task instead (see _write_mask).
-    with Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
-        for split in splits:
-            # One split at a time, so only one parsed annotation file is in memory.
-            stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)
-            todo = tasks if args.overwrite else [t for t in tasks if not os.path.exists(t[0])]
-            write_masks(todo, pool, f"{split} masks")
-            write_list(out_dir / f"{split}.txt", stems)
-            merge_labels(out_dir / LABEL_FILE.name, labels).save(out_dir / LABEL_FILE.name)
-            empty = sum(1 for v in labels.values() if not v)
-            print(f"{split}: {len(stems)} images ({empty} without annotations), {len(todo)} masks "
-                  f"written, {len(tasks) - len(todo)} already present", flush=True)
+    # They ignore Ctrl-C: the main process stops, and leaving the block terminates them.
+    started: set[str] = set()
+    try:
+        with Pool(args.workers, initializer=ignore_sigint) if args.workers > 1 else contextlib.nullcontext() as pool:
+            for split in splits:
+                # One split at a time, so only one parsed annotation file is in memory.
+                stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)
+                started.update(stems)
+                remove_temporaries(mask_dir, ".png", set(stems))  # left by an earlier, killed run
+                todo = tasks if args.overwrite else [t for t in tasks if not os.path.exists(t[0])]
+                write_masks(todo, pool, f"{split} masks")
+                write_list(out_dir / f"{split}.txt", stems)
+                merge_labels(out_dir / LABEL_FILE.name, labels).save(out_dir / LABEL_FILE.name)
+                empty = sum(1 for v in labels.values() if not v)
+                print(f"{split}: {len(stems)} images ({empty} without annotations), {len(todo)} masks "
+                      f"written, {len(tasks) - len(todo)} already present", flush=True)
+    except BaseException:
+        # Terminated workers may have stopped in the middle of a write: remove their temporary
+        # files (of this run's images only; another run may be writing other splits here).
+        remove_temporaries(mask_dir, ".png", started)
+        raise
     print(f"lists and labels in {out_dir}, {args.convention} masks in {mask_dir}")
 
 

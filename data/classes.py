@@ -34,6 +34,10 @@ COCO_CATEGORY_IDS = tuple(i for i, _ in _COCO)
 COCO_CLASSES = ("background",) + tuple(n for _, n in _COCO)
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 
+# coco14/prepare_coco.py records the id convention of the masks it writes in this file,
+# beside them; evaluation reads it to pick the class count.
+CONVENTION_FILE = "convention.json"
+
 # Raw-id convention (91 classes): index = raw category id, unused ids named "unused-<id>".
 COCO_RAW_CLASSES = ("background",) + tuple(dict(_COCO).get(i, f"unused-{i}") for i in range(1, 91))
 

@@ -8,10 +8,13 @@
 
 Each constructor checks once that every name has an image (and a label where one is
 used), so a wrong list fails at start-up with one clear message instead of mid-epoch.
+A file that exists but cannot be decoded only shows when it is read: wrap the dataset in
+:class:`ErrorsAsItems` and collate with :class:`CollateOrError`, so that the message
+reaches the main process as it is, not inside a DataLoader worker's traceback.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -150,3 +153,43 @@ class SegmentationDataset(Dataset):
                 )
             item["image"] = img
         return item
+
+
+class ErrorsAsItems(Dataset):
+    """Dataset wrapper returning ``{"error": message}`` instead of raising a :class:`UserError`.
+
+    Through a DataLoader worker an exception arrives in the main process re-raised with the
+    worker's traceback in its message; an item carries just the message.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except UserError as err:
+            return {"error": str(err)}
+
+
+class CollateOrError:
+    """DataLoader ``collate_fn`` for :class:`ErrorsAsItems`: ``{"error": first message}`` when
+    an item of the batch failed, else ``collate(items)``. Raise it in the main process with
+    :func:`raise_batch_error`."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]):
+        self.collate = collate
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        errors = [it["error"] for it in items if "error" in it]
+        return {"error": errors[0]} if errors else self.collate(items)
+
+
+def raise_batch_error(batch: dict[str, Any], hint: str = "") -> None:
+    """Raise the :class:`UserError` a :class:`CollateOrError` batch carries (with ``hint``
+    appended), if it carries one."""
+    if "error" in batch:
+        raise UserError(batch["error"] + hint)

@@ -33,6 +33,12 @@ DEFAULT_LABEL_FILES = {
     "voc": REPO_ROOT / "voc12" / "cls_labels.json",
     "coco": REPO_ROOT / "coco14" / "cls_labels.json",
 }
+# Images the inference scripts process by default: the training images (pseudo-labels are
+# made for them); coco14/train.txt is written by coco14/prepare_coco.py.
+DEFAULT_INFER_LISTS = {
+    "voc": REPO_ROOT / "voc12" / "train.txt",
+    "coco": REPO_ROOT / "coco14" / "train.txt",
+}
 DEFAULT_VOC_ROOT = "VOCdevkit/VOC2012"
 
 

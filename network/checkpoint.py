@@ -64,27 +64,49 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file and return a plain CPU state_dict with prefixes stripped."""
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a Path; raise a :class:`UserError` when it is missing or a folder.
+
+    ``what`` names the file in the message, e.g. "weights file" gives
+    "weights file not found: <path>".
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file; pass the path of the .pth file itself")
     if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def safe_load(path: str | os.PathLike, what: str) -> object:
+    """``torch.load`` on the CPU with ``weights_only=True``; every failure is a :class:`UserError`.
+
+    A file holding Python objects whose unpickling could run code is refused (naming the
+    object), so are truncated or corrupt files; ``what`` names the file as in :func:`require_file`.
+    """
+    path = require_file(path, what)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch names the refused object "Unsupported global: GLOBAL x.y" or, for blocked
+        # modules such as os / posix, "unsupported GLOBAL x.y whose module ... is blocked".
+        found = re.search(r"GLOBAL (\S+)", str(err))
         if found is None:
-            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?); "
+                            "copy or download it again") from None
         raise UserError(
             f"{path} was refused by the safe loader (weights_only=True): it holds a Python object "
             f"({found.group(1)}) whose loading could run code. Re-save it as a plain state_dict "
             "(torch.save(model.state_dict(), path)) in a trusted environment"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {str(err).splitlines()[0][:160]}"
-        ) from None
-    return unwrap_state_dict(obj, str(path))
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                        f"{_first_sentence(err)}; copy or download it again") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file and return a plain CPU state_dict with prefixes stripped."""
+    return unwrap_state_dict(safe_load(path, "weights file"), str(path))
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -166,8 +188,9 @@ def _check(report: LoadReport, purpose: str, name: str, state: Mapping[str, torc
         k, got, want = head_mismatch[0]
         num_classes = getattr(model, "num_classes", want[0])
         raise UserError(
-            f"{name} was trained for a different number of classes ({k} has shape {list(got)}, the model "
-            f"needs {list(want)} for {num_classes} classes); choose the matching --dataset / label file"
+            f"{name} was trained for a different number of classes than the {num_classes} of the label file "
+            f"({k} has shape {list(got)}, the model needs {list(want)}); pass the --label_file (and --dataset) "
+            "the weights were trained with"
         )
     if report.mismatched or missing or report.unexpected:
         detail = []
@@ -182,6 +205,12 @@ def _check(report: LoadReport, purpose: str, name: str, state: Mapping[str, torc
             f"{name} does not fit this model ({'; '.join(detail)}); check --arch (published weights are "
             "'sm') and that the file is a Conformer TransCAM/BAO checkpoint"
         )
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an error message (torch's zip reader errors go on for lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
 
 
 def _first(keys: list[str], n: int = 3) -> str:

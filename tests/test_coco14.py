@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from coco14.prepare_coco import get_args_parser, main, paint_mask
+from coco_root import annotation, box_mask, compressed_rle, rect, stem, uncompressed_rle, write_coco_root
 from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from data.labels import ImageLabels, read_list
 from tool.errors import UserError
@@ -27,90 +28,40 @@ REPO = Path(__file__).resolve().parents[1]
 CONTIGUOUS = {cat: i + 1 for i, cat in enumerate(COCO_CATEGORY_IDS)}
 PERSON, CAR, BUS, CAT, DOG, HORSE, TOOTHBRUSH = 1, 3, 6, 17, 18, 19, 90  # raw category ids
 
-
-def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-    """Polygon (flat x, y list) of an axis-aligned rectangle."""
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def _box_mask(h: int, w: int, rows: slice, cols: slice) -> np.ndarray:
-    m = np.zeros((h, w), np.uint8)
-    m[rows, cols] = 1
-    return m
-
-
-def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO uncompressed RLE: run lengths over the column-major pixels, zeros first."""
-    flat = mask.flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"counts": counts, "size": list(mask.shape)}
-
-
-def _compressed_rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    return {"counts": rle["counts"].decode("ascii"), "size": list(mask.shape)}
-
-
 # image id -> (split, height, width); 3 has no annotation.
 IMAGES = {1: ("train", 32, 40), 2: ("train", 30, 48), 3: ("train", 32, 40), 4: ("val", 32, 40), 5: ("val", 28, 36)}
 
 
 def _annotations() -> list[dict]:
-    def ann(ann_id, image_id, cat, segm, crowd=0, area=0.0):
-        return {"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": segm,
-                "iscrowd": crowd, "area": area, "bbox": [0, 0, 1, 1]}
-
-    car = _box_mask(30, 48, slice(3, 13), slice(5, 21))
-    crowd_bus = _box_mask(30, 48, slice(10, 26), slice(15, 41))
-    crowd_person = _box_mask(28, 36, slice(5, 20), slice(10, 30))
+    car = box_mask(30, 48, slice(3, 13), slice(5, 21))
+    crowd_bus = box_mask(30, 48, slice(10, 26), slice(15, 41))
+    crowd_person = box_mask(28, 36, slice(5, 20), slice(10, 30))
     return [
         # Image 1: a small dog inside a large person; the dog comes first in the file and
         # its "area" field claims it is the larger one: only the decoded area may count.
-        ann(10, 1, DOG, [_rect(10, 8, 18, 16)], area=5000.0),
-        ann(11, 1, PERSON, [_rect(2, 2, 30, 26)], area=10.0),
-        ann(12, 1, TOOTHBRUSH, [[32, 2, 39, 2, 39, 9], [32, 20, 39, 20, 32, 28]]),  # two parts
+        annotation(10, 1, DOG, [rect(10, 8, 18, 16)], area=5000.0),
+        annotation(11, 1, PERSON, [rect(2, 2, 30, 26)], area=10.0),
+        annotation(12, 1, TOOTHBRUSH, [[32, 2, 39, 2, 39, 9], [32, 20, 39, 20, 32, 28]]),  # two parts
         # Image 2: compressed RLE car, uncompressed-RLE crowd of buses over part of the car
         # and of a cat polygon.
-        ann(20, 2, CAR, _compressed_rle(car)),
-        ann(21, 2, BUS, _uncompressed_rle(crowd_bus), crowd=1),
-        ann(22, 2, CAT, [_rect(30, 18, 44, 28)]),
+        annotation(20, 2, CAR, compressed_rle(car)),
+        annotation(21, 2, BUS, uncompressed_rle(crowd_bus), crowd=1),
+        annotation(22, 2, CAT, [rect(30, 18, 44, 28)]),
         # Image 4: two overlapping squares of equal area: the higher id ends on top.
-        ann(41, 4, HORSE, [_rect(8, 8, 18, 18)]),
-        ann(40, 4, DOG, [_rect(4, 4, 14, 14)]),
+        annotation(41, 4, HORSE, [rect(8, 8, 18, 18)]),
+        annotation(40, 4, DOG, [rect(4, 4, 14, 14)]),
         # Image 5: only a crowd (compressed RLE).
-        ann(50, 5, PERSON, _compressed_rle(crowd_person), crowd=1),
+        annotation(50, 5, PERSON, compressed_rle(crowd_person), crowd=1),
     ]
 
 
 def _stem(image_id: int) -> str:
-    return f"COCO_{IMAGES[image_id][0]}2014_{image_id:012d}"
+    return stem(IMAGES, image_id)
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    (root / "annotations").mkdir()
-    categories = [{"id": c, "name": n, "supercategory": "x"} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]
-    rng = np.random.default_rng(0)
-    anns = _annotations()
-    for split in ("train", "val"):
-        (root / f"{split}2014").mkdir()
-        images = []
-        for image_id, (s, h, w) in IMAGES.items():
-            if s != split:
-                continue
-            name = f"{_stem(image_id)}.jpg"
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{split}2014" / name)
-            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
-        ids = {im["id"] for im in images}
-        data = {"images": images, "annotations": [a for a in anns if a["image_id"] in ids],
-                "categories": categories}
-        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
-    return root
+    return write_coco_root(tmp_path_factory.mktemp("coco"), IMAGES, _annotations())
 
 
 def _expected_mask(coco: COCO, image_id: int, value_of: dict[int, int]) -> np.ndarray:

@@ -196,7 +196,7 @@ ERROR_CASES = {
     "name without image": ({"--infer_list": "{tmp}/ghost.txt", "--label_file": "{tmp}/labels_ghost.json"},
                            "images of"),
     "name without label": ({"--infer_list": "{tmp}/unlabelled.txt"}, "have no image-level label"),
-    "output parent is a file": ({"--out_pred": "{tmp}/a_file/pred"}, "cannot create output folder"),
+    "output parent is a file": ({"--out_pred": "{tmp}/a_file/pred"}, "cannot create or write output folder"),
     "transcam png without t": ({"--method": "transcam", "--weights": "{transcam}"}, "need a background threshold --t"),
     "threshold for bao": ({"--t": "0.5"}, "BAO labels need no threshold"),
     "negative batch": ({"--batch_size": "-2"}, "argument --batch_size: must be >= 1"),

@@ -147,6 +147,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
     assert _same_weights(run_dir / "bao_1epochs_models.pth", full_run / "bao_1epochs_models.pth")
     assert _records(run_dir, "error")
 
+    # the remedy the message names: a lower --lr, continuing from the last good checkpoint
+    resumed = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+                                             "--max_epoches", "2", "--resume", "auto", "--lr", "1e-5"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "changed on resume: --lr 5e-05 -> 1e-05" in (run_dir / "log.txt").read_text()
+    ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert ckpt["position"]["epoch"] == 2
+    assert all(g["lr"] == 1e-5 for g in ckpt["optimizer"]["param_groups"])
+
 
 def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights, tmp_path):
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
@@ -204,11 +213,11 @@ def test_bad_flags_through_the_process(voc_root, tiny_transcam_weights, tmp_path
 def test_resume_refuses_changed_settings(full_run, voc_root, tmp_path, capsys):
     import train_bao
 
-    argv = _args(voc_root, tmp_path, "--resume", str(full_run / "checkpoint.pth"), "--lr", "1e-4")
+    argv = _args(voc_root, tmp_path, "--resume", str(full_run / "checkpoint.pth"), "--batch_size", "2")
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
     assert exit_info.value.code == 2
-    assert "--lr 5e-05 (now 0.0001)" in capsys.readouterr().err
+    assert "--batch_size 4 (now 2)" in capsys.readouterr().err
     assert not (tmp_path / "bao").exists()
 
 

@@ -84,7 +84,7 @@ def test_bad_inputs_are_refused(extra, message, voc_root, tiny_bao_weights, tmp_
 def test_unwritable_out_dir_is_refused(voc_root, tiny_bao_weights, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     code, err = _visual(_args(voc_root, tiny_bao_weights, tmp_path / "a_file" / "vis", "--max_images", "1"), capsys)
-    assert code == 2 and "cannot create output folder" in err
+    assert code == 2 and "cannot create or write output folder" in err
 
 
 def test_jet_overlay_blends_heat_and_image():

@@ -57,6 +57,28 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp" in name
 
 
+def remove_temporaries(folder: str | os.PathLike, suffix: str, stems: set[str]) -> int:
+    """Delete the temporary files an interrupted run left for the outputs ``<stem><suffix>``
+    of ``stems`` in ``folder``; return how many were removed.
+
+    :func:`atomic_path` names them ``.<final name>.<random>.tmp<suffix>``. Only those of
+    ``stems`` are touched, so processes writing other files into the same folder at the same
+    time are not disturbed. A missing folder has nothing to clean.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if is_temporary(entry.name) and entry.name.endswith(f".tmp{suffix}"):
+            final = entry.name[1:].rsplit(".", 3)[0]
+            if final.endswith(suffix) and final[:len(final) - len(suffix)] in stems:
+                _remove(entry.path)
+                removed += 1
+    return removed
+
+
 def _remove(tmp: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(tmp)
@@ -67,4 +89,24 @@ def _user_error(err: OSError, path: Path) -> UserError:
         return UserError(f"cannot write {path}: permission denied; choose a folder you can write to")
     if err.errno == errno.ENOSPC:
         return UserError(f"cannot write {path}: the disk is full; free space or choose another folder")
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):  # creating its folder met a file of that name
+        return UserError(f"cannot write {path}: a part of its folder path is a file, not a folder; "
+                         "choose another path")
     return UserError(f"cannot write {path}: {err.strerror or err}")
+
+
+def prepare_output_dir(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
+    """Create an output folder now, so that an unusable path fails before any work is done.
+
+    ``target``, when given, is the file that will be written into ``folder``; errors then
+    name it instead of the folder.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as err:
+        if target is not None:
+            raise _user_error(err, Path(target)) from None
+        raise UserError(f"cannot create or write output folder {folder}: {err.strerror or err}; "
+                        "choose another path") from None

@@ -14,6 +14,7 @@ over that first axis give the confusion matrix of every threshold at once.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data.classes import COCO_UNUSED_IDS, COCO_RAW_CLASSES, class_names
+from data.classes import COCO_UNUSED_IDS, COCO_RAW_CLASSES, CONVENTION_FILE, class_names
 from tool.camio import CAM_SUFFIX, load_cams
 from tool.errors import UserError
 from tool.palette import IGNORE_INDEX, read_label_png
@@ -430,12 +431,51 @@ def evaluate_cams(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str 
     return confusions_from_bins(bins), free
 
 
+def read_mask_convention(gt_dir: str | os.PathLike) -> dict | None:
+    """The id convention recorded beside ground-truth masks, or None when ``gt_dir`` has none.
+
+    ``coco14/prepare_coco.py`` writes ``<mask_dir>/convention.json``; the returned record has
+    at least ``convention`` (str), ``num_classes`` (int) and, when present, ``class_names``
+    (``num_classes`` names, background first). A damaged file raises :class:`UserError`.
+    """
+    path = Path(gt_dir) / CONVENTION_FILE
+    if not path.is_file():
+        return None
+    redo = ("rewrite it with python -m coco14.prepare_coco (the same --mask_dir and --convention; "
+            "existing masks are kept)")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read {path} ({err}), which records the class-id convention of the masks "
+                        f"beside it; {redo}") from None
+    ok = (isinstance(record, dict) and isinstance(record.get("convention"), str)
+          and isinstance(record.get("num_classes"), int) and 2 <= record["num_classes"] <= MAX_CLASSES)
+    names = record.get("class_names") if ok else None
+    if ok and names is not None:
+        ok = (isinstance(names, list) and len(names) == record["num_classes"]
+              and all(isinstance(n, str) for n in names))
+    if not ok:
+        raise UserError(f"{path} is not a mask convention record (expected 'convention', 'num_classes' "
+                        f"between 2 and {MAX_CLASSES} and optionally one class name per class); {redo}")
+    return record
+
+
 # ---------------------------------------------------------------- reporting
 
 
-def format_table(result: dict, num_classes: int) -> str:
-    """The per-class table (IoU, FP, FN, precision, recall in %) and the mean line of :func:`scores`."""
-    names = class_names(num_classes)
+def _checked_names(num_classes: int, names: Sequence[str] | None) -> Sequence[str]:
+    names = class_names(num_classes) if names is None else names
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    return names
+
+
+def format_table(result: dict, num_classes: int, names: Sequence[str] | None = None) -> str:
+    """The per-class table (IoU, FP, FN, precision, recall in %) and the mean line of :func:`scores`.
+
+    ``names``: C class names, background first (default :func:`data.classes.class_names`).
+    """
+    names = _checked_names(num_classes, names)
     valid = valid_classes(num_classes)
     width = max(12, max(len(n) for n in names) + 1)
     head = f"{'class':<{width}}{'IoU':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}"
@@ -453,12 +493,13 @@ def _pct(value: float) -> str:
     return f"{'nan':>8}" if np.isnan(value) else f"{100 * value:8.2f}"
 
 
-def scores_to_json(result: dict, num_classes: int) -> dict:
-    """A JSON-ready copy of :func:`scores` output: fractions in 0..1, NaN as null, per class by name."""
+def scores_to_json(result: dict, num_classes: int, names: Sequence[str] | None = None) -> dict:
+    """A JSON-ready copy of :func:`scores` output: fractions in 0..1, NaN as null, per class by
+    name (``names`` as in :func:`format_table`)."""
     def num(v: float) -> float | None:
         return None if np.isnan(v) else float(v)
 
-    names = class_names(num_classes)
+    names = _checked_names(num_classes, names)
     valid = valid_classes(num_classes)
     per_class = [
         {"id": i, "class": names[i], **{k: num(result[k][i]) for k in _SCORE_KEYS},

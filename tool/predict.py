@@ -12,21 +12,18 @@ H x W) is ever alive.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import collate_inference
+from data.datasets import CollateOrError, ErrorsAsItems, collate_inference, raise_batch_error
 from data.layout import add_dataset_args
 from network.checkpoint import LoadReport, load_weights
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import fold_views, normalize_maps, present_keys
 from tool.device import add_device_args, autocast
-from tool.errors import UserError
 
 METHODS = ("bao", "transcam")
 DEFAULT_SCALES = (256, 512, 768)
@@ -106,16 +103,6 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     add_dataset_args(parser)
 
 
-def prepare_output_dir(folder: str | os.PathLike) -> None:
-    """Create an output folder now, so that an unusable path fails before any work is done."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output folder {folder}: {err.strerror or err}; choose another path") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write to output folder {folder}: permission denied; choose another path")
-
-
 def load_model(network: str, arch: str, weights: str, num_classes: int, method: str,
                device: torch.device) -> tuple[nn.Module, LoadReport]:
     """Build ``arch`` for ``num_classes`` classes, load ``weights`` for ``method``, eval mode on ``device``.
@@ -138,33 +125,11 @@ def iterate_batches(dataset: Dataset, batch_size: int, num_workers: int,
     with its own message; through a DataLoader worker it would otherwise arrive wrapped in
     the worker's traceback text.
     """
-    loader = DataLoader(_ErrorsAsItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_or_error, pin_memory=device.type == "cuda")
+    loader = DataLoader(ErrorsAsItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=CollateOrError(collate_inference), pin_memory=device.type == "cuda")
     for batch in loader:
-        if "error" in batch:
-            raise UserError(batch["error"])
+        raise_batch_error(batch)
         yield batch
-
-
-class _ErrorsAsItems(Dataset):
-    """Dataset wrapper returning ``{"error": message}`` instead of raising a UserError."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            return self.dataset[index]
-        except UserError as err:
-            return {"error": str(err)}
-
-
-def _collate_or_error(items: list[dict[str, Any]]) -> dict[str, Any]:
-    errors = [it["error"] for it in items if "error" in it]
-    return {"error": errors[0]} if errors else collate_inference(items)
 
 
 class MultiScalePredictor:

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
-import signal
-import zipfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
+from network.checkpoint import safe_load
 from tool.device import autocast
 from tool.errors import UserError
 from tool.fileio import atomic_path
@@ -104,12 +101,6 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def ignore_sigint(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore Ctrl-C so that the main process can
-    finish its step and save a checkpoint (a worker dying on SIGINT would break the loader)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random-number state (torch CPU and CUDA, numpy, python), in a form
     that ``torch.load(weights_only=True)`` accepts."""
@@ -154,13 +145,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (safely: ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint to resume not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(f"{path} is not a readable training checkpoint: {str(err).splitlines()[0][:160]}") from None
+    state = safe_load(path, "checkpoint to resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{path} is not a resumable checkpoint of train_bao.py (plain weights such as "
