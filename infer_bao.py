@@ -4,6 +4,7 @@ TransCAM baseline's CAMs for threshold sweeps.
     python infer_bao.py --weights bao.pth --voc12_root VOCdevkit/VOC2012 \\
         --out_pred out/pseudo_labels --out_crf out/pseudo_labels_crf --out_cam out/cams
     python infer_bao.py --method transcam --weights transcam.pth --out_cam out/transcam_cams
+    python infer_bao.py --method cnn --weights transcam.pth --out_cam out/cnn_cams   # ablation: no refinement
     torchrun --nproc_per_node 4 infer_bao.py --weights bao.pth ...   # list sharded over ranks
 
 Per image: the multi-scale, flipped maps (``tool.predict``), then
@@ -15,8 +16,8 @@ Per image: the multi-scale, flipped maps (``tool.predict``), then
 - ``--out_cam DIR``: ``<name>.npz`` (``tool.camio``): the normalised maps of the present
   classes (key 0 = the background map for BAO), float16, for threshold studies.
 
-Without any output flag, BAO writes ``--out_pred out/pseudo_labels`` and TransCAM
-``--out_cam out/cams``. An image whose requested outputs all exist is skipped (resume)
+Without any output flag, BAO writes ``--out_pred out/pseudo_labels``, TransCAM
+``--out_cam out/cams`` and the CNN ablation ``--out_cam out/cnn_cams``. An image whose requested outputs all exist is skipped (resume)
 unless ``--overwrite``; every file is written atomically, so an interrupted run leaves no
 truncated output.
 """
@@ -41,7 +42,8 @@ from tool.fileio import prepare_output_dir, remove_temporaries
 from tool.palette import save_label_png
 from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model
 
-DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams")}
+DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams"),
+               "cnn": ("out_cam", "out/cnn_cams")}
 SUFFIX = {"out_pred": ".png", "out_crf": ".png", "out_cam": CAM_SUFFIX}
 
 
@@ -69,9 +71,9 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
     outputs = {k: Path(getattr(args, k)) for k in SUFFIX if getattr(args, k)}
     if args.method == "bao" and args.t is not None:
         raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
-    if args.method == "transcam" and args.t is None and ("out_pred" in outputs or "out_crf" in outputs):
+    if args.method != "bao" and args.t is None and ("out_pred" in outputs or "out_crf" in outputs):
         raise UserError(
-            "--method transcam has no background map: label PNGs (--out_pred/--out_crf) need a background "
+            f"--method {args.method} has no background map: label PNGs (--out_pred/--out_crf) need a background "
             "threshold --t; or write the CAMs with --out_cam and sweep t with evaluation_bao.py"
         )
     if not outputs:

@@ -306,6 +306,13 @@ class Conformer(nn.Module):
         b, k, h, w = maps.shape
         return torch.bmm(maps.flatten(2).to(attn.dtype), attn.transpose(1, 2)).reshape(b, k, h, w)
 
+    def forward_cnn_cams(self, x: torch.Tensor) -> torch.Tensor:
+        """The CNN branch's class map before attention refinement (the TransCAM ablation).
+
+        x (B, in_chans, S_h, S_w) -> (B, K, h, w); its spatial mean is ``conv_logits``.
+        """
+        return self.conv_cls_head(self.forward_features(x)[0])
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ConformerOutput:
         """Classification logits, TransCAM maps and, given image labels, the BAO maps.
 

@@ -13,7 +13,7 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best threshold", "fixed default threshold"):
         assert row in proc.stdout
     res = json.loads((out / "seed0" / "table.json").read_text())
-    for key in ("bao_miou", "transcam_best_miou", "transcam_fixed_miou", "bao_maps_best_miou"):
+    for key in ("bao_miou", "transcam_best_miou", "transcam_fixed_miou", "bao_maps_best_miou", "cnn_best_miou"):
         assert 0.0 <= res[key] <= 1.0
     assert abs(res["transcam_fixed_t"] - 0.44) < 1e-6
     assert (out / "seed0" / "sweep_transcam.png").stat().st_size > 0

@@ -167,6 +167,33 @@ def test_transcam_writes_foreground_cams_and_thresholded_labels(voc_root, tiny_t
         assert pred[fg].all() and not pred[cams.max(axis=0) < 0.4 - 1e-2].any()
 
 
+def test_cnn_ablation_writes_unrefined_cams(voc_root, tiny_transcam_weights, tmp_path, capsys):
+    """--method cnn: the CNN branch's CAMs before attention refinement, folded like the others."""
+    from network.checkpoint import load_weights
+    from network.conformer_CAM import Net_tiny
+    from tool.predict import MultiScalePredictor
+
+    labels = ImageLabels.load(voc_root / "cls_labels.json")
+    code, _, _ = _infer(_common(voc_root, tiny_transcam_weights, scales="32") + [
+        "--method", "cnn", "--out_cam", str(tmp_path / "cam")], capsys)
+    assert code == 0
+    model = Net_tiny(num_classes=labels.num_fg + 1)
+    load_weights(model, tiny_transcam_weights, purpose="transcam")
+    model.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        feats, _, _ = model.forward_features(x)
+        expected = model.conv_cls_head(feats)
+        assert torch.allclose(model.forward_cnn_cams(x), expected)
+        assert torch.allclose(expected.mean(dim=(2, 3)), model(x).conv_logits, atol=1e-6)
+    batch = {"labels": torch.eye(labels.num_fg)[:1], "views": 1, "sizes": [(32, 48)], "inputs": [(32, x[:1])]}
+    keys, maps = MultiScalePredictor(model, "cnn", torch.device("cpu"))(batch)[0]
+    assert keys.tolist() == [1] and maps.shape == (1, 32, 48)
+    for path in (tmp_path / "cam").iterdir():
+        keys, cams = load_cams(path)
+        assert keys.tolist() == labels.ids[path.stem]
+
+
 def _bad_files(tmp_path: Path, voc_root: Path, num_classes: int) -> dict[str, Path]:
     from network.conformer_CAM import Net_tiny
 

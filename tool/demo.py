@@ -7,7 +7,8 @@ skipped when its outputs already exist, so a re-run reuses what is done):
 2. train the TransCAM stage from scratch with the tiny Conformer (train_bao.py --method transcam);
 3. train the BAO stage from it (train_bao.py --method bao);
 4. threshold-free BAO pseudo-labels (infer_bao.py) and their evaluation (evaluation_bao.py);
-5. TransCAM CAMs (infer_bao.py --method transcam) swept over background thresholds, with a plot;
+5. TransCAM CAMs (infer_bao.py --method transcam) swept over background thresholds, with a
+   plot, and the same for the CNN CAMs before attention refinement (--method cnn, an ablation);
 6. a few overlay sheets (visual_bao.py);
 7. one table: BAO threshold-free mIoU, TransCAM at its best threshold (chosen with the
    pixel labels WSSS is not supposed to have), TransCAM at a fixed default threshold.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tool.errors import UserError, run_cli
+from tool.fileio import atomic_path
 
 REPO = Path(__file__).resolve().parent.parent
 # Background score carried over when no pixel labels are available to tune it: the best
@@ -157,6 +159,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     _run("TransCAM CAMs", ["infer_bao.py", "--method", "transcam", "--weights", str(tc_weights),
                            "--infer_list", str(train_list), "--out_cam", str(r / "transcam_cams"), *infer_flags],
          args.threads)
+    _run("CNN CAMs before attention refinement (ablation)",
+         ["infer_bao.py", "--method", "cnn", "--weights", str(tc_weights), "--infer_list", str(train_list),
+          "--out_cam", str(r / "cnn_cams"), *infer_flags], args.threads)
 
     _run("evaluate BAO pseudo-labels",
          ["evaluation_bao.py", "--type", "png", "--predict_dir", str(r / "bao_pred"), "--json",
@@ -171,6 +176,10 @@ def run_pipeline(args: argparse.Namespace) -> dict:
          ["evaluation_bao.py", "--type", "npy", "--bg_from_file", "--predict_dir", str(r / "bao_cams"), "--json",
           str(r / "eval_bao_maps.json"), "--comment", f"demo seed {args.seed}: BAO maps sweep", "--no_progress",
           *eval_flags], args.threads)
+    _run("sweep CNN CAMs over background thresholds (ablation)",
+         ["evaluation_bao.py", "--type", "npy", "--predict_dir", str(r / "cnn_cams"), "--json",
+          str(r / "eval_cnn.json"), "--comment", f"demo seed {args.seed}: CNN CAM sweep", "--no_progress",
+          *eval_flags], args.threads)
     _run("overlay sheets", ["visual_bao.py", "--weights", str(bao_weights), "--list", str(train_list),
                             "--max_images", str(args.sheets), "--out_dir", str(r / "visual"), *infer_flags],
          args.threads)
@@ -180,12 +189,14 @@ def run_pipeline(args: argparse.Namespace) -> dict:
 def _collect(r: Path, default_t: float) -> dict:
     tc = json.loads((r / "eval_transcam.json").read_text())
     maps = json.loads((r / "eval_bao_maps.json").read_text())
+    cnn = json.loads((r / "eval_cnn.json").read_text())
     fixed = min(tc["sweep"], key=lambda row: abs(row["t"] - default_t))
     return {
         "bao_miou": json.loads((r / "eval_bao.json").read_text())["result"]["miou"],
         "transcam_best_miou": tc["best"]["miou"], "transcam_best_t": tc["best"]["t"],
         "transcam_fixed_miou": fixed["miou"], "transcam_fixed_t": fixed["t"],
         "bao_maps_best_miou": maps["best"]["miou"], "bao_maps_best_t": maps["best"]["t"],
+        "cnn_best_miou": cnn["best"]["miou"], "cnn_best_t": cnn["best"]["t"],
     }
 
 
@@ -197,6 +208,8 @@ def format_table(res: dict) -> str:
          f"t = {res['transcam_best_t']:.2f}"),
         ("TransCAM CAMs, fixed default threshold", res["transcam_fixed_miou"], f"t = {res['transcam_fixed_t']:.2f}"),
         ("BAO maps, best threshold (reference)", res["bao_maps_best_miou"], f"t = {res['bao_maps_best_t']:.2f}"),
+        ("CNN CAMs before attention refinement, best threshold (ablation)", res["cnn_best_miou"],
+         f"t = {res['cnn_best_t']:.2f}"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'pseudo-labels':<{width}}  {'mIoU':>6}  threshold", "-" * (width + 22)]
@@ -210,7 +223,8 @@ def main(args: argparse.Namespace) -> dict:
     start = time.time()
     res = run_pipeline(args)
     out = Paths(Path(args.out).resolve(), args.seed).results
-    (out / "table.json").write_text(json.dumps(res, indent=1) + "\n")
+    with atomic_path(out / "table.json") as tmp:
+        Path(tmp).write_text(json.dumps(res, indent=1) + "\n")
     print(f"\nDemo finished in {time.time() - start:.0f} s. Pseudo-labels of the generated {args.split} images:\n")
     print(format_table(res))
     print(f"\nSweep plot: {out / 'sweep_transcam.png'}\nOverlay sheets: {out / 'visual'}")

@@ -25,7 +25,9 @@ from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import fold_views, normalize_maps, present_keys
 from tool.device import add_device_args, autocast
 
-METHODS = ("bao", "transcam")
+METHODS = ("bao", "transcam", "cnn")
+# What each method needs from a checkpoint (network.checkpoint purposes).
+WEIGHT_PURPOSE = {"bao": "bao", "transcam": "transcam", "cnn": "transcam"}
 DEFAULT_SCALES = (256, 512, 768)
 # One image and its flip at 768 per forward; 4 inputs at 512, 18 at 256.
 DEFAULT_FORWARD_PIXELS = 2 * 768 * 768
@@ -82,7 +84,8 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="model size: sm (all published weights), ti, bs, or tiny (tests) (default: sm)")
     group.add_argument("--method", default="bao", choices=METHODS,
                        help="bao: learned background map + TransCAM foreground maps (threshold-free); "
-                            "transcam: foreground CAMs only, for threshold sweeps (default: bao)")
+                            "transcam: foreground CAMs only, for threshold sweeps; cnn: the CNN branch's "
+                            "CAMs before attention refinement (ablation), foreground only (default: bao)")
     group.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
                        help="square input sides, comma-separated multiples of 16; each is also run "
                             "flipped (default: 256,512,768)")
@@ -107,11 +110,11 @@ def load_model(network: str, arch: str, weights: str, num_classes: int, method: 
                device: torch.device) -> tuple[nn.Module, LoadReport]:
     """Build ``arch`` for ``num_classes`` classes, load ``weights`` for ``method``, eval mode on ``device``.
 
-    ``method`` "bao" needs the BAO heads in the checkpoint; "transcam" accepts TransCAM
+    ``method`` "bao" needs the BAO heads in the checkpoint; "transcam" and "cnn" accept TransCAM
     weights (which lack them). Wrong files raise :class:`tool.errors.UserError`.
     """
     model = build_network(network, arch, num_classes)
-    report = load_weights(model, weights, purpose=method)
+    report = load_weights(model, weights, purpose=WEIGHT_PURPOSE[method])
     # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (GPU); equal up to float rounding.
     model = model.eval().to(device=device, memory_format=torch.channels_last)
     return model, report
@@ -137,8 +140,8 @@ class MultiScalePredictor:
 
     Args:
         model: a :class:`network.conformer.Conformer` in eval mode on ``device``.
-        method: "bao" (``bao`` output, background map kept) or "transcam" (``cams``,
-            foreground only).
+        method: "bao" (``bao`` output, background map kept), "transcam" (``cams``,
+            foreground only) or "cnn" (the CNN CAMs before attention refinement, foreground only).
         device: where the model runs.
         amp_dtype: autocast dtype on CUDA, None for fp32.
         forward_pixels: most input pixels per forward pass (at least one input always runs).
@@ -188,6 +191,10 @@ class MultiScalePredictor:
             x = x.contiguous(memory_format=torch.channels_last)
             y = labels[start:start + chunk].to(self.device) if self.method == "bao" else None
             with autocast(self.device, self.amp_dtype):
-                result = self.model(x, y)
-            outs.append((result.bao if self.method == "bao" else result.cams).float())
+                if self.method == "cnn":
+                    maps = self.model.forward_cnn_cams(x)
+                else:
+                    result = self.model(x, y)
+                    maps = result.bao if self.method == "bao" else result.cams
+            outs.append(maps.float())
         return torch.cat(outs)
