@@ -5,6 +5,7 @@ outside the repository.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -68,3 +69,20 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def call_main(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run an entry script like its command line but in-process (no interpreter start-up).
+
+    ``script`` is the module name (e.g. ``"infer_bao"``); returns (exit status, stdout, stderr).
+    """
+    from tool.errors import run_cli as run_entry
+
+    module = importlib.import_module(script)
+    code = 0
+    try:
+        run_entry(module.main, module.get_args_parser().parse_args(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -11,7 +11,6 @@ signals behave as in a terminal.
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import shutil
@@ -27,10 +26,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_main, run_cli
 from data.labels import read_list
 from tool.camio import load_cams
-from tool.errors import run_cli as run_entry
 from tool.fileio import is_temporary
 from tool.palette import read_label_png
 
@@ -47,18 +45,6 @@ ODD_IMAGES = {
 
 
 # ------------------------------------------------------------------------------- helpers
-
-def _call(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run an entry script like its command line, in-process: (exit status, stdout, stderr)."""
-    module = importlib.import_module(script)
-    code = 0
-    try:
-        run_entry(module.main, module.get_args_parser().parse_args(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def _assert_refused(code: int, err: str, *phrases: str, status: int = 2) -> None:
     """Exit ``status``, no traceback, and one ``error:`` line holding every phrase."""
@@ -253,7 +239,7 @@ def test_train_refuses_before_creating_the_run(case, bad, voc_root, tiny_transca
     argv = _train_args(voc_root, tmp_path / "runs", "--weights", str(tiny_transcam_weights))
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**{k: str(v) for k, v in bad.items()}))
-    code, _, err = _call("train_bao", argv, capsys)
+    code, _, err = call_main("train_bao", argv, capsys)
     _assert_refused(code, err, *phrases)
     assert not built
     assert not (tmp_path / "runs").exists()  # no run directory, no log, no checkpoint
@@ -264,7 +250,7 @@ def test_train_odd_image_modes_and_images_smaller_than_the_crop(odd_root, tiny_t
     # Long sides of 24..40 pixels: every crop of 64 is padded, the 1x1 and 5x3 images most.
     argv = _train_args(odd_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1",
                        "--resize_long", "24", "40", "--log_every", "1")
-    code, _, err = _call("train_bao", argv, capsys)
+    code, _, err = call_main("train_bao", argv, capsys)
     assert code == 0, err
     run_dir = tmp_path / "bao"
     steps = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
@@ -275,14 +261,14 @@ def test_train_odd_image_modes_and_images_smaller_than_the_crop(odd_root, tiny_t
 
 def test_train_resume_with_another_label_file_is_refused(voc_root, tiny_transcam_weights, tmp_path, capsys):
     argv = _train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_steps", "1")
-    assert _call("train_bao", argv, capsys)[0] == 0
+    assert call_main("train_bao", argv, capsys)[0] == 0
     checkpoint = tmp_path / "bao" / "checkpoint.pth"
     before = checkpoint.read_bytes()
     raw = json.loads((voc_root / "cls_labels.json").read_text())
     raw["classes"].append("extra")  # one class more: label vectors of another length
     other = tmp_path / "labels_8.json"
     other.write_text(json.dumps(raw))
-    code, _, err = _call("train_bao", _replace(argv, "--label_file", str(other)) + ["--resume", "auto"], capsys)
+    code, _, err = call_main("train_bao", _replace(argv, "--label_file", str(other)) + ["--resume", "auto"], capsys)
     _assert_refused(code, err, f"{checkpoint} was trained on another image list or label file",
                     "7 classes", "--label_file")
     assert checkpoint.read_bytes() == before
@@ -298,7 +284,7 @@ def test_train_disk_full_names_the_file_and_keeps_no_partial_file(voc_root, tiny
 
     monkeypatch.setattr(tool.training.torch, "save", full_disk_save)
     argv = _train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1")
-    code, _, err = _call("train_bao", argv, capsys)
+    code, _, err = call_main("train_bao", argv, capsys)
     monkeypatch.undo()
     _assert_refused(code, err, f"cannot write {tmp_path / 'bao' / 'bao_1epochs_modelt.pth'}: the disk is full",
                     "free space or choose another folder")
@@ -348,7 +334,7 @@ def test_infer_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, tmp
     argv = _infer_args(voc_root, tiny_bao_weights, "--out_pred", str(tmp_path / "out" / "pred"))
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**{k: str(v) for k, v in bad.items()}))
-    code, _, err = _call("infer_bao", argv, capsys)
+    code, _, err = call_main("infer_bao", argv, capsys)
     _assert_refused(code, err, *phrases)
     assert not (tmp_path / "out").exists()
     assert not bad["marker"].exists()
@@ -356,7 +342,7 @@ def test_infer_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, tmp
 
 def test_infer_odd_image_modes_and_tiny_images(odd_root, tiny_bao_weights, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = _call("infer_bao", _infer_args(odd_root, tiny_bao_weights, "--out_pred", str(out / "pred"),
+    code, _, err = call_main("infer_bao", _infer_args(odd_root, tiny_bao_weights, "--out_pred", str(out / "pred"),
                                                   "--out_crf", str(out / "crf"), "--out_cam", str(out / "cam")),
                          capsys)
     assert code == 0, err
@@ -383,7 +369,7 @@ def test_infer_write_errors_name_the_path(failure, voc_root, tiny_bao_weights, t
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # the folder became read-only (tests may run as root)
         phrase = "permission denied; choose a folder you can write to"
     out = tmp_path / "pred"
-    code, _, err = _call("infer_bao", _infer_args(voc_root, tiny_bao_weights, "--out_pred", str(out)), capsys)
+    code, _, err = call_main("infer_bao", _infer_args(voc_root, tiny_bao_weights, "--out_pred", str(out)), capsys)
     monkeypatch.undo()
     _assert_refused(code, err, f"cannot write {out / 'synth_000000.png'}: {phrase}")
     assert out.is_dir() and not list(out.iterdir())
@@ -445,7 +431,7 @@ def test_visual_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, ti
     names = {k: str(v) for k, v in bad.items()} | {"transcam": str(tiny_transcam_weights)}
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**names))
-    code, _, err = _call("visual_bao", argv, capsys)
+    code, _, err = call_main("visual_bao", argv, capsys)
     _assert_refused(code, err, *phrases)
     assert not (tmp_path / "vis").exists()
 
@@ -471,7 +457,7 @@ def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
                               (f"cannot write {bad['a_file'] / 'r.json'}",)),
     }
     for extra, phrases in cases.values():
-        code, _, err = _call("evaluation_bao", base + extra, capsys)
+        code, _, err = call_main("evaluation_bao", base + extra, capsys)
         _assert_refused(code, err, *phrases)
     assert not (tmp_path / "log.txt").exists()  # every refusal came before any scoring
     _assert_no_partial_files(tmp_path)
@@ -524,7 +510,7 @@ def test_prepare_coco_ctrl_c_leaves_no_worker_traceback_and_no_temporary(slow_co
     _assert_no_partial_files(masks)
     assert not (tmp_path / "out").exists()  # lists and labels are written once all masks are done
 
-    code, _, err = _call("coco14.prepare_coco", cmd[3:-2] + ["--workers", "0"], capsys)
+    code, _, err = call_main("coco14.prepare_coco", cmd[3:-2] + ["--workers", "0"], capsys)
     _assert_refused(code, err, "--workers must be at least 1")
 
 
@@ -538,7 +524,7 @@ def test_make_dataset_errors(bad, tmp_path, capsys):
                                 (f"cannot write {bad['a_file'] / 'VOC2012' / 'JPEGImages'}",)),
     }
     for argv, phrases in cases.values():
-        code, _, err = _call("tool.make_dataset", argv, capsys)
+        code, _, err = call_main("tool.make_dataset", argv, capsys)
         _assert_refused(code, err, *phrases)
     assert not list(tmp_path.iterdir())
 

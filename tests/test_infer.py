@@ -21,11 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-import infer_bao
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_main, run_cli
 from data.labels import ImageLabels, read_list
 from tool.camio import load_cams
-from tool.errors import run_cli as run_entry
 from tool.fileio import is_temporary
 from tool.palette import read_label_png
 
@@ -38,14 +36,7 @@ def _common(voc_root: Path, weights: Path, scales: str = "32,64") -> list[str]:
 
 def _infer(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run infer_bao like its command line, in-process: (exit status, stdout, stderr)."""
-    code = 0
-    try:
-        run_entry(infer_bao.main, infer_bao.get_args_parser().parse_args(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
+    return call_main("infer_bao", argv, capsys)
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}

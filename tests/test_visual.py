@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visual_bao
-from conftest import run_cli
+from conftest import call_main, run_cli
 from data.labels import ImageLabels
-from tool.errors import run_cli as run_entry
 from tool.overlay import colorize_labels, jet_overlay, summary_sheet
 
 TITLE = 22  # title strip height of a sheet cell (tool/overlay.py)
@@ -22,13 +20,8 @@ def _args(voc_root, weights, out_dir, *extra: str) -> list[str]:
 
 def _visual(argv: list[str], capsys) -> tuple[int, str]:
     """Run visual_bao like its command line, in-process: (exit status, stderr)."""
-    code = 0
-    try:
-        run_entry(visual_bao.main, visual_bao.get_args_parser().parse_args(argv))
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
+    code, _, err = call_main("visual_bao", argv, capsys)
+    return code, err
 
 def _size(path) -> tuple[int, int]:
     with Image.open(path) as im:
