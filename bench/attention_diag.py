@@ -1,0 +1,96 @@
+"""Does the attention refinement help or hurt the CAMs of a checkpoint? A diagnostic.
+
+For each listed image and each of its classes, compares the class map inside the object
+(ground-truth mask) with outside it, for the CNN CAM before refinement and the TransCAM
+CAM after ``refine`` (spec section 2), and measures where the attention goes: the
+attention mass that object patches and background patches give to object patches,
+normalised by the object's share of patches (1.0 = no preference).
+
+    python bench/attention_diag.py --weights runs/transcam/transcam_20epochs.pth --arch tiny \\
+        --voc12_root demo_out/data/VOC2012 --label_file demo_out/data/VOC2012/cls_labels.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.images import read_image  # noqa: E402
+from data.labels import read_list  # noqa: E402
+from data.layout import add_dataset_args, dataset_from_args  # noqa: E402
+from data.transforms import normalize  # noqa: E402
+from network.checkpoint import load_weights  # noqa: E402
+from network.factory import DEFAULT_NETWORK, build_network  # noqa: E402
+from tool.errors import UserError, run_cli  # noqa: E402
+from tool.palette import IGNORE_INDEX, read_label_png  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights", required=True, help="TransCAM or BAO checkpoint")
+    parser.add_argument("--network", default=DEFAULT_NETWORK, help="module with the ARCHS builders")
+    parser.add_argument("--arch", default="sm", help="model size")
+    parser.add_argument("--list", default=None,
+                        help="images to use (default: <voc12_root>/ImageSets/Segmentation/train.txt)")
+    parser.add_argument("--max_images", type=int, default=100, help="use the first N images of the list")
+    parser.add_argument("--size", type=int, default=128, help="square input side (multiple of 16)")
+    add_dataset_args(parser)
+    return parser
+
+
+@torch.inference_mode()
+def diagnose(model: torch.nn.Module, images: list[tuple[np.ndarray, np.ndarray, list[int]]], size: int) -> dict:
+    """Statistics over (image, mask, class ids) triples; see the module docstring."""
+    inside = {"cnn": [], "refined": []}
+    mass = {"object->object": [], "background->object": []}
+    for image, mask, ids in images:
+        x = F.interpolate(normalize(image)[None], size=(size, size), mode="bilinear", align_corners=False)
+        feats, _, attn = model.forward_features(x)
+        cnn = model.conv_cls_head(feats)
+        for name, maps in (("cnn", cnn), ("refined", model.refine(cnn, attn))):
+            up = F.interpolate(maps, size=mask.shape, mode="bilinear", align_corners=False)[0].numpy()
+            for c in ids:
+                obj, rest = mask == c, (mask != c) & (mask != IGNORE_INDEX)
+                if obj.any() and rest.any():
+                    inside[name].append(up[c][obj].mean() > up[c][rest].mean())
+        fg = torch.from_numpy(((mask > 0) & (mask != IGNORE_INDEX)).astype(np.float32))
+        grid = F.interpolate(fg[None, None], size=feats.shape[2:], mode="area").flatten() > 0.5
+        share = grid.float().mean().item()
+        if 0 < share < 1:
+            a = attn[0] / model.depth  # mean over blocks; rows sum to at most 1
+            mass["object->object"].append(a[grid][:, grid].sum(1).mean().item() / share)
+            mass["background->object"].append(a[~grid][:, grid].sum(1).mean().item() / share)
+    return {**{f"{k} map higher inside the object": float(np.mean(v)) for k, v in inside.items()},
+            **{f"attention {k} (1 = no preference)": float(np.mean(v)) for k, v in mass.items()}}
+
+
+def main(args: argparse.Namespace) -> dict:
+    spec = dataset_from_args(args)
+    list_file = args.list or Path(args.voc12_root) / "ImageSets" / "Segmentation" / "train.txt"
+    names = read_list(list_file)[: args.max_images]
+    spec.check(names)
+    model = build_network(args.network, args.arch, spec.num_classes)
+    load_weights(model, args.weights, purpose="transcam")
+    model.eval()
+    images = []
+    for name in names:
+        mask_path = spec.layout.mask_path(name)
+        if mask_path is None:
+            raise UserError(f"{name} has no ground-truth mask; the diagnostic needs masks")
+        images.append((read_image(spec.layout.image_path(name)), read_label_png(mask_path), spec.labels.ids[name]))
+    stats = diagnose(model, images, args.size)
+    print(f"{args.weights}, {len(names)} images at {args.size}x{args.size}:")
+    for key, value in stats.items():
+        print(f"  {key}: {value:.3f}")
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
