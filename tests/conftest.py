@@ -86,3 +86,31 @@ def call_main(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_refused(code: int, err: str, *phrases: str, status: int = 2) -> None:
+    """Exit ``status``, no traceback, and one ``error:`` line holding every phrase."""
+    assert code == status, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error: " in line]
+    assert len(errors) == 1, err
+    for phrase in phrases:
+        assert phrase in errors[0], err
+
+
+def assert_no_partial_files(folder: Path) -> None:
+    """No temporary file of tool.fileio anywhere below ``folder``, and every output complete."""
+    from tool.camio import load_cams
+    from tool.fileio import is_temporary
+    from tool.palette import read_label_png
+
+    if not folder.exists():
+        return
+    for path in folder.rglob("*"):
+        assert not is_temporary(path.name), path
+        if path.suffix == ".png":
+            read_label_png(path)
+        elif path.suffix == ".npz":
+            load_cams(path)
+        elif path.suffix == ".pth":
+            torch.load(path, weights_only=True)

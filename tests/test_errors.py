@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, call_main, run_cli
+from conftest import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
 from data.labels import read_list
 from tool.camio import load_cams
 from tool.fileio import is_temporary
@@ -45,30 +45,6 @@ ODD_IMAGES = {
 
 
 # ------------------------------------------------------------------------------- helpers
-
-def _assert_refused(code: int, err: str, *phrases: str, status: int = 2) -> None:
-    """Exit ``status``, no traceback, and one ``error:`` line holding every phrase."""
-    assert code == status, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error: " in line]
-    assert len(errors) == 1, err
-    for phrase in phrases:
-        assert phrase in errors[0], err
-
-
-def _assert_no_partial_files(folder: Path) -> None:
-    """No temporary file of tool.fileio anywhere below ``folder``, and every output complete."""
-    if not folder.exists():
-        return
-    for path in folder.rglob("*"):
-        assert not is_temporary(path.name), path
-        if path.suffix == ".png":
-            read_label_png(path)
-        elif path.suffix == ".npz":
-            load_cams(path)
-        elif path.suffix == ".pth":
-            torch.load(path, weights_only=True)
-
 
 def _train_args(root: Path, save_dir: Path, *extra: str) -> list[str]:
     return ["--arch", "tiny", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0",
@@ -185,11 +161,11 @@ def test_train_corrupt_jpeg_in_a_loader_worker_is_one_line(corrupt_root, tiny_tr
     root, jpeg = corrupt_root
     proc = run_cli("train_bao.py", *_replace(_train_args(root, tmp_path, "--weights", str(tiny_transcam_weights)),
                                              "--num_workers", "2"))
-    _assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}", "corrupt or truncated",
+    assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}", "corrupt or truncated",
                     "no checkpoint had been saved yet")
     assert "DataLoader worker" not in proc.stderr
     run_dir = tmp_path / "bao"
-    _assert_no_partial_files(run_dir)
+    assert_no_partial_files(run_dir)
     assert not (run_dir / "checkpoint.pth").exists()
 
 
@@ -240,7 +216,7 @@ def test_train_refuses_before_creating_the_run(case, bad, voc_root, tiny_transca
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**{k: str(v) for k, v in bad.items()}))
     code, _, err = call_main("train_bao", argv, capsys)
-    _assert_refused(code, err, *phrases)
+    assert_refused(code, err, *phrases)
     assert not built
     assert not (tmp_path / "runs").exists()  # no run directory, no log, no checkpoint
     assert not bad["marker"].exists()  # the pickled command did not run
@@ -256,7 +232,7 @@ def test_train_odd_image_modes_and_images_smaller_than_the_crop(odd_root, tiny_t
     steps = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
     assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
     assert {"bao_1epochs_modelt.pth", "bao_1epochs_models.pth", "checkpoint.pth"} <= {p.name for p in run_dir.iterdir()}
-    _assert_no_partial_files(run_dir)
+    assert_no_partial_files(run_dir)
 
 
 def test_train_resume_with_another_label_file_is_refused(voc_root, tiny_transcam_weights, tmp_path, capsys):
@@ -269,7 +245,7 @@ def test_train_resume_with_another_label_file_is_refused(voc_root, tiny_transcam
     other = tmp_path / "labels_8.json"
     other.write_text(json.dumps(raw))
     code, _, err = call_main("train_bao", _replace(argv, "--label_file", str(other)) + ["--resume", "auto"], capsys)
-    _assert_refused(code, err, f"{checkpoint} was trained on another image list or label file",
+    assert_refused(code, err, f"{checkpoint} was trained on another image list or label file",
                     "7 classes", "--label_file")
     assert checkpoint.read_bytes() == before
 
@@ -286,10 +262,10 @@ def test_train_disk_full_names_the_file_and_keeps_no_partial_file(voc_root, tiny
     argv = _train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1")
     code, _, err = call_main("train_bao", argv, capsys)
     monkeypatch.undo()
-    _assert_refused(code, err, f"cannot write {tmp_path / 'bao' / 'bao_1epochs_modelt.pth'}: the disk is full",
+    assert_refused(code, err, f"cannot write {tmp_path / 'bao' / 'bao_1epochs_modelt.pth'}: the disk is full",
                     "free space or choose another folder")
     assert not [p for p in (tmp_path / "bao").iterdir() if p.suffix == ".pth"]
-    _assert_no_partial_files(tmp_path / "bao")
+    assert_no_partial_files(tmp_path / "bao")
 
 
 def test_train_ctrl_c_with_loader_workers(voc_root, tiny_transcam_weights, tmp_path):
@@ -308,7 +284,7 @@ def test_train_ctrl_c_with_loader_workers(voc_root, tiny_transcam_weights, tmp_p
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resumable checkpoint" in out + err
     assert torch.load(tmp_path / "bao" / "checkpoint.pth", weights_only=True)["position"]["global_step"] >= 1
-    _assert_no_partial_files(tmp_path / "bao")
+    assert_no_partial_files(tmp_path / "bao")
 
 
 # ----------------------------------------------------------------------------- inference
@@ -335,7 +311,7 @@ def test_infer_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, tmp
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**{k: str(v) for k, v in bad.items()}))
     code, _, err = call_main("infer_bao", argv, capsys)
-    _assert_refused(code, err, *phrases)
+    assert_refused(code, err, *phrases)
     assert not (tmp_path / "out").exists()
     assert not bad["marker"].exists()
 
@@ -350,7 +326,7 @@ def test_infer_odd_image_modes_and_tiny_images(odd_root, tiny_bao_weights, tmp_p
         assert read_label_png(out / "pred" / f"{name}.png").shape == (h, w), name
         assert read_label_png(out / "crf" / f"{name}.png").shape == (h, w), name
         assert load_cams(out / "cam" / f"{name}.npz")[1].shape[1:] == (h, w), name
-    _assert_no_partial_files(out)
+    assert_no_partial_files(out)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "permission denied"])
@@ -371,7 +347,7 @@ def test_infer_write_errors_name_the_path(failure, voc_root, tiny_bao_weights, t
     out = tmp_path / "pred"
     code, _, err = call_main("infer_bao", _infer_args(voc_root, tiny_bao_weights, "--out_pred", str(out)), capsys)
     monkeypatch.undo()
-    _assert_refused(code, err, f"cannot write {out / 'synth_000000.png'}: {phrase}")
+    assert_refused(code, err, f"cannot write {out / 'synth_000000.png'}: {phrase}")
     assert out.is_dir() and not list(out.iterdir())
 
 
@@ -393,7 +369,7 @@ def test_infer_ctrl_c_exits_cleanly_and_leaves_only_complete_files(voc_root, tin
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     done = {p.stem for p in (out / "cam").iterdir()}
     assert 0 < len(done) < 18
-    _assert_no_partial_files(out)
+    assert_no_partial_files(out)
 
 
 # -------------------------------------------------------------------------- visualisation
@@ -402,9 +378,9 @@ def test_visual_corrupt_jpeg_through_a_worker(corrupt_root, tiny_bao_weights, tm
     root, jpeg = corrupt_root
     out = tmp_path / "vis"
     proc = run_cli("visual_bao.py", *_replace(_visual_args(root, tiny_bao_weights, out), "--num_workers", "1"))
-    _assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}")
+    assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}")
     assert "DataLoader worker" not in proc.stderr
-    _assert_no_partial_files(out)
+    assert_no_partial_files(out)
 
 
 VISUAL_REFUSALS = {
@@ -432,7 +408,7 @@ def test_visual_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, ti
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**names))
     code, _, err = call_main("visual_bao", argv, capsys)
-    _assert_refused(code, err, *phrases)
+    assert_refused(code, err, *phrases)
     assert not (tmp_path / "vis").exists()
 
 
@@ -447,7 +423,7 @@ def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
     base = ["--predict_dir", str(tmp_path / "pred"), "--gt_dir", str(tmp_path / "gt"), "--workers", "1",
             "--no_progress", "--logfile", str(tmp_path / "log.txt")]
     proc = run_cli("evaluation_bao.py", *base, "--list", str(bad["empty_list"]))
-    _assert_refused(proc.returncode, proc.stderr, f"list file {bad['empty_list']} is empty")
+    assert_refused(proc.returncode, proc.stderr, f"list file {bad['empty_list']} is empty")
     cases = {
         "list missing": (["--list", str(tmp_path / "none.txt")], ("list file not found",)),
         "one class": (["--list", str(tmp_path / "list.txt"), "--num_classes", "1"], ("--num_classes 1",)),
@@ -458,9 +434,9 @@ def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
     }
     for extra, phrases in cases.values():
         code, _, err = call_main("evaluation_bao", base + extra, capsys)
-        _assert_refused(code, err, *phrases)
+        assert_refused(code, err, *phrases)
     assert not (tmp_path / "log.txt").exists()  # every refusal came before any scoring
-    _assert_no_partial_files(tmp_path)
+    assert_no_partial_files(tmp_path)
 
 
 # ------------------------------------------------------------------- COCO preparation
@@ -507,11 +483,11 @@ def test_prepare_coco_ctrl_c_leaves_no_worker_traceback_and_no_temporary(slow_co
     assert not stale.exists()
     written = list(masks.glob("COCO_*.png"))
     assert 0 < len(written) < 150
-    _assert_no_partial_files(masks)
+    assert_no_partial_files(masks)
     assert not (tmp_path / "out").exists()  # lists and labels are written once all masks are done
 
     code, _, err = call_main("coco14.prepare_coco", cmd[3:-2] + ["--workers", "0"], capsys)
-    _assert_refused(code, err, "--workers must be at least 1")
+    assert_refused(code, err, "--workers must be at least 1")
 
 
 # ---------------------------------------------------------------------- dataset generator
@@ -525,7 +501,7 @@ def test_make_dataset_errors(bad, tmp_path, capsys):
     }
     for argv, phrases in cases.values():
         code, _, err = call_main("tool.make_dataset", argv, capsys)
-        _assert_refused(code, err, *phrases)
+        assert_refused(code, err, *phrases)
     assert not list(tmp_path.iterdir())
 
 

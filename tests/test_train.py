@@ -18,13 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
 from network.checkpoint import load_weights
 from network.conformer_CAM import Net_tiny
-from tool.errors import run_cli as run_main
 from tool.training import ResumableSampler, state_digest
-
-TEMP_MARK = ".tmp"
 
 
 def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -37,17 +34,6 @@ def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
 def _records(run_dir: Path, event: str) -> list[dict]:
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == event]
-
-
-def _no_temporary_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if TEMP_MARK in p.name]
-
-
-def _assert_clean_failure(proc: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for phrase in phrases:
-        assert phrase in proc.stderr, proc.stderr
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -126,7 +112,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights,
     assert "Traceback" not in err
     assert "resumable checkpoint" in out + err
     run_dir = tmp_path / "bao"
-    assert _no_temporary_files(run_dir)
+    assert_no_partial_files(run_dir)
     done = torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"]
     assert done >= 1
 
@@ -138,9 +124,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights,
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root, tiny_transcam_weights, tmp_path):
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--max_epoches", "2", "--debug_fault", "nan:5"))
-    _assert_clean_failure(proc, "non-finite loss at epoch 2, step 2", "last good checkpoint", "--resume")
+    assert_refused(proc.returncode, proc.stderr, "non-finite loss at epoch 2, step 2", "last good checkpoint", "--resume")
     run_dir = tmp_path / "bao"
-    assert _no_temporary_files(run_dir)
+    assert_no_partial_files(run_dir)
     assert not (run_dir / "bao_2epochs_models.pth").exists()
     ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert ckpt["position"] == {"epoch": 1, "step": 0, "global_step": 3}
@@ -160,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
 def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights, tmp_path):
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--debug_fault", "oom:1"))
-    _assert_clean_failure(proc, "out of memory", "--batch_size", "--crop_size")
+    assert_refused(proc.returncode, proc.stderr, "out of memory", "--batch_size", "--crop_size")
     assert not (tmp_path / "bao" / "checkpoint.pth").exists()
 
 
@@ -191,43 +177,32 @@ def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
                                                 "random initialisation, --from_scratch"),
 ])
 def test_bad_flags_are_refused_before_any_work(voc_root, tiny_transcam_weights, tmp_path, capsys, extra, phrase):
-    import train_bao
-
     # the last --weights wins: None stands for a missing file, "" for no weights
     extra = [str(tmp_path / "missing.pth") if e is None else e for e in extra]
     argv = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), *extra)
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
-    assert exit_info.value.code == 2
-    assert phrase in capsys.readouterr().err
+    code, _, err = call_main("train_bao", argv, capsys)
+    assert_refused(code, err, phrase)
     assert not (tmp_path / "bao").exists()
 
 
 def test_bad_flags_through_the_process(voc_root, tiny_transcam_weights, tmp_path):
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--crop_size", "100"))
-    _assert_clean_failure(proc, "--crop_size must be a multiple of 16")
+    assert_refused(proc.returncode, proc.stderr, "--crop_size must be a multiple of 16")
     assert not (tmp_path / "bao").exists()
 
 
 def test_resume_refuses_changed_settings(full_run, voc_root, tmp_path, capsys):
-    import train_bao
-
     argv = _args(voc_root, tmp_path, "--resume", str(full_run / "checkpoint.pth"), "--batch_size", "2")
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
-    assert exit_info.value.code == 2
-    assert "--batch_size 4 (now 2)" in capsys.readouterr().err
+    code, _, err = call_main("train_bao", argv, capsys)
+    assert_refused(code, err, "--batch_size 4 (now 2)")
     assert not (tmp_path / "bao").exists()
 
 
 def test_resume_refuses_plain_weights(voc_root, tiny_transcam_weights, tmp_path, capsys):
-    import train_bao
-
     argv = _args(voc_root, tmp_path, "--resume", str(tiny_transcam_weights))
-    with pytest.raises(SystemExit):
-        run_main(train_bao.main, train_bao.get_args_parser().parse_args(argv))
-    assert "not a resumable checkpoint" in capsys.readouterr().err
+    code, _, err = call_main("train_bao", argv, capsys)
+    assert_refused(code, err, "not a resumable checkpoint")
 
 
 def test_resumable_sampler_skips_exactly_the_batches_done():
