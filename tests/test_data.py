@@ -350,3 +350,20 @@ def test_voc_xml_written_by_element_tree_is_read(tmp_path):
     (root / "Annotations").mkdir()
     ET.ElementTree(ann).write(root / "Annotations" / "a.xml")
     assert labels_from_annotations(DatasetLayout.voc(root), ["a"], ["dog", "cat"]).ids == {"a": [2]}
+
+
+def test_make_cls_labels_command_rebuilds_the_label_file(voc_root, tmp_path):
+    """voc12.make_cls_labels derives from the XML exactly the labels the generator wrote."""
+    from conftest import run_cli
+
+    lists = [str(voc_root / "ImageSets/Segmentation" / f"{s}.txt") for s in ("train", "val")]
+    out = tmp_path / "labels.json"
+    proc = run_cli("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list", *lists,
+                   "--out", str(out), "--class_file", str(voc_root / "cls_labels.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert ImageLabels.load(out).ids == ImageLabels.load(voc_root / "cls_labels.json").ids
+    (tmp_path / "ghost.txt").write_text("ghost\n")
+    proc = run_cli("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list",
+                   str(tmp_path / "ghost.txt"), "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "1 of 1 images have no annotation" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.json").exists()
