@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.datasets import InferenceDataset
+from data.datasets import InferenceDataset, read_mask
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS, DatasetSpec, dataset_from_args
 from tool.cam import pseudo_labels
@@ -32,7 +32,6 @@ from tool.device import amp_dtype, resolve_device
 from tool.errors import UserError, run_cli
 from tool.fileio import prepare_output_dir
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
-from tool.palette import read_label_png
 from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model, positive_int
 
 
@@ -92,12 +91,8 @@ def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Ten
                method: str, t: float | None, out_dir: Path) -> None:
     """Write the overlays and the sheet of one image; maps (K', H, W) normalised, keys (K',)."""
     panels = [("image", image)]
-    mask_path = spec.layout.mask_path(name)
-    if mask_path is not None:
-        gt = read_label_png(mask_path)
-        if gt.shape != image.shape[:2]:
-            raise UserError(f"{mask_path} is {gt.shape[1]}x{gt.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}; the mask does not belong to this image")
+    gt = read_mask(spec.layout, name, image.shape[:2])
+    if gt is not None:
         panels.append(("ground truth", colorize_labels(gt)))
     if method == "bao" or t is not None:
         label = pseudo_labels(maps, keys, t).cpu().numpy()

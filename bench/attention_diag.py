@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.datasets import read_mask  # noqa: E402
 from data.images import read_image  # noqa: E402
 from data.labels import read_list  # noqa: E402
 from data.layout import add_dataset_args, dataset_from_args  # noqa: E402
@@ -28,7 +29,7 @@ from data.transforms import normalize  # noqa: E402
 from network.checkpoint import load_weights  # noqa: E402
 from network.factory import DEFAULT_NETWORK, build_network  # noqa: E402
 from tool.errors import UserError, run_cli  # noqa: E402
-from tool.palette import IGNORE_INDEX, read_label_png  # noqa: E402
+from tool.palette import IGNORE_INDEX  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,10 +82,11 @@ def main(args: argparse.Namespace) -> dict:
     model.eval()
     images = []
     for name in names:
-        mask_path = spec.layout.mask_path(name)
-        if mask_path is None:
+        image = read_image(spec.layout.image_path(name))
+        mask = read_mask(spec.layout, name, image.shape[:2])
+        if mask is None:
             raise UserError(f"{name} has no ground-truth mask; the diagnostic needs masks")
-        images.append((read_image(spec.layout.image_path(name)), read_label_png(mask_path), spec.labels.ids[name]))
+        images.append((image, mask, spec.labels.ids[name]))
     stats = diagnose(model, images, args.size)
     print(f"{args.weights}, {len(names)} images at {args.size}x{args.size}:")
     for key, value in stats.items():

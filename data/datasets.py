@@ -140,19 +140,29 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.names[index]
-        path = self.layout.mask_path(name)
-        if path is None:
+        img = read_image(self.layout.image_path(name)) if self.return_image else None
+        mask = read_mask(self.layout, name, None if img is None else img.shape[:2])
+        if mask is None:
             raise UserError(f"ground-truth mask of {name} disappeared from {self.layout.root}")
-        item: dict[str, Any] = {"name": name, "mask": read_label_png(path)}
-        if self.return_image:
-            img = read_image(self.layout.image_path(name))
-            if img.shape[:2] != item["mask"].shape:
-                raise UserError(
-                    f"{path} is {item['mask'].shape[1]}x{item['mask'].shape[0]} but its image is "
-                    f"{img.shape[1]}x{img.shape[0]}; the mask does not belong to this image"
-                )
+        item: dict[str, Any] = {"name": name, "mask": mask}
+        if img is not None:
             item["image"] = img
         return item
+
+
+def read_mask(layout: DatasetLayout, name: str, image_size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """``name``'s ground-truth mask (H, W) uint8 (255 = ignore), or None when it has none.
+
+    With ``image_size`` (H, W), a mask of another size is refused: it belongs to another image.
+    """
+    path = layout.mask_path(name)
+    if path is None:
+        return None
+    mask = read_label_png(path)
+    if image_size is not None and mask.shape != tuple(image_size):
+        raise UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{image_size[1]}x{image_size[0]}; the mask does not belong to this image")
+    return mask
 
 
 class ErrorsAsItems(Dataset):

@@ -6,25 +6,31 @@ the module's painter, and checked pixel by pixel; a few pixels are also checked 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from coco_root import (
+    annotation,
+    box_mask,
+    compressed_rle,
+    rect,
+    stem,
+    uncompressed_rle,
+    write_coco_root,
+)
+from conftest import run_cli
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from coco14.prepare_coco import get_args_parser, main, paint_mask
-from coco_root import annotation, box_mask, compressed_rle, rect, stem, uncompressed_rle, write_coco_root
 from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from data.labels import ImageLabels, read_list
 from tool.errors import UserError
 from tool.palette import read_label_png
 
-REPO = Path(__file__).resolve().parents[1]
 CONTIGUOUS = {cat: i + 1 for i, cat in enumerate(COCO_CATEGORY_IDS)}
 PERSON, CAR, BUS, CAT, DOG, HORSE, TOOTHBRUSH = 1, 3, 6, 17, 18, 19, 90  # raw category ids
 
@@ -79,10 +85,7 @@ def _expected_mask(coco: COCO, image_id: int, value_of: dict[int, int]) -> np.nd
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "coco14.prepare_coco", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-
+    return run_cli("-m", "coco14.prepare_coco", *args, timeout=120)
 
 def _check_masks(coco_root: Path, mask_dir: Path, value_of: dict[int, int]) -> None:
     for split in ("train", "val"):
