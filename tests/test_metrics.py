@@ -5,13 +5,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from data.classes import COCO_UNUSED_IDS
+from tool.cam import pseudo_labels
 from tool.camio import load_cams, save_cams
 from tool.errors import UserError
 from tool.metrics import (
     _count_below, argmax_labels, check_ids, confusion, confusions_from_bins, evaluate_cams, evaluate_labels, scores,
-    sweep_bins, sweep_confusions, threshold_labels, threshold_range, valid_classes,
+    sweep_bins, sweep_confusions, threshold_range, valid_classes,
 )
 from tool.palette import save_label_png
 
@@ -138,7 +140,9 @@ def test_one_pass_sweep_equals_direct_thresholding() -> None:
         gt[rng.random(shape) < 0.1] = 255
         total_bins += sweep_bins(gt, keys, cams, thresholds, c)
         for j, t in enumerate(thresholds):
-            direct[j] += confusion(gt, threshold_labels(keys, cams, t).astype(np.uint8), c)
+            # what infer_bao.py --t writes: argmax over [t, foreground maps]
+            label = pseudo_labels(torch.from_numpy(cams.astype(np.float32)), torch.from_numpy(keys), float(t))
+            direct[j] += confusion(gt, label.numpy().astype(np.uint8), c)
     swept = confusions_from_bins(total_bins)
     np.testing.assert_array_equal(swept, direct)
     assert swept.sum() > 0 and len({int(s) for s in swept.sum(axis=(1, 2))}) == 1

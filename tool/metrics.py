@@ -163,18 +163,6 @@ def _check_thresholds(thresholds: np.ndarray) -> np.ndarray:
     return thresholds
 
 
-def threshold_labels(keys: np.ndarray, cams: np.ndarray, t: float) -> np.ndarray:
-    """Direct thresholding: (H, W) int64 class ids = argmax over [t, foreground maps].
-
-    Only the foreground keys (> 0) of ``keys`` (K,) / ``cams`` (K, H, W) are used; ties go to
-    background (index 0 of the stack comes first), and t is compared in float32.
-    """
-    fg = keys > 0
-    stack = np.concatenate([np.full((1,) + cams.shape[1:], t, np.float32), cams[fg].astype(np.float32)])
-    ids = np.concatenate([[0], keys[fg]])
-    return ids[np.argmax(stack, axis=0)]
-
-
 def _argmax0(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index (N,) intp and value (N,) float32 of the maximum over the first axis of (K, N) maps.
 
