@@ -97,6 +97,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     names = read_list(args.infer_list)
     spec.check(names, source=str(args.infer_list))
     mine = names[runtime.rank::runtime.world_size]
+    amp = amp_dtype(args.amp, runtime.device)
     model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method,
                                runtime.device)
     for folder in outputs.values():
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     if todo:
         dataset = InferenceDataset(spec.layout, todo, spec.labels, scales=args.scales, flip=True,
                                    return_image="out_crf" in outputs)
-        predictor = MultiScalePredictor(model, args.method, runtime.device, amp_dtype(args.amp, runtime.device),
+        predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
         with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar:
             for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
@@ -138,13 +139,13 @@ def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps
     normalised; the files go in last-written order pred, crf, cam, each atomically.
     """
     if "out_pred" in outputs or "out_crf" in outputs:
-        label = pseudo_labels(maps, keys, t).cpu().numpy().astype(np.uint8)
+        label = pseudo_labels(maps, keys, t, num_classes).cpu().numpy().astype(np.uint8)
         if "out_pred" in outputs:
             save_label_png(outputs["out_pred"] / f"{name}.png", label)
         if "out_crf" in outputs:
             save_label_png(outputs["out_crf"] / f"{name}.png", crf_refine_labels(image, label, num_classes))
     if "out_cam" in outputs:
-        save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy().astype(np.float16))
+        save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy(), half=True)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ A run directory ``<save_dir>/<session_name>/`` receives ``args.json``, ``log.txt
 ``log.jsonl``, TensorBoard scalars (``tb/`` unless ``--tblog_dir``), after every epoch the
 plain weights ``{session}_{epoch}epochs_modelt.pth`` (teacher) and ``..._models.pth``
 (student) (TransCAM: ``{session}_{epoch}epochs.pth``, without the BAO heads, i.e. in the
-published TransCAM layout), and one resumable ``checkpoint.pth``. ``epoch`` counts the
-epochs completed (1 after the first). Ctrl-C stops after the current step, saves
+published TransCAM layout), and one resumable ``checkpoint.pth``. ``epoch`` counts from 0,
+as in the published loop: ten epochs end with ``..._9epochs_modelt.pth``. Ctrl-C stops after the current step, saves
 ``checkpoint.pth`` and exits; ``--resume auto`` continues exactly where it stopped.
 """
 from __future__ import annotations
@@ -389,9 +389,10 @@ class Trainer:
             })
         self.last_checkpoint = Position(**vars(self.pos))
 
-    def _save_epoch_weights(self, epochs_done: int) -> list[str]:
-        """Plain state_dicts named as published; returns the file names (rank 0 writes)."""
-        prefix = f"{self.args.session_name}_{epochs_done}epochs"
+    def _save_epoch_weights(self, epoch: int) -> list[str]:
+        """Plain state_dicts of the finished ``epoch`` (0-based), named as published; returns the
+        file names (rank 0 writes)."""
+        prefix = f"{self.args.session_name}_{epoch}epochs"
         if self.teacher is not None:
             files = {f"{prefix}_modelt.pth": (self.teacher, ()), f"{prefix}_models.pth": (self.model, ())}
         else:  # the published TransCAM layout, without the (untrained) BAO heads
@@ -412,12 +413,10 @@ class Trainer:
             f"{args.max_epoches} epochs, run directory {self.run_dir}")
         if args.w_pcl != 1.0:
             self.log.message(f"note: --w_pcl {args.w_pcl} has no effect (it cancels in the published loss)")
-        if args.amp in ("bf16", "fp16") and self.rt.device.type != "cuda":
-            self.log.message(f"note: --amp {args.amp} applies on CUDA only; training in float32 on {self.rt.device}")
         with StopRequest() as self.stop:
             while self.pos.epoch < args.max_epoches and not self._max_steps_reached():
                 if self._run_epoch():
-                    files = self._save_epoch_weights(self.pos.epoch + 1)
+                    files = self._save_epoch_weights(self.pos.epoch)
                     self.pos = Position(self.pos.epoch + 1, 0, self.pos.global_step)
                     self._save_checkpoint()
                     self.log.record("saved", {"epoch": self.pos.epoch, "files": files + [CHECKPOINT_NAME]},
@@ -528,6 +527,9 @@ class Trainer:
         if self.teacher is not None:
             momentum = update_teacher(self.teacher, self.model, self.pos.epoch, self.pos.step,
                                       self.iters_per_epoch, args.momentum)
+            # After the first epoch the teacher's statistics come from its own forward on this
+            # rank's batch; rank 0's are kept, as for the student.
+            broadcast_buffers(self.teacher)
         self.pos.step += 1
         self.pos.global_step += 1
         values["ema_momentum"] = momentum

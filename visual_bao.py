@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> None:
     if args.method == "bao" and args.t is not None:
         raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
     device = resolve_device(args.device)
+    amp = amp_dtype(args.amp, device)
     spec = dataset_from_args(args)
     names, source = _selected_names(args)
     spec.check(names, source=source)
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
     prepare_output_dir(out_dir)
 
     dataset = InferenceDataset(spec.layout, names, spec.labels, scales=args.scales, flip=True, return_image=True)
-    predictor = MultiScalePredictor(model, args.method, device, amp_dtype(args.amp, device), args.forward_pixels)
+    predictor = MultiScalePredictor(model, args.method, device, amp, args.forward_pixels)
     with tqdm(total=len(names), unit="img", desc="visual") as bar:
         for batch in iterate_batches(dataset, args.batch_size, args.num_workers, device):
             for name, image, (keys, maps) in zip(batch["names"], batch["images"], predictor(batch)):
@@ -95,7 +96,7 @@ def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Ten
     if gt is not None:
         panels.append(("ground truth", colorize_labels(gt)))
     if method == "bao" or t is not None:
-        label = pseudo_labels(maps, keys, t).cpu().numpy()
+        label = pseudo_labels(maps, keys, t, spec.num_classes).cpu().numpy()
         title = "pseudo-label" if method == "bao" else f"pseudo-label (t={t:g})"
         panels.append((title, colorize_labels(label)))
     heat = maps.cpu().numpy()

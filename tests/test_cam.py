@@ -37,42 +37,74 @@ def test_fold_views_upsamples_bilinear_without_corner_alignment():
 
 
 def test_normalize_maps_follows_the_published_rule():
+    e = NORM_EPS
     maps = torch.tensor([[[-1.0, 0.0], [2.0, 4.0]],
-                         [[3.0, 3.0], [3.0, 3.0]]])
+                         [[1.0, 1.0], [3.0, 5.0]],
+                         [[3.0, 3.0], [3.0, 3.0]],
+                         [[0.0, 0.0], [0.0, 0.0]]])
     out = normalize_maps(maps)
-    expect0 = torch.tensor([[0.0, 0.0], [(2 - NORM_EPS) / (4 + NORM_EPS), (4 - NORM_EPS) / (4 + NORM_EPS)]])
-    assert torch.allclose(out[0], expect0)
-    assert torch.equal(out[1], torch.zeros(2, 2))  # a constant channel carries no information
+    # clamp: [0, 0, 2, 4], min 0, max 4; the zeros stay below min + eps, so (0 - 0 - e) / (4 + e)
+    assert torch.allclose(out[0], torch.tensor([[-e / (4 + e), -e / (4 + e)], [(2 - e) / (4 + e), (4 - e) / (4 + e)]]))
+    # "dead" pixels at the minimum 1 are set to 0 first, then normalised: -(1 + e) / (4 + e), about -0.25
+    assert torch.allclose(out[1], torch.tensor([[-(1 + e) / (4 + e)] * 2, [(2 - e) / (4 + e), (4 - e) / (4 + e)]]))
+    assert out[1, 0, 0] < -0.24  # not clamped to 0, as published
+    # a constant channel is all "dead": -(3 + e) / e everywhere; an all-zero one (an absent class) -1
+    assert torch.allclose(out[2], torch.full((2, 2), -(3 + e) / e))
+    assert torch.equal(out[3], torch.full((2, 2), -1.0))
     assert normalize_maps(torch.zeros(0, 3, 5)).shape == (0, 3, 5)
 
 
-def test_pseudo_labels_background_wins_everywhere():
-    keys = torch.tensor([0, 3])
-    x = torch.linspace(0, 1, 8).expand(5, 8)
-    maps = normalize_maps(torch.stack([x + 1.0, x ** 2]))  # bg >= fg at every pixel (ties at 0 and 1)
-    assert torch.equal(pseudo_labels(maps, keys), torch.zeros(5, 8, dtype=torch.int64))
+def test_pseudo_labels_at_dead_pixels_follow_the_published_argmax():
+    keys = torch.tensor([0, 2])
+    raw = torch.tensor([[[1.0, 1.0, 3.0, 5.0]],    # background: min 1, max 5 -> about -0.25, -0.25, 0.5, 1
+                        [[0.0, 0.0, 4.0, 4.0]]])   # class 2: min 0, max 4 -> about -2.5e-6, -2.5e-6, 1, 1
+    # Pixels 0-1: every map sits at its minimum; class 2's -e / (4 + e) beats the background's
+    # -(1 + e) / (4 + e) (clamping them to 0 would give background). Pixel 3: an exact tie -> background.
+    assert pseudo_labels(normalize_maps(raw), keys, num_classes=3).tolist() == [[2, 2, 2, 0]]
+
+
+def test_pseudo_labels_absent_classes_score_minus_one():
+    # background min 10, max 10.5: pixel 0 scores -(10 + e) / (0.5 + e), about -20; class 2 is constant
+    # (about -3e5 everywhere). The published argmax over all 4 channels then picks absent class 1 (score -1).
+    raw = torch.tensor([[[10.0, 10.5]], [[3.0, 3.0]]])
+    keys = torch.tensor([0, 2])
+    assert pseudo_labels(normalize_maps(raw), keys, num_classes=4).tolist() == [[1, 0]]
+    assert pseudo_labels(normalize_maps(raw), keys, num_classes=3).tolist() == [[1, 0]]
+    # a present all-zero map also scores -1: the tie goes to the lower id, present (1) or absent (1 < 3)
+    zero = torch.tensor([[[10.0, 10.5]], [[0.0, 0.0]]])
+    assert pseudo_labels(normalize_maps(zero), torch.tensor([0, 1]), num_classes=3).tolist() == [[1, 0]]
+    assert pseudo_labels(normalize_maps(zero), torch.tensor([0, 3]), num_classes=4).tolist() == [[1, 0]]
+    with pytest.raises(ValueError, match="num_classes"):
+        pseudo_labels(normalize_maps(raw), keys)
 
 
 def test_pseudo_labels_argmax_and_threshold():
     keys = torch.tensor([0, 2, 5])
     maps = torch.tensor([[[0.9, 0.1, 0.2]], [[0.5, 0.8, 0.3]], [[0.1, 0.2, 0.7]]])
-    assert pseudo_labels(maps, keys).tolist() == [[0, 2, 5]]
+    assert pseudo_labels(maps, keys, num_classes=6).tolist() == [[0, 2, 5]]
     fg_keys = torch.tensor([2, 5])
     assert pseudo_labels(maps[1:], fg_keys, background_score=0.6).tolist() == [[0, 2, 5]]
     assert pseudo_labels(maps[1:], fg_keys, background_score=0.75).tolist() == [[0, 2, 0]]
     with pytest.raises(ValueError, match="background map"):
-        pseudo_labels(maps[1:], fg_keys)
+        pseudo_labels(maps[1:], fg_keys, num_classes=6)
 
 
-def test_present_channels_equal_masking_all_channels():
-    """Keeping only present channels gives the labels of the published [1, y] masking over all K."""
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_present_channels_equal_masking_all_channels(offset):
+    """Keeping only present channels gives the labels of the published [1, y] masking and argmax over
+    all K channels; offset 10 gives maps whose shared minimum normalises below -1, where an absent class wins."""
     gen = torch.Generator().manual_seed(0)
-    raw = torch.randn(6, 9, 11, generator=gen)
+    raw = torch.randn(6, 9, 11, generator=gen) * (0.1 if offset else 1.0) + offset
+    if offset:
+        # a region where every map sits at its minimum 9, with max about 10.4: -(9 + e) / (1.4 + e) < -1 there
+        raw[:, :3] = offset - 1
     label = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])
     full = normalize_maps(raw * torch.cat([torch.ones(1), label])[:, None, None])
     expected = full.argmax(dim=0)
     keys = present_keys(label, background=True)
-    assert torch.equal(pseudo_labels(normalize_maps(raw[keys]), keys), expected)
+    assert torch.equal(pseudo_labels(normalize_maps(raw[keys]), keys, num_classes=6), expected)
+    if offset:
+        assert (expected == 1).any()  # the absent class really wins somewhere
 
 
 class _FixedMaps(nn.Module):
@@ -95,7 +127,7 @@ def _batch(images: list[np.ndarray], labels: list[np.ndarray], scales: tuple[int
     return collate_inference(items)
 
 
-def test_predictor_background_wins_gives_all_background():
+def test_predictor_folds_views_and_normalises():
     grad = torch.linspace(0, 1, 4)[:, None].expand(4, 4)  # varies along y only, so flips leave it unchanged
     maps = torch.stack([grad + 2.0, grad ** 2, grad, torch.zeros(4, 4)])  # K = 4; channel 2 absent
     img = np.full((20, 30, 3), 128, np.uint8)
@@ -103,7 +135,11 @@ def test_predictor_background_wins_gives_all_background():
     (keys, out), = MultiScalePredictor(_FixedMaps(maps), "bao", torch.device("cpu"))(batch)
     assert keys.tolist() == [0, 1, 3]
     assert out.shape == (3, 20, 30)
-    assert torch.equal(pseudo_labels(out, keys), torch.zeros(20, 30, dtype=torch.int64))
+    # Background (grad + 2) beats class 1 (grad^2) wherever grad > 0; where grad = 0 both maps sit at their
+    # minimum and class 1's -e / (max + e) beats the background's -(min + e) / (max - min + e).
+    at_min = out[0] == out[0].amin()
+    assert at_min.any() and not at_min.all()
+    assert torch.equal(pseudo_labels(out, keys, num_classes=4), at_min.long())
 
 
 class _PooledInput(nn.Module):
@@ -153,7 +189,9 @@ def test_predictor_runs_the_real_network():
     (keys, maps), = MultiScalePredictor(model, "bao", torch.device("cpu"))(
         _batch([img], [np.array([0, 1, 0, 1], np.float32)], (32, 64)))
     assert keys.tolist() == [0, 2, 4] and maps.shape == (3, 40, 56)
-    assert maps.min() >= 0 and maps.max() < 1 and torch.isfinite(maps).all()
+    assert maps.max() < 1 and torch.isfinite(maps).all()
+    # each channel's minimum is a "dead" value -(min + e) / (max - min + e) <= 0, as published
+    assert (maps.amin(dim=(1, 2)) < 0).all()
 
 
 def test_crf_removes_isolated_pixels_and_follows_colour_edges():

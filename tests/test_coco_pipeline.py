@@ -73,9 +73,9 @@ def run(tmp_path_factory) -> dict[str, Path]:
              "--resize_long", "48", "80", "--batch_size", "2", "--max_steps", "2", "--num_workers", "0",
              "--save_dir", str(paths["runs"]))
     _ok(run_cli(*train, "--method", "transcam", "--from_scratch", "--session_name", "tc"))
-    _ok(run_cli(*train, "--method", "bao", "--weights", str(paths["runs"] / "tc" / "tc_1epochs.pth"),
+    _ok(run_cli(*train, "--method", "bao", "--weights", str(paths["runs"] / "tc" / "tc_0epochs.pth"),
                 "--session_name", "bao"))
-    paths["weights"] = paths["runs"] / "bao" / "bao_1epochs_modelt.pth"
+    paths["weights"] = paths["runs"] / "bao" / "bao_0epochs_modelt.pth"
     paths["data"] = data
     _ok(run_cli("infer_bao.py", *data, *TINY, "--infer_list", str(paths["lists"] / "val.txt"),
                 "--weights", str(paths["weights"]), "--scales", "32,64", "--num_workers", "0",

@@ -231,7 +231,7 @@ def test_train_odd_image_modes_and_images_smaller_than_the_crop(odd_root, tiny_t
     run_dir = tmp_path / "bao"
     steps = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
     assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
-    assert {"bao_1epochs_modelt.pth", "bao_1epochs_models.pth", "checkpoint.pth"} <= {p.name for p in run_dir.iterdir()}
+    assert {"bao_0epochs_modelt.pth", "bao_0epochs_models.pth", "checkpoint.pth"} <= {p.name for p in run_dir.iterdir()}
     assert_no_partial_files(run_dir)
 
 
@@ -262,7 +262,7 @@ def test_train_disk_full_names_the_file_and_keeps_no_partial_file(voc_root, tiny
     argv = _train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1")
     code, _, err = call_main("train_bao", argv, capsys)
     monkeypatch.undo()
-    assert_refused(code, err, f"cannot write {tmp_path / 'bao' / 'bao_1epochs_modelt.pth'}: the disk is full",
+    assert_refused(code, err, f"cannot write {tmp_path / 'bao' / 'bao_0epochs_modelt.pth'}: the disk is full",
                     "free space or choose another folder")
     assert not [p for p in (tmp_path / "bao").iterdir() if p.suffix == ".pth"]
     assert_no_partial_files(tmp_path / "bao")

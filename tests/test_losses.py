@@ -142,7 +142,7 @@ def test_first_epoch_copies_parameters_and_buffers():
         assert torch.equal(t, s), k
 
 
-def test_later_epochs_average_parameters_and_copy_buffers():
+def test_later_epochs_average_parameters_only():
     student = _bn_net()
     teacher = make_teacher(student)
     before = copy.deepcopy(teacher.state_dict())
@@ -156,8 +156,37 @@ def test_later_epochs_average_parameters_and_copy_buffers():
         # teacher = 0.9 * old + 0.1 * (old + 1) = old + 0.1
         assert torch.allclose(teacher.state_dict()[name], before[name] + 0.1, atol=1e-6), name
         assert torch.allclose(s, before[name] + 1.0)
-    for name, s in student.named_buffers():
-        assert torch.equal(teacher.state_dict()[name], s), name
+    for name, s in student.named_buffers():  # the published EMA leaves the buffers alone
+        assert torch.equal(teacher.state_dict()[name], before[name]), name
+        assert not torch.equal(s, before[name]), name
+
+
+def test_teacher_statistics_come_from_its_own_forward_after_the_first_epoch():
+    """A real BAO step in epoch 2: the teacher's batch-norm statistics are those of a train-mode
+    forward of the teacher on the batch (same drop-path draws), not the student's."""
+    torch.manual_seed(0)
+    student = Net_tiny(num_classes=4).train()
+    teacher = make_teacher(student)
+    with torch.no_grad():  # the teacher differs from the student, as after an epoch of EMA
+        for p in teacher.parameters():
+            p.mul_(0.9)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    reference = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reference(x)  # the teacher forward runs first in bao_losses, so it draws the same masks
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    bao_losses(student, teacher, x, y, eps=0.4, l_pcl=1.0)["loss"].backward()
+    optimizer.step()
+    update_teacher(teacher, student, epoch=1, it=0, iters_per_epoch=4, base_momentum=0.9995)
+    stats = [k for k, _ in teacher.named_buffers() if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    t_buf, r_buf, s_buf = dict(teacher.named_buffers()), dict(reference.named_buffers()), dict(student.named_buffers())
+    for k in stats:
+        assert torch.equal(t_buf[k], r_buf[k]), k
+    assert sum(not torch.allclose(t_buf[k], s_buf[k]) for k in stats) > len(stats) // 2
 
 
 def test_bao_losses_runs_the_teacher_without_a_graph():

@@ -104,7 +104,7 @@ def test_sweep_hand_made_ties() -> None:
     np.testing.assert_array_equal(conf[1][[0, 3]][:, [0, 3]], [[1, 0], [1, 1]])  # 0.5 == t -> background
     np.testing.assert_array_equal(conf[2][[0, 3]][:, [0, 3]], [[1, 0], [2, 0]])  # all background
     # the learned background (key 0) is ignored by the sweep but used by the argmax
-    np.testing.assert_array_equal(argmax_labels(keys, cams), [[0, 0, 0]])
+    np.testing.assert_array_equal(argmax_labels(keys, cams, 4), [[0, 0, 0]])
 
 
 def _random_cams(rng: np.random.Generator, keys: list[int], shape: tuple[int, int]) -> np.ndarray:

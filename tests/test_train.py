@@ -54,7 +54,7 @@ def full_run(voc_root, tiny_transcam_weights, tmp_path_factory) -> Path:
 
 def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes):
     expected = {"args.json", "log.txt", "log.jsonl", "checkpoint.pth", "tb"}
-    for ep in (1, 2):
+    for ep in (0, 1):  # published names: epochs counted from 0
         expected |= {f"bao_{ep}epochs_modelt.pth", f"bao_{ep}epochs_models.pth"}
     assert {p.name for p in full_run.iterdir()} == expected
     assert list((full_run / "tb").glob("events.out.tfevents.*"))
@@ -74,9 +74,9 @@ def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes)
     assert "4 missing, kept at initialisation" in log  # the LoadReport of the TransCAM weights
 
     # The plain files are published-layout BAO weights; teacher and student differ after EMA.
-    for name in ("bao_2epochs_modelt.pth", "bao_2epochs_models.pth"):
+    for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):
         load_weights(Net_tiny(num_classes=num_classes), full_run / name, purpose="bao")
-    assert not _same_weights(full_run / "bao_2epochs_modelt.pth", full_run / "bao_2epochs_models.pth")
+    assert not _same_weights(full_run / "bao_1epochs_modelt.pth", full_run / "bao_1epochs_models.pth")
     ckpt = torch.load(full_run / "checkpoint.pth", weights_only=True)
     assert ckpt["position"] == {"epoch": 2, "step": 0, "global_step": 6}
     assert {"student", "teacher", "optimizer", "scaler", "rng", "args"} <= ckpt.keys()
@@ -91,7 +91,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_
     second = run_cli("train_bao.py", *args, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout
-    for name in ("bao_2epochs_modelt.pth", "bao_2epochs_models.pth"):
+    for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):
         assert _same_weights(run_dir / name, full_run / name), name
 
 
@@ -127,10 +127,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
     assert_refused(proc.returncode, proc.stderr, "non-finite loss at epoch 2, step 2", "last good checkpoint", "--resume")
     run_dir = tmp_path / "bao"
     assert_no_partial_files(run_dir)
-    assert not (run_dir / "bao_2epochs_models.pth").exists()
+    assert not (run_dir / "bao_1epochs_models.pth").exists()
     ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert ckpt["position"] == {"epoch": 1, "step": 0, "global_step": 3}
-    assert _same_weights(run_dir / "bao_1epochs_models.pth", full_run / "bao_1epochs_models.pth")
+    assert _same_weights(run_dir / "bao_0epochs_models.pth", full_run / "bao_0epochs_models.pth")
     assert _records(run_dir, "error")
 
     # the remedy the message names: a lower --lr, continuing from the last good checkpoint
@@ -155,11 +155,11 @@ def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
                                           "--max_epoches", "1"))
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "transcam"
-    assert (run_dir / "transcam_1epochs.pth").is_file()
+    assert (run_dir / "transcam_0epochs.pth").is_file()
     steps = _records(run_dir, "step")
     assert steps and all("loss_pcl" not in r and "ema_momentum" not in r for r in steps)
     # Saved in the published TransCAM layout: the BAO heads are absent, as BAO training expects.
-    report = load_weights(Net_tiny(num_classes=num_classes), run_dir / "transcam_1epochs.pth", purpose="transcam")
+    report = load_weights(Net_tiny(num_classes=num_classes), run_dir / "transcam_0epochs.pth", purpose="transcam")
     assert len(report.missing) == 4
 
 
@@ -229,8 +229,8 @@ def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, t
     assert (student0, teacher0) == (student1, teacher1)
     # the digests are those of the saved files
     model = Net_tiny(num_classes=num_classes)
-    load_weights(model, run_dir / "bao_1epochs_models.pth", purpose="bao")
+    load_weights(model, run_dir / "bao_0epochs_models.pth", purpose="bao")
     assert state_digest(model) == student0
-    load_weights(model, run_dir / "bao_1epochs_modelt.pth", purpose="bao")
+    load_weights(model, run_dir / "bao_0epochs_modelt.pth", purpose="bao")
     assert state_digest(model) == teacher0
     assert "x2" in proc.stdout  # both processes took part: "on cpu x2"

@@ -8,10 +8,13 @@ H x W with foreground labels y (C-1,):
    (BAO, background kept) or ``y`` (TransCAM) and dropping the zero channels;
 2. :func:`fold_views`: bilinear upsampling to H x W (align_corners False), flipped views
    flipped back, summed over views (and, by the caller, over scales);
-3. :func:`normalize_maps`: negatives clamped to 0, then per channel
-   ``(v - min - 1e-5) / (max - min + 1e-5)`` with values below ``min + 1e-5`` set to 0;
-4. :func:`pseudo_labels`: argmax over the channels (ties go to the lower class id, so to
-   background), or over ``[t, foreground maps]`` for thresholded TransCAM maps.
+3. :func:`normalize_maps`: the published rule, literally: negatives clamped to 0, values
+   below ``min + 1e-5`` set to 0, then per channel ``(v - min - 1e-5) / (max - min + 1e-5)``;
+   the zeroed values therefore come out slightly negative, ``-(min + 1e-5) / (max - min + 1e-5)``;
+4. :func:`pseudo_labels`: argmax over the channels (ties go to the lower class id), or over
+   ``[t, foreground maps]`` for thresholded TransCAM maps. The published argmax runs over all
+   C channels, the absent classes' zero maps (-1 once normalised) included:
+   :mod:`tool.labelrule` gives the same labels without materialising C full-size maps.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from tool.labelrule import with_absent_classes
 
 NORM_EPS = 1e-5  # the published normalisation constant
 
@@ -58,11 +63,13 @@ def fold_views(maps: torch.Tensor, size: tuple[int, int], flipped: Sequence[bool
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Per-channel min/max normalisation of summed maps to [0, 1).
+    """Per-channel min/max normalisation of summed maps, the published rule (spec section 4, step 3).
 
-    Negatives are clamped to 0 first; then with ``mn``/``mx`` the channel's spatial min and
-    max, ``(v - mn - 1e-5) / (mx - mn + 1e-5)``, where values below ``mn + 1e-5`` (which
-    would come out negative) are 0. An all-constant channel becomes all 0.
+    With ``mn``/``mx`` the channel's spatial min and max after clamping negatives to 0: values
+    below ``mn + 1e-5`` become 0, then every value ``v`` becomes
+    ``(v - mn - 1e-5) / (mx - mn + 1e-5)``. The zeroed values, at least the channel's minimum,
+    end at ``-(mn + 1e-5) / (mx - mn + 1e-5)``, which is negative (not clamped, as published);
+    an all-zero channel becomes -1 everywhere. The others lie in (0, 1).
 
     Args:
         maps: (..., K, H, W) summed maps.
@@ -74,26 +81,36 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
         return maps
     mn = maps.amin(dim=(-2, -1), keepdim=True)
     mx = maps.amax(dim=(-2, -1), keepdim=True)
-    return ((maps - mn - NORM_EPS) / (mx - mn + NORM_EPS)).clamp_min(0)
+    maps = maps.masked_fill(maps < mn + NORM_EPS, 0.0)
+    return (maps - mn - NORM_EPS) / (mx - mn + NORM_EPS)
 
 
-def pseudo_labels(maps: torch.Tensor, keys: torch.Tensor, background_score: float | None = None) -> torch.Tensor:
+def pseudo_labels(maps: torch.Tensor, keys: torch.Tensor, background_score: float | None = None,
+                  num_classes: int | None = None) -> torch.Tensor:
     """Label map from normalised maps.
 
     Args:
         maps: (K, H, W) normalised maps of the classes ``keys``.
-        keys: (K,) int64 class ids of the channels.
+        keys: (K,) int64 strictly increasing class ids of the channels.
         background_score: None for BAO maps (key 0 must be the learned background: plain
             argmax, no threshold); a threshold t for foreground-only maps (TransCAM), used
             as a constant background channel. Keys other than foreground are then ignored.
+        num_classes: C, needed for BAO maps: the classes missing from ``keys`` take part
+            in the argmax with the score -1 of their all-zero normalised maps, as in the
+            published argmax over all C channels (they win only where every present map
+            lies below -1, or at -1 with a higher id).
     Returns:
-        (H, W) int64 class ids; ties go to the lower channel, i.e. to background.
+        (H, W) int64 class ids; ties go to the lower class id.
     """
     if background_score is None:
         if keys.numel() == 0 or int(keys[0]) != 0:
             raise ValueError("threshold-free labels need the background map (key 0) as first channel")
-        return keys.to(maps.device)[maps.argmax(dim=0)]
+        if num_classes is None:
+            raise ValueError("threshold-free labels need num_classes (the absent classes take part in the argmax)")
+        score, best = maps.max(dim=0)
+        return with_absent_classes(keys.to(maps.device)[best], score, keys.tolist(), num_classes)
     fg = keys > 0
     stack = torch.cat([maps.new_full((1,) + tuple(maps.shape[1:]), float(background_score)), maps[fg.to(maps.device)]])
     ids = torch.cat([keys.new_zeros(1), keys[fg]]).to(maps.device)
     return ids[stack.argmax(dim=0)]
+

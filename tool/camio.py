@@ -5,8 +5,9 @@ in ``.npy``, which needs ``allow_pickle`` and can run code when loaded):
 
 - ``keys``: int64 (K,), strictly increasing class ids. 0 is the learned background map
   (BAO); 1..C-1 are foreground classes. TransCAM CAMs have no key 0.
-- ``cams``: float16 or float32 (K, H, W), the normalised maps in [0, 1], ``cams[i]`` being
-  the map of class ``keys[i]`` at the original image resolution.
+- ``cams``: float16 or float32 (K, H, W), the normalised maps (``tool.cam.normalize_maps``:
+  below 1, each channel's minimum slightly negative as published), ``cams[i]`` being the map
+  of class ``keys[i]`` at the original image resolution.
 
 An image without any foreground class has K = 0 (a BAO file then still holds key 0).
 """
@@ -25,11 +26,14 @@ CAM_SUFFIX = ".npz"
 _REGENERATE = "regenerate the maps with this repository's infer_bao.py, which writes <name>.npz CAM files"
 
 
-def save_cams(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray) -> None:
+def save_cams(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray, half: bool = False) -> None:
     """Write ``keys`` (K,) and ``cams`` (K, H, W) to ``path`` (``.npz``), atomically.
 
-    ``cams`` is stored as given when float16 or float32 (float16 halves the disk use and is
-    precise enough for maps in [0, 1]); other float types are stored as float32.
+    ``cams`` is stored as given when float16 or float32, other float types as float32. With
+    ``half``, float32 maps are stored as float16 (half the disk use, precise enough for
+    normalised maps) unless a value lies outside float16's range: the published
+    normalisation gives ``-(min + 1e-5) / (max - min + 1e-5)`` at a channel's minimum, far below
+    -65504 for a nearly constant map, and such files keep float32 so that every value survives.
     """
     if Path(path).suffix != CAM_SUFFIX:
         raise ValueError(f"CAM files end in {CAM_SUFFIX}, got {path}")
@@ -37,6 +41,8 @@ def save_cams(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray) -> No
     cams = np.asarray(cams)
     if cams.dtype not in (np.float16, np.float32):
         cams = cams.astype(np.float32)
+    if half and cams.dtype == np.float32 and (cams.size == 0 or np.abs(cams).max() <= np.finfo(np.float16).max):
+        cams = cams.astype(np.float16)
     keys = _checked_keys(keys, cams, str(path))
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # A file object, not a name: np.savez would append ".npz" to a name without it.

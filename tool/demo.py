@@ -138,14 +138,15 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                          "--overwrite"], args.threads)
 
     tc_name = f"transcam_s{args.seed}"
-    tc_weights = p.runs / tc_name / f"{tc_name}_{args.transcam_epochs}epochs.pth"
+    # The published names count epochs from 0: the last of N epochs is "_{N-1}epochs".
+    tc_weights = p.runs / tc_name / f"{tc_name}_{args.transcam_epochs - 1}epochs.pth"
     if not _skip("TransCAM stage (from scratch)", tc_weights):
         _run("TransCAM stage (from scratch)",
              ["train_bao.py", "--method", "transcam", "--from_scratch", "--session_name", tc_name,
               "--max_epoches", str(args.transcam_epochs), "--lr", str(args.transcam_lr), *train_flags], args.threads)
 
     bao_name = f"bao_s{args.seed}"
-    bao_weights = p.runs / bao_name / f"{bao_name}_{args.bao_epochs}epochs_modelt.pth"
+    bao_weights = p.runs / bao_name / f"{bao_name}_{args.bao_epochs - 1}epochs_modelt.pth"
     if not _skip("BAO stage", bao_weights):
         _run("BAO stage", ["train_bao.py", "--method", "bao", "--weights", str(tc_weights), "--session_name",
                            bao_name, "--max_epoches", str(args.bao_epochs), "--lr", str(args.bao_lr), *train_flags],

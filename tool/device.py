@@ -17,15 +17,18 @@ import torch.distributed as dist
 from tool.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("off", *AMP_DTYPES)
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--device`` and ``--amp`` to an entry script's parser."""
     parser.add_argument("--device", default="auto",
                         help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="mixed precision on CUDA: 'auto' = bf16 where supported, else fp16; "
-                             "ignored on CPU (always fp32 there)")
+    parser.add_argument("--amp", default="off", choices=AMP_CHOICES,
+                        help="mixed precision: off = float32 throughout, as published (the default); bf16 "
+                             "or fp16 = autocast, faster on GPUs but it changes the teacher's pseudo-labels "
+                             "and the maps slightly (bench/gpu_check.py measures by how much); bf16 also "
+                             "works on CPU, fp16 needs CUDA")
 
 
 @dataclass
@@ -84,11 +87,17 @@ def cleanup_distributed() -> None:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device``; None means fp32 (always on CPU)."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype for ``--amp`` on ``device``; None means float32 (the published precision).
+
+    bf16 autocasts on CPU and CUDA; fp16 is refused on CPU, where it is slow and
+    gradient scaling is a CUDA feature.
+    """
+    if amp == "off":
         return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp not in AMP_DTYPES:
+        raise UserError(f"--amp {amp!r}: choose one of {', '.join(AMP_CHOICES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device (this run is on {device}); use --amp bf16 or off")
     return AMP_DTYPES[amp]
 
 

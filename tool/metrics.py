@@ -28,6 +28,7 @@ from tqdm import tqdm
 from data.classes import COCO_UNUSED_IDS, COCO_RAW_CLASSES, CONVENTION_FILE, class_names
 from tool.camio import CAM_SUFFIX, load_cams
 from tool.errors import UserError
+from tool.labelrule import with_absent_classes
 from tool.palette import IGNORE_INDEX, read_label_png
 
 MAX_CLASSES = 255  # ids are stored in uint8 label maps and 255 is the ignore value
@@ -179,15 +180,18 @@ def _argmax0(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, score
 
 
-def argmax_labels(keys: np.ndarray, cams: np.ndarray, source: str = "CAM file") -> np.ndarray:
-    """Threshold-free labels (H, W) int64: argmax over all maps including the learned background
-    (key 0, which must be present; ties go to the lower key)."""
+def argmax_labels(keys: np.ndarray, cams: np.ndarray, num_classes: int, source: str = "CAM file") -> np.ndarray:
+    """Threshold-free labels (H, W) int64: the published argmax over all ``num_classes`` maps,
+    the learned background (key 0, which must be present) and the absent classes
+    (:mod:`tool.labelrule`) included; ties go to the lower class id. Equals
+    :func:`tool.cam.pseudo_labels` without a threshold."""
     if keys.size == 0 or keys[0] != 0:
         raise UserError(
             f"{source} has no background map (key 0): --bg_from_file needs BAO maps from infer_bao.py "
             "(TransCAM CAMs have no background map; sweep thresholds instead)"
         )
-    return keys[_argmax0(cams.reshape(keys.size, -1))[0]].reshape(cams.shape[1:])
+    best, score = _argmax0(cams.reshape(keys.size, -1))
+    return with_absent_classes(keys[best], score, keys, num_classes).reshape(cams.shape[1:])
 
 
 @functools.lru_cache(maxsize=8)
@@ -314,7 +318,7 @@ def _score_chunk(args: tuple[_Job, list[str]]) -> tuple[np.ndarray, np.ndarray |
         keys, cams = load_cams(cam_path)
         bins += sweep_bins(gt, keys, cams, job.thresholds, c, gt_path, cam_path)
         if free is not None:
-            label = argmax_labels(keys, cams, cam_path).astype(np.uint8)
+            label = argmax_labels(keys, cams, c, cam_path).astype(np.uint8)
             free += confusion(gt, label, c, gt_path, cam_path)
     return bins, free
 

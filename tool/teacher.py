@@ -6,10 +6,11 @@
   student's, ``T = m T + (1 - m) S``, with ``m`` rising from the base momentum to 1 along a
   half cosine over the iterations of one epoch and restarting at every epoch
   (:func:`ema_momentum`); the number of iterations is the real one of the data loader.
-- Buffers (batch-norm running statistics and counters) are not averaged: the teacher
-  takes the student's buffers after every step in every epoch. Averaging a step counter
-  means nothing, and the running statistics only matter for an eval-mode teacher, where
-  the student's (those of the data the weights were just trained on) are the current ones.
+- Only parameters are averaged, as published: the teacher's buffers (batch-norm running
+  statistics and counters) are the ones its own forwards produce. In the default
+  train-mode teacher (the published one, never put in eval mode) every teacher forward
+  updates them from its batch; the saved ``*_modelt.pth`` files carry those statistics, and
+  inference (eval mode) uses them.
 """
 from __future__ import annotations
 
@@ -43,22 +44,19 @@ def ema_momentum(it: int, iters_per_epoch: int, base: float) -> float:
 @torch.no_grad()
 def copy_student(teacher: nn.Module, student: nn.Module) -> None:
     """Teacher parameters and buffers := the student's (same architecture)."""
-    dst, src = _tensors(teacher, student, buffers_only=False)
+    dst, src = _tensors(teacher, student)
     torch._foreach_copy_(dst, src)
 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """Teacher parameters := momentum * teacher + (1 - momentum) * student; buffers copied."""
+    """Teacher parameters := momentum * teacher + (1 - momentum) * student; buffers untouched."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
     # lerp(t, s, w) = t + w (s - t) = (1 - w) t + w s with w = 1 - momentum.
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
-    dst, src = _tensors(teacher, student, buffers_only=True)
-    if dst:
-        torch._foreach_copy_(dst, src)
 
 
 def update_teacher(teacher: nn.Module, student: nn.Module, epoch: int, it: int, iters_per_epoch: int,
@@ -76,10 +74,9 @@ def update_teacher(teacher: nn.Module, student: nn.Module, epoch: int, it: int, 
     return m
 
 
-def _tensors(teacher: nn.Module, student: nn.Module, buffers_only: bool) -> tuple[list, list]:
-    """Matching (teacher, student) tensor lists: buffers, or parameters and buffers."""
-    t_items = list(teacher.named_buffers()) if buffers_only else _named_state(teacher)
-    s_items = list(student.named_buffers()) if buffers_only else _named_state(student)
+def _tensors(teacher: nn.Module, student: nn.Module) -> tuple[list, list]:
+    """Matching (teacher, student) lists of every parameter and buffer."""
+    t_items, s_items = _named_state(teacher), _named_state(student)
     if [k for k, _ in t_items] != [k for k, _ in s_items]:
         raise ValueError("teacher and student have different state layouts")
     return [t for _, t in t_items], [s.detach() for _, s in s_items]

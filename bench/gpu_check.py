@@ -1,0 +1,435 @@
+"""GPU check: what fp32 and bf16 cost and change on this machine, in one command.
+
+Run from the repository root on a CUDA machine (a few minutes with the defaults)::
+
+    python -m bench.gpu_check                          # Conformer-S, seeded random weights
+    python -m bench.gpu_check --weights bao_modelt.pth # bf16 label change on trained weights
+    python -m bench.gpu_check --device cpu --arch tiny --batch_size 2 --crop_size 64 \\
+        --train_steps 1 --warmup 1 --infer_images 2 --infer_size 64 --scales 32,64 \\
+        --no_write --skip_ddp                          # CPU smoke run of the script itself
+
+It measures, for float32 and for bf16 autocast:
+
+- training: the real BAO step of train_bao.py (teacher forward without gradients, student
+  forward, losses, backward, AdamW, teacher EMA) on random normalised images and random
+  multi-hot labels: images/s and peak GPU memory (model, teacher and optimizer included),
+  whether the losses stayed finite and whether the weights a bf16 run saves are float32;
+- inference: infer_bao.py's multi-scale path (scales with flips, then the pseudo-label
+  argmax) on generated images: images/s, peak GPU memory, and the share of pseudo-label
+  pixels that bf16 changes against float32 on the same weights and images;
+- distributed training: with two or more GPUs, a two-process ``torch.distributed.run`` of
+  train_bao.py (tiny model, generated data, 2 steps) must finish with identical ranks.
+
+Each precision builds its own model and optimizer from the same seed. The Markdown report
+is printed and written to the ``gpu_check`` section of bench/RESULTS.md (``--no_write`` to
+skip). A measurement that fails (for instance out of memory) is reported as failed, the
+others still run, and the exit status is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.nn as nn
+
+from bench.common import machine_line, write_section
+from data.classes import VOC_CLASSES
+from data.datasets import InferenceDataset
+from data.images import read_image
+from data.labels import ImageLabels, read_list
+from data.layout import DatasetLayout
+from network.checkpoint import load_weights
+from network.factory import DEFAULT_NETWORK, build_network
+from tool.cam import pseudo_labels
+from tool.device import AMP_DTYPES, resolve_device
+from tool.errors import UserError, run_cli
+from tool.make_dataset import generate
+from tool.predict import (DEFAULT_FORWARD_PIXELS, MultiScalePredictor, iterate_batches, non_negative_int,
+                          parse_scales, positive_int)
+from tool.teacher import make_teacher, update_teacher
+from tool.training import bao_losses
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = len(VOC_CLASSES)  # PASCAL VOC, background included: the published checkpoints' heads
+VARIANTS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": AMP_DTYPES["bf16"]}
+# train_bao.py's defaults: label smoothing, pseudo-label loss weight, AdamW, EMA base momentum.
+EPS, L_PCL, LR, WT_DEC, ADAM_EPS, MOMENTUM = 0.4, 1.0, 5e-5, 5e-4, 1e-8, 0.9995
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainResult:
+    images_per_s: float
+    peak_gib: float | None  # None off CUDA
+    finite: bool  # every loss term of every step
+    first_loss: float  # total loss of the first step: same seed and batch in both precisions
+    float32_state: bool  # every floating tensor of the student's and teacher's state_dicts
+
+
+@dataclass
+class InferResult:
+    images_per_s: float
+    peak_gib: float | None
+    labels: list[torch.Tensor]  # (H, W) uint8 pseudo-labels per image, on the CPU
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure fp32 vs bf16 BAO training and inference (speed, peak memory, pseudo-label "
+                    "change) and a two-GPU DistributedDataParallel smoke run. Run as: python -m bench.gpu_check")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda, cuda:N, or cpu for a smoke run of this script (memory columns then "
+                             "read n/a) (default: cuda)")
+    parser.add_argument("--arch", default="sm", help="Conformer size: sm (published weights), ti, bs, tiny "
+                                                      "(default: sm)")
+    parser.add_argument("--batch_size", type=positive_int, default=8,
+                        help="training images per step (default: 8, as published)")
+    parser.add_argument("--crop_size", type=positive_int, default=512,
+                        help="training crop side, a multiple of 16 (default: 512, as published)")
+    parser.add_argument("--train_steps", type=positive_int, default=10,
+                        help="timed training steps per precision (default: 10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed training steps before timing, per precision (default: 3)")
+    parser.add_argument("--infer_images", type=positive_int, default=16,
+                        help="generated images for inference (default: 16)")
+    parser.add_argument("--infer_size", type=positive_int, default=448,
+                        help="nominal side of the generated images, each side drawn in [0.75, 1.25] x this "
+                             "(default: 448, about VOC's 500 x 375); at least 32")
+    parser.add_argument("--infer_batch_size", type=positive_int, default=4,
+                        help="images per inference batch, as infer_bao.py --batch_size (default: 4)")
+    parser.add_argument("--forward_pixels", type=positive_int, default=DEFAULT_FORWARD_PIXELS,
+                        help="most input pixels per forward pass, as infer_bao.py --forward_pixels "
+                             f"(default: {DEFAULT_FORWARD_PIXELS})")
+    parser.add_argument("--scales", type=parse_scales, default=(256, 512, 768),
+                        help="inference scales, each also flipped (default: 256,512,768)")
+    parser.add_argument("--weights", default=None,
+                        help="BAO checkpoint (e.g. *_modelt.pth) for the inference model, so that the bf16 "
+                             "label change is measured on trained weights (default: seeded random "
+                             "initialisation, whose near-tied maps overstate the change)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and images (default: 0)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")),
+                        help="results file whose gpu_check section is replaced (default: bench/RESULTS.md)")
+    parser.add_argument("--no_write", action="store_true", help="print the report only, do not write --out")
+    parser.add_argument("--skip_ddp", action="store_true", help="skip the two-process distributed training run")
+    parser.add_argument("--ddp_timeout", type=positive_int, default=180,
+                        help="seconds allowed for the distributed run (default: 180)")
+    return parser
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    """Free what the previous measurement left, so that the next peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _guarded(what: str, fn: Callable[[], T]) -> T | str:
+    """``fn()``, or a one-line failure text (traceback on stderr) so that the other checks still run."""
+    try:
+        return fn()
+    except UserError:
+        raise
+    except Exception as err:  # an out-of-memory or kernel error of one precision must not lose the rest
+        traceback.print_exc()
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        _say(f"  {what} FAILED: {first}")
+        return f"failed: {type(err).__name__}: {first[:120]}"
+
+
+def _train_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random normalised images and multi-hot labels with at least one class per image."""
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, generator=gen)
+    labels = (torch.rand(args.batch_size, NUM_CLASSES - 1, generator=gen) < 0.1).float()
+    labels[torch.arange(args.batch_size), torch.randint(NUM_CLASSES - 1, (args.batch_size,), generator=gen)] = 1.0
+    return images, labels
+
+
+def _train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+           batch: tuple[torch.Tensor, torch.Tensor]) -> TrainResult:
+    """Time the BAO step of train_bao.py in a fresh model, teacher and optimizer."""
+    _release(device)
+    torch.manual_seed(args.seed)  # same initial weights and drop-path draws in every precision
+    student = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES).to(device).train()
+    teacher = make_teacher(student)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LR,
+                                  weight_decay=WT_DEC, eps=ADAM_EPS)
+    images, labels = (t.to(device) for t in batch)
+    total = args.warmup + args.train_steps
+    losses = []
+    start = 0.0
+    for it in range(total):
+        if it == args.warmup:
+            _sync(device)
+            start = time.perf_counter()
+        terms = bao_losses(student, teacher, images, labels, eps=EPS, l_pcl=L_PCL, amp_dtype=dtype)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        # epoch 1: the EMA update of every epoch after the first (epoch 0 copies the student)
+        update_teacher(teacher, student, epoch=1, it=it, iters_per_epoch=total, base_momentum=MOMENTUM)
+        # kept on the device: reading a value each step would synchronise inside the timed loop
+        losses.append(torch.stack([terms[k].detach().float() for k in ("loss", "loss_cls", "loss_pcl")]))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    values = torch.stack(losses).cpu()
+    state = [*student.state_dict().values(), *teacher.state_dict().values()]
+    return TrainResult(
+        images_per_s=args.batch_size * args.train_steps / seconds,
+        peak_gib=_peak_gib(device),
+        finite=bool(torch.isfinite(values).all()),
+        first_loss=float(values[0, 0]),
+        float32_state=all(t.dtype == torch.float32 for t in state if t.is_floating_point()),
+    )
+
+
+def _inference_data(args: argparse.Namespace, work: Path, device: torch.device) -> tuple[list[dict[str, Any]], str]:
+    """All inference batches, read and resized once (so that only the model's work is timed),
+    and a description of the image sizes."""
+    root = work / "VOC2012"
+    generate(root, num_train=args.infer_images, num_val=0, size=args.infer_size, seed=args.seed)
+    names = read_list(root / "ImageSets" / "Segmentation" / "train.txt")
+    # The generated classes' ids 1..6 reused as VOC ids: any present-class set will do for timing.
+    labels = ImageLabels(list(VOC_CLASSES[1:]), ImageLabels.load(root / "cls_labels.json").ids)
+    layout = DatasetLayout.voc(root)
+    dataset = InferenceDataset(layout, names, labels, scales=args.scales, flip=True)
+    batches = list(iterate_batches(dataset, args.infer_batch_size, 0, device))
+    shapes = [read_image(layout.image_path(n)).shape[:2] for n in names]
+    sizes = (f"{min(h for h, _ in shapes)}-{max(h for h, _ in shapes)} x "
+             f"{min(w for _, w in shapes)}-{max(w for _, w in shapes)}")
+    return batches, sizes
+
+
+def _inference_model(args: argparse.Namespace) -> nn.Module:
+    """The inference model on the CPU, in eval mode: built first, so that a wrong --weights file
+    is refused before the training measurements, but moved to the GPU only after them."""
+    torch.manual_seed(args.seed)
+    model = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES)
+    if args.weights:
+        report = load_weights(model, args.weights, purpose="bao")
+        _say(f"weights {args.weights}: {report.summary()}")
+    return model.eval()
+
+
+def _infer(args: argparse.Namespace, model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+           batches: list[dict[str, Any]]) -> InferResult:
+    """Time multi-scale prediction and pseudo-labels over all batches, after one untimed batch."""
+    predictor = MultiScalePredictor(model, "bao", device, dtype, args.forward_pixels)
+    predictor(batches[0])  # kernel selection and allocator warm-up stay out of the timing
+    _release(device)
+    labels = []
+    _sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        for keys, maps in predictor(batch):
+            labels.append(pseudo_labels(maps, keys, num_classes=NUM_CLASSES).to(torch.uint8).cpu())
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return InferResult(images_per_s=len(labels) / seconds, peak_gib=_peak_gib(device), labels=labels)
+
+
+def _label_change(fp32: InferResult | str, bf16: InferResult | str) -> str:
+    if isinstance(fp32, str) or isinstance(bf16, str):
+        return "not measured (an inference run failed)"
+    changed = sum(int((a != b).sum()) for a, b in zip(fp32.labels, bf16.labels))
+    total = sum(a.numel() for a in fp32.labels)
+    images = sum(bool((a != b).any()) for a, b in zip(fp32.labels, bf16.labels))
+    return f"{100 * changed / total:.4f}% of pixels ({changed} of {total}), in {images} of {len(fp32.labels)} images"
+
+
+def _ddp_smoke(args: argparse.Namespace, device: torch.device, work: Path) -> str:
+    """Two-process train_bao.py run on generated data; 'passed ...', 'FAILED ...' or 'skipped ...'."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if args.skip_ddp:
+        return "skipped (--skip_ddp)"
+    if gpus < 2:
+        return f"skipped: {gpus} GPU(s)"
+    root = work / "ddp" / "VOC2012"
+    # 8 images, global batch 4 (2 per process): the 2 steps make one full epoch.
+    generate(root, num_train=8, num_val=0, size=64, seed=args.seed)
+    save = work / "ddp" / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_bao.py",
+           "--from_scratch", "--arch", "tiny", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0",
+           "--max_steps", "2", "--device", "cuda", "--voc12_root", str(root),
+           "--label_file", str(root / "cls_labels.json"),
+           "--train_list", str(root / "ImageSets" / "Segmentation" / "train.txt"), "--save_dir", str(save)]
+    _say("ddp: " + shlex.join(cmd[1:]))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.ddp_timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        return f"FAILED: no result within --ddp_timeout {args.ddp_timeout} s"
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"FAILED (exit {proc.returncode}): {tail[:200]}"
+    log = save / "bao" / "log.jsonl"
+    ranks = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "ranks"]
+    if not ranks or ranks[-1]["world_size"] != 2 or not ranks[-1]["identical"]:
+        return f"FAILED: the ranks did not report identical models ({ranks[-1] if ranks else 'no ranks record'})"
+    return (f"passed: 2 processes ({gpus} GPUs visible), train_bao.py --arch tiny, 2 steps, NCCL, both ranks "
+            f"ended with identical student and teacher ({seconds:.0f} s with start-up)")
+
+
+def _cell(result: TrainResult | InferResult | str, field: str, fmt: str) -> str:
+    if isinstance(result, str):
+        return "failed"
+    value = getattr(result, field)
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _ratio(results: dict[str, dict[str, Any]], part: str) -> str:
+    fp32, bf16 = results["fp32"][part], results["bf16"][part]
+    if isinstance(fp32, str) or isinstance(bf16, str):
+        return "n/a"
+    return f"{bf16.images_per_s / fp32.images_per_s:.2f}x"
+
+
+def _device_lines(device: torch.device) -> list[str]:
+    versions = f"torch {torch.__version__}"
+    if device.type != "cuda":
+        return [f"Device: CPU ({versions}); a smoke run of the script, its figures say nothing about GPUs."]
+    props = torch.cuda.get_device_properties(device)
+    return [
+        f"Device: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
+        f"{torch.cuda.device_count()} GPU(s) visible; {versions}, CUDA {torch.version.cuda}, "
+        f"cuDNN {torch.backends.cudnn.version()}.",
+        # fp32 figures depend on these defaults: TF32 convolutions are faster than strict float32.
+        f"fp32 means torch's defaults: TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
+        f"TF32 matmuls {torch.backends.cuda.matmul.allow_tf32}.",
+    ]
+
+
+def _report(args: argparse.Namespace, device: torch.device, results: dict[str, dict[str, Any]], sizes: str,
+            ddp: str) -> str:
+    rows = [f"| {v} | {_cell(r['train'], 'images_per_s', '.2f')} | {_cell(r['train'], 'peak_gib', '.2f')} | "
+            f"{_cell(r['infer'], 'images_per_s', '.2f')} | {_cell(r['infer'], 'peak_gib', '.2f')} |"
+            for v, r in results.items()]
+    checks = []
+    for v, r in results.items():
+        t = r["train"]
+        if isinstance(t, str):
+            checks.append(f"- training {v}: {t}")
+        else:
+            checks.append(f"- training {v}: losses finite: {'yes' if t.finite else 'NO'}; first-step loss "
+                          f"{t.first_loss:.5f}; saved state_dicts (student, teacher) all float32: "
+                          f"{'yes' if t.float32_state else 'NO'}")
+    for v, r in results.items():
+        if isinstance(r["infer"], str):
+            checks.append(f"- inference {v}: {r['infer']}")
+    weights = (f"weights `{args.weights}`" if args.weights else
+               "seeded random weights: their maps are nearly flat, with near ties that any rounding flips, so "
+               "this share is an upper bound of what trained weights show; pass --weights for those")
+    scales = ",".join(map(str, args.scales))
+    command = "python -m bench.gpu_check" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    return "\n".join([
+        "## GPU check (bench/gpu_check.py)",
+        "",
+        machine_line(),
+        *_device_lines(device),
+        f"Command: `{command}`",
+        "",
+        f"Training: the BAO step of train_bao.py (teacher forward without gradients, student forward, losses, "
+        f"backward, AdamW, teacher EMA), Conformer-{args.arch}, 21 classes, batch {args.batch_size}, "
+        f"{args.crop_size}x{args.crop_size}, random normalised images and labels; {args.train_steps} timed step(s) "
+        f"after {args.warmup} warm-up step(s), a fresh model and optimizer per precision; peak memory includes "
+        "the model, teacher and optimizer state.",
+        f"Inference: infer_bao.py's path on {args.infer_images} generated images of {sizes} pixels, scales "
+        f"{scales} with flips, batch {args.infer_batch_size}, --forward_pixels {args.forward_pixels}; timed from "
+        "the resized inputs in host memory to the pseudo-labels back on the host, after one untimed batch; "
+        "peak memory includes the model.",
+        "",
+        "| variant | train img/s | train peak GiB | infer img/s | infer peak GiB |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"bf16 / fp32 throughput: training {_ratio(results, 'train')}, inference {_ratio(results, 'infer')}.",
+        "",
+        *checks,
+        f"- pseudo-labels changed by bf16 against fp32 (same weights and images): "
+        f"{_label_change(results['fp32']['infer'], results['bf16']['infer'])}; {weights}.",
+        f"- DistributedDataParallel smoke run: {ddp}.",
+    ])
+
+
+def _failed(results: dict[str, dict[str, Any]], ddp: str) -> bool:
+    bad_train = any(isinstance(r["train"], str) or not (r["train"].finite and r["train"].float32_state)
+                    for r in results.values())
+    return bad_train or any(isinstance(r["infer"], str) for r in results.values()) or ddp.startswith("FAILED")
+
+
+def main(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    if args.crop_size % 16:
+        raise UserError(f"--crop_size must be a multiple of 16 (the network's stride), got {args.crop_size}")
+    if args.infer_size < 32:
+        raise UserError(f"--infer_size must be at least 32, got {args.infer_size}")
+    _say(f"gpu_check on {device}: Conformer-{args.arch}")
+    model = _inference_model(args)
+    results: dict[str, dict[str, Any]] = {v: {} for v in VARIANTS}
+    batch = _train_batch(args)
+    for variant, dtype in VARIANTS.items():
+        _say(f"training {variant}: {args.warmup} + {args.train_steps} steps of batch {args.batch_size} at "
+             f"{args.crop_size}x{args.crop_size} ...")
+        res = _guarded(f"training {variant}", lambda: _train(args, device, dtype, batch))
+        results[variant]["train"] = res
+        if not isinstance(res, str):
+            _say(f"  {res.images_per_s:.2f} img/s, peak memory {_cell(res, 'peak_gib', '.2f')} GiB")
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        _say(f"generating {args.infer_images} images for inference ...")
+        batches, sizes = _inference_data(args, work, device)
+        scales = ",".join(map(str, args.scales))
+        # channels_last as tool.predict.load_model does for infer_bao.py
+        model = model.to(device=device, memory_format=torch.channels_last)
+        for variant, dtype in VARIANTS.items():
+            _say(f"inference {variant}: {args.infer_images} images, scales {scales} with flips ...")
+            res = _guarded(f"inference {variant}", lambda: _infer(args, model, device, dtype, batches))
+            results[variant]["infer"] = res
+            if not isinstance(res, str):
+                _say(f"  {res.images_per_s:.2f} img/s, peak memory {_cell(res, 'peak_gib', '.2f')} GiB")
+        del model, batches
+        _release(device)
+        ddp = _ddp_smoke(args, device, work)
+    _say(f"ddp: {ddp}")
+    body = _report(args, device, results, sizes, ddp)
+    _say("")
+    _say(body)
+    if not args.no_write:
+        write_section(args.out, "gpu_check", body)
+        _say(f"\nwritten to the gpu_check section of {args.out}")
+    if _failed(results, ddp):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
