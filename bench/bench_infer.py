@@ -135,7 +135,8 @@ def _run_reference(model, layout, labels, names, args) -> dict[str, np.ndarray]:
             cams = sum_cam[keys]
             cam_min = cams.min(axis=(1, 2), keepdims=True)
             cam_max = cams.max(axis=(1, 2), keepdims=True)
-            out[name] = np.maximum((cams - cam_min - 1e-5) / (cam_max - cam_min + 1e-5), 0)
+            cams[cams < cam_min + 1e-5] = 0
+            out[name] = (cams - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
     return out
 
 
