@@ -1,5 +1,6 @@
 # The two commands of the README. Both create .venv from requirements.txt when it is
-# missing or older than requirements.txt; nothing else needs to be typed.
+# missing or older than requirements.txt or pyproject.toml, and install this repository in it
+# (editable); nothing else needs to be typed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,16 +10,17 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) -m tool.demo
+	$(PY) -m apps.demo
 
 clean-demo:
 	rm -rf demo_out

@@ -13,7 +13,7 @@ Per image: the multi-scale, flipped maps (``tool.predict``), then
   background, present classes' maps] (BAO; no threshold), or over [t, CAMs] with ``--t``
   (TransCAM);
 - ``--out_crf DIR``: ``<name>.png``, that label map refined by a dense CRF;
-- ``--out_cam DIR``: ``<name>.npz`` (``tool.camio``): the normalised maps of the present
+- ``--out_cam DIR``: ``<name>.npz`` (``data.camio``): the normalised maps of the present
   classes (key 0 = the background map for BAO), float16, for threshold studies.
 
 Without any output flag, BAO writes ``--out_pred out/pseudo_labels``, TransCAM
@@ -30,17 +30,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from apps.cli import add_prediction_args, check_threshold, dataset_from_args, run_cli
+from core.errors import UserError
+from core.fileio import prepare_output_dir, remove_temporaries
+from core.palette import save_label_png
+from data.camio import CAM_SUFFIX, save_cams
 from data.datasets import InferenceDataset
 from data.labels import read_list
-from data.layout import DEFAULT_INFER_LISTS, dataset_from_args
+from data.layout import DEFAULT_INFER_LISTS
 from tool.cam import pseudo_labels
-from tool.camio import CAM_SUFFIX, save_cams
 from tool.crf import crf_refine_labels
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
-from tool.errors import UserError, run_cli
-from tool.fileio import prepare_output_dir, remove_temporaries
-from tool.palette import save_label_png
-from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model
+from tool.predict import MultiScalePredictor, iterate_batches, load_model
 
 DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams"),
                "cnn": ("out_cam", "out/cnn_cams")}
@@ -59,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder for the dense-CRF refined pseudo-label PNGs")
     parser.add_argument("--out_cam", default=None,
                         help="folder for the normalised maps of the present classes (<name>.npz, "
-                             "tool.camio format; BAO includes the background map as key 0)")
+                             "data.camio format; BAO includes the background map as key 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs already exist (default: skip them)")
     add_prediction_args(parser)
@@ -69,8 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
     """Requested output kinds ('out_pred', 'out_crf', 'out_cam') -> folder; checks flag combinations."""
     outputs = {k: Path(getattr(args, k)) for k in SUFFIX if getattr(args, k)}
-    if args.method == "bao" and args.t is not None:
-        raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
+    check_threshold(args)
     if args.method != "bao" and args.t is None and ("out_pred" in outputs or "out_crf" in outputs):
         raise UserError(
             f"--method {args.method} has no background map: label PNGs (--out_pred/--out_crf) need a background "

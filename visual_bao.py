@@ -24,15 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from apps.cli import add_prediction_args, check_threshold, dataset_from_args, positive_int, run_cli
+from core.errors import UserError
+from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask
 from data.labels import read_list
-from data.layout import DEFAULT_INFER_LISTS, DatasetSpec, dataset_from_args
+from data.layout import DEFAULT_INFER_LISTS, DatasetSpec
 from tool.cam import pseudo_labels
 from tool.device import amp_dtype, resolve_device
-from tool.errors import UserError, run_cli
-from tool.fileio import prepare_output_dir
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
-from tool.predict import MultiScalePredictor, add_prediction_args, iterate_batches, load_model, positive_int
+from tool.predict import MultiScalePredictor, iterate_batches, load_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,8 +67,7 @@ def _file_part(class_name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.method == "bao" and args.t is not None:
-        raise UserError("--t is a TransCAM background threshold; BAO labels need no threshold, drop --t")
+    check_threshold(args)
     device = resolve_device(args.device)
     amp = amp_dtype(args.amp, device)
     spec = dataset_from_args(args)

@@ -1,7 +1,8 @@
 """Benchmark: our evaluation against the published way of computing the same numbers.
 
-Generates VOC-size ground-truth masks (objects with 255 borders), predicted label maps
-and CAM files in a temporary folder, then times
+Generates a VOC-size dataset with apps.make_dataset (ground-truth masks with 255 bands on the
+object boundaries), spreads its class ids over the 20 VOC classes, derives predicted label maps
+and CAM files from its objects in a temporary folder, then times
 
 - PNG evaluation: tool.metrics.evaluate_labels (the code path of evaluation_bao.py) against
   a per-class loop over images with boolean masks (the published approach);
@@ -27,34 +28,39 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import PIL
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from apps.cli import int_at_least, positive_int
+from apps.make_dataset import CLASSES as SHAPES, generate as generate_dataset
+from apps.report import RESULTS_FILE, cpu_name, write_section
+from data.camio import load_cams, save_cams
+from data.classes import VOC
+from core.errors import UserError, run_cli
+from tool.metrics import default_workers, evaluate_cams, evaluate_labels, threshold_range
+from core.palette import IGNORE_INDEX, read_label_png, save_label_png
 
-from bench.common import cpu_name, write_section  # noqa: E402
-from tool.camio import load_cams, save_cams  # noqa: E402
-from tool.errors import UserError, run_cli  # noqa: E402
-from tool.metrics import default_workers, evaluate_cams, evaluate_labels, threshold_range  # noqa: E402
-from tool.palette import IGNORE_INDEX, save_label_png  # noqa: E402
-
-NUM_CLASSES = 21
+NUM_CLASSES = VOC.num_classes
+IMAGE_SIZE = 400  # apps.make_dataset draws sides in [0.75, 1.25] x this: 300..500 pixels, as VOC
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Time evaluation_bao's evaluation against the published approach.")
-    parser.add_argument("--num", type=int, default=1464, help="images for the PNG benchmark (VOC train has 1,464)")
-    parser.add_argument("--num_sweep", type=int, default=None,
+    parser.add_argument("--num", type=positive_int, default=1464,
+                        help="images for the PNG benchmark (VOC train has 1,464)")
+    parser.add_argument("--num_sweep", type=positive_int, default=None,
                         help="images for the CAM sweep benchmark (default: --num); the reference re-reads "
                              "every file per threshold, so a smaller number keeps it to minutes")
-    parser.add_argument("--thresholds", type=int, default=40, help="background scores in the sweep (0.20 + 0.01 i)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--thresholds", type=int_at_least(2), default=40,
+                        help="background scores in the sweep (0.20 + 0.01 i)")
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="reader processes for our evaluation (also timed with 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 images, 10 for the sweep")
     parser.add_argument("--work_dir", default=None, help="folder for the generated files (default: a temporary one)")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
+    parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="markdown file whose evaluation section is replaced by this run ('' to skip)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generated data")
     return parser
@@ -63,44 +69,53 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- synthetic VOC-like data
 
 
-def _objects(rng: np.random.Generator, h: int, w: int) -> list[tuple[int, float, float, float, float]]:
-    """1-3 elliptic objects (class, cy, cx, ry, rx); VOC train images hold ~1.5 classes."""
-    count = int(rng.choice([1, 1, 2, 3]))
-    classes = rng.choice(np.arange(1, NUM_CLASSES), size=count, replace=False)
-    return [(int(c), rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w,
-             rng.uniform(0.1, 0.4) * h, rng.uniform(0.1, 0.4) * w) for c in classes]
-
-
-def _make_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """gt (H, W) uint8 with 255 borders, pred (H, W) uint8, CAM keys (K,) and maps (K, H, W) float16."""
-    h, w = [(375, 500), (500, 375), (333, 500), (500, 333), (366, 500)][rng.integers(5)]
-    yy, xx = np.mgrid[:h, :w].astype(np.float32)
-    gt = np.zeros((h, w), np.uint8)
+def _prediction(instances: np.ndarray, gt: np.ndarray, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prediction of one image from its objects: each object shifted and rescaled, 10 % of
+    them with a wrong class. Returns pred (H, W) uint8, CAM keys (K,) and maps (K, H, W) float16
+    (a background map first, then one per predicted class)."""
+    h, w = gt.shape
     pred = np.zeros((h, w), np.uint8)
-    objects = _objects(rng, h, w)
-    cams = {}
-    for c, cy, cx, ry, rx in objects:
-        d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-        gt[(d > 0.85) & (d < 1.15)] = IGNORE_INDEX  # the VOC "void" outline
-        gt[d <= 0.85] = c
-        # the prediction and the CAM see a shifted, rescaled object
-        py, px, s = cy + rng.normal(0, 0.1) * ry, cx + rng.normal(0, 0.1) * rx, rng.uniform(0.8, 1.2)
-        dp = ((yy - py) / (s * ry)) ** 2 + ((xx - px) / (s * rx)) ** 2
-        pred[dp <= 1.0] = c if rng.random() > 0.1 else int(rng.integers(1, NUM_CLASSES))
-        cams[c] = np.exp(-dp) + rng.normal(0, 0.05, (h, w)).astype(np.float32)
+    cams: dict[int, np.ndarray] = {}
+    for k in range(1, int(instances[instances != IGNORE_INDEX].max(initial=0)) + 1):
+        obj = instances == k
+        if not obj.any():
+            continue
+        c = int(gt[obj][0])
+        ys, xs = np.nonzero(obj)
+        cy, cx, radius = ys.mean(), xs.mean(), np.sqrt(obj.sum() / np.pi)
+        s = rng.uniform(0.8, 1.2)
+        ty, tx = rng.normal(0, 0.1, 2) * radius
+        warp = np.float32([[s, 0, (1 - s) * cx + tx], [0, s, (1 - s) * cy + ty]])
+        seen = cv2.warpAffine(obj.astype(np.float32), warp, (w, h), flags=cv2.INTER_LINEAR)
+        pred[seen > 0.5] = c if rng.random() > 0.1 else int(rng.integers(1, NUM_CLASSES))
+        score = cv2.GaussianBlur(seen, (0, 0), max(1.0, radius / 3))
+        cams[c] = np.maximum(cams[c], score) if c in cams else score
     keys = np.array([0] + sorted(cams), np.int64)
-    fg = np.stack([cams[k] for k in keys[1:]])
+    if len(keys) == 1:
+        return pred, keys, np.zeros((1, h, w), np.float16)
+    fg = np.stack([cams[k] + rng.normal(0, 0.05, (h, w)).astype(np.float32) for k in keys[1:]])
     fg = (fg - fg.min(axis=(1, 2), keepdims=True)) / np.ptp(fg, axis=(1, 2), keepdims=True)
     maps = np.concatenate([1 - fg.max(axis=0, keepdims=True), fg]).astype(np.float16)
-    return gt, pred, keys, maps
+    return pred, keys, maps
 
 
 def generate(root: Path, num: int, seed: int) -> list[str]:
-    """Write gt/, pred/ (PNG) and cam/ (npz) for ``num`` images under ``root``; return the names."""
+    """Write gt/, pred/ (PNG) and cam/ (npz) for ``num`` images under ``root``; return the names.
+
+    The objects and masks are those of apps.make_dataset (1-3 objects of 1-2 classes, 255 on
+    a band across every boundary); each image's class ids (its six shapes) become distinct VOC
+    ids 1..20.
+    """
+    voc = root / "voc"
+    generate_dataset(voc, num_train=num, num_val=0, size=IMAGE_SIZE, seed=seed, overwrite=True, progress=True)
+    names = sorted(p.stem for p in (voc / "SegmentationClass").glob("*.png"))
     rng = np.random.default_rng(seed)
-    names = [f"{2008 + i // 10000}_{i % 10000:06d}" for i in range(num)]
-    for name in tqdm(names, desc="generate", unit="img"):
-        gt, pred, keys, maps = _make_image(rng)
+    for name in tqdm(names, desc="predictions", unit="img"):
+        lut = np.arange(256, dtype=np.uint8)
+        lut[1:len(SHAPES) + 1] = rng.choice(np.arange(1, NUM_CLASSES), size=len(SHAPES), replace=False)
+        gt = lut[read_label_png(voc / "SegmentationClass" / f"{name}.png")]
+        pred, keys, maps = _prediction(read_label_png(voc / "SegmentationObject" / f"{name}.png"), gt, rng)
         save_label_png(root / "gt" / f"{name}.png", gt)
         save_label_png(root / "pred" / f"{name}.png", pred)
         save_cams(root / "cam" / f"{name}.npz", keys, maps)
@@ -169,8 +184,8 @@ def main(args: argparse.Namespace) -> None:
     if args.quick:
         args.num, args.num_sweep = 40, 10
     num_sweep = args.num if args.num_sweep is None else args.num_sweep
-    if args.num < 1 or not 1 <= num_sweep <= args.num or args.thresholds < 2:
-        raise UserError("need --num >= 1, 1 <= --num_sweep <= --num and --thresholds >= 2")
+    if num_sweep > args.num:
+        raise UserError(f"--num_sweep {num_sweep} exceeds --num {args.num}: the sweep uses the first images")
     thresholds = threshold_range(0.20, 0.20 + 0.01 * (args.thresholds - 1), 0.01)
     root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_eval_"))
     load = os.getloadavg()[0]
@@ -178,15 +193,15 @@ def main(args: argparse.Namespace) -> None:
         names = generate(root, args.num, args.seed)
         gt_dir = root / "gt"
         ref_png, t_ref_png = _timed(reference_png, names, root)
-        conf1, t_png1 = _timed(evaluate_labels, names, root / "pred", gt_dir, NUM_CLASSES, 1, False)
-        confw, t_pngw = _timed(evaluate_labels, names, root / "pred", gt_dir, NUM_CLASSES, args.workers, False)
+        conf1, t_png1 = _timed(evaluate_labels, names, root / "pred", gt_dir, VOC, 1, False)
+        confw, t_pngw = _timed(evaluate_labels, names, root / "pred", gt_dir, VOC, args.workers, False)
         if not (np.array_equal(_counts(conf1), ref_png) and np.array_equal(_counts(confw), ref_png)):
             raise AssertionError("PNG evaluation differs from the reference")
         sweep_names = names[:num_sweep]
         ref_sweep, t_ref_sweep = _timed(reference_sweep, sweep_names, root, thresholds)
-        (sw1, _), t_sw1 = _timed(evaluate_cams, sweep_names, root / "cam", gt_dir, NUM_CLASSES, thresholds,
+        (sw1, _), t_sw1 = _timed(evaluate_cams, sweep_names, root / "cam", gt_dir, VOC, thresholds,
                                  False, 1, False)
-        (sww, _), t_sww = _timed(evaluate_cams, sweep_names, root / "cam", gt_dir, NUM_CLASSES, thresholds,
+        (sww, _), t_sww = _timed(evaluate_cams, sweep_names, root / "cam", gt_dir, VOC, thresholds,
                                  False, args.workers, False)
         if not (np.array_equal(_counts(sw1), ref_sweep) and np.array_equal(_counts(sww), ref_sweep)):
             raise AssertionError("threshold sweep differs from the reference")
@@ -213,8 +228,9 @@ def main(args: argparse.Namespace) -> None:
         f"Python {platform.python_version()}, NumPy {np.__version__}, Pillow {PIL.__version__}.",
         f"Command: `python bench/bench_eval.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Synthetic VOC-size data (333-500 x 333-500 pixels, 1-3 objects with 255 outlines, {NUM_CLASSES} "
-        "classes, CAM files float16 with a background map). Both sides read the same files from the "
+        f"Synthetic VOC-size data from apps.make_dataset (300-500 x 300-500 pixels, 1-3 objects of 1-2 "
+        f"classes with 255 boundary bands, ids spread over the {NUM_CLASSES - 1} VOC classes; evaluated with "
+        f"{NUM_CLASSES} classes; CAM files float16 with a background map). Both sides read the same files from the "
         "page cache; the published approach runs in one process (per class: boolean masks and sums; "
         "the sweep re-reads every file per threshold). All pixel counts (TP, P, T per class and "
         "threshold) are identical.",

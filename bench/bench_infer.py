@@ -35,19 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import cpu_name, write_section  # noqa: E402
-from data.datasets import InferenceDataset  # noqa: E402
-from data.images import read_image  # noqa: E402
-from data.labels import ImageLabels, read_list  # noqa: E402
-from data.layout import DatasetLayout  # noqa: E402
-from data.transforms import multiscale_inputs  # noqa: E402
-from network.conformer_CAM import ARCHS  # noqa: E402
-from tool.errors import UserError, run_cli  # noqa: E402
-from tool.make_dataset import generate  # noqa: E402
-from tool.predict import MultiScalePredictor, iterate_batches, parse_scales, positive_int  # noqa: E402
-
+from apps.cli import parse_scales, positive_int, run_cli
+from apps.make_dataset import generate
+from apps.report import RESULTS_FILE, cpu_name, write_section
+from core.errors import UserError
+from data.datasets import InferenceDataset
+from data.images import read_image
+from data.labels import ImageLabels, read_list
+from data.layout import DatasetLayout
+from data.transforms import multiscale_inputs
+from network.conformer_CAM import ARCHS
+from tool.predict import DEFAULT_SCALES, MultiScalePredictor, iterate_batches
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,11 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=positive_int, default=4, help="number of generated images (default: 4)")
     parser.add_argument("--size", type=positive_int, default=448,
                         help="nominal image side; sides are drawn in [0.75, 1.25] x size (default: 448, VOC-like)")
-    parser.add_argument("--scales", type=parse_scales, default=(256, 512, 768),
+    parser.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
                         help="inference scales (default: 256,512,768)")
     parser.add_argument("--batch_size", type=positive_int, default=4, help="our images per batch (default: 4)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads for both (default: 2)")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
+    parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="markdown file whose inference section is replaced by this run ('' to skip)")
     parser.add_argument("--variant", choices=("ours", "reference"), default=None,
                         help="internal: run one variant in this process")
@@ -202,7 +200,6 @@ def main(args: argparse.Namespace) -> None:
         results = {v: _child(args, v, work) for v in ("reference", "ours")}
         agreement = _compare(np.load(work / "ours_maps.npz"), np.load(work / "reference_maps.npz"))
 
-    _ref, _ours = results["reference"], results["ours"]
     per_img = {v: r["seconds"] / r["images"] for v, r in results.items()}
     mem = {v: r["peak_mb"] - r["base_mb"] for v, r in results.items()}
     speedup = per_img["reference"] / per_img["ours"]

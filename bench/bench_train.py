@@ -40,16 +40,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import cpu_name, write_section  # noqa: E402
-from data.images import read_image  # noqa: E402
-from network.factory import DEFAULT_NETWORK, build_network  # noqa: E402
-from tool.errors import UserError, run_cli  # noqa: E402
-from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label  # noqa: E402
-from tool.make_dataset import generate  # noqa: E402
-from tool.teacher import make_teacher, update_teacher  # noqa: E402
-from tool.training import bao_losses  # noqa: E402
+from apps.cli import run_cli
+from apps.make_dataset import generate
+from apps.report import RESULTS_FILE, cpu_name, write_section
+from core.errors import UserError
+from data.images import read_image
+from network.factory import DEFAULT_NETWORK, build_network
+from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
+from tool.teacher import make_teacher, update_teacher
+from tool.training import bao_losses
 
 NUM_CLASSES = 21
 # One section per device, so that a GPU run does not replace the CPU figures.
@@ -69,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per variant")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
+    parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="markdown file whose training section is replaced by this run ('' to skip)")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images_dir", default=None, help=argparse.SUPPRESS)

@@ -44,24 +44,23 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.nn as nn
 
-from bench.common import machine_line, write_section
+from apps.cli import non_negative_int, parse_scales, positive_int, run_cli
+from apps.make_dataset import generate
+from apps.report import RESULTS_FILE, machine_line, write_section
+from core.errors import UserError
 from data.classes import VOC_CLASSES
 from data.datasets import InferenceDataset
 from data.images import read_image
 from data.labels import ImageLabels, read_list
-from data.layout import DatasetLayout
+from data.layout import REPO_ROOT, DatasetLayout
 from network.checkpoint import load_weights
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
 from tool.device import AMP_DTYPES, resolve_device
-from tool.errors import UserError, run_cli
-from tool.make_dataset import generate
-from tool.predict import (DEFAULT_FORWARD_PIXELS, MultiScalePredictor, iterate_batches, non_negative_int,
-                          parse_scales, positive_int)
+from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches
 from tool.teacher import make_teacher, update_teacher
 from tool.training import bao_losses
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = len(VOC_CLASSES)  # PASCAL VOC, background included: the published checkpoints' heads
 VARIANTS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": AMP_DTYPES["bf16"]}
 # train_bao.py's defaults: label smoothing, pseudo-label loss weight, AdamW, EMA base momentum.
@@ -113,14 +112,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--forward_pixels", type=positive_int, default=DEFAULT_FORWARD_PIXELS,
                         help="most input pixels per forward pass, as infer_bao.py --forward_pixels "
                              f"(default: {DEFAULT_FORWARD_PIXELS})")
-    parser.add_argument("--scales", type=parse_scales, default=(256, 512, 768),
+    parser.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
                         help="inference scales, each also flipped (default: 256,512,768)")
     parser.add_argument("--weights", default=None,
                         help="BAO checkpoint (e.g. *_modelt.pth) for the inference model, so that the bf16 "
                              "label change is measured on trained weights (default: seeded random "
                              "initialisation, whose near-tied maps overstate the change)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and images (default: 0)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")),
+    parser.add_argument("--out", default=str(RESULTS_FILE),
                         help="results file whose gpu_check section is replaced (default: bench/RESULTS.md)")
     parser.add_argument("--no_write", action="store_true", help="print the report only, do not write --out")
     parser.add_argument("--skip_ddp", action="store_true", help="skip the two-process distributed training run")

@@ -15,9 +15,9 @@ and writes:
 Mask conventions (``--convention``):
 
 - ``contiguous`` (ours, the default): 0 background, 1..80 = the categories in sorted
-  category-id order (``data.classes.COCO_CLASSES``); evaluate with 81 classes.
-- ``raw``: 0 background, pixel value = raw COCO category id 1..90; evaluate with 91
-  classes, the ten unused ids never occur.
+  category-id order (class set ``data.classes.COCO``); evaluated with 81 classes.
+- ``raw``: 0 background, pixel value = raw COCO category id 1..90 (class set
+  ``data.classes.COCO_RAW``); evaluated with 91 ids, the ten unused ids never occur.
 Mixing the two silently gives a wrong mIoU, so a mask folder holds one convention only:
 the script refuses to write into a folder whose ``convention.json`` says otherwise.
 
@@ -55,15 +55,16 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, COCO_RAW_CLASSES, CONVENTION_FILE
+from apps.cli import positive_int
+from data.classes import COCO, COCO_CATEGORY_IDS, COCO_CONVENTIONS, CONVENTION_FILE
 from data.labels import ImageLabels, write_list
 from data.layout import DEFAULT_LABEL_FILES, DatasetLayout
-from tool.errors import UserError, ignore_sigint, run_cli
-from tool.fileio import atomic_path, is_temporary, remove_temporaries
-from tool.palette import IGNORE_INDEX, save_label_png
+from core.errors import UserError, ignore_sigint, run_cli
+from core.fileio import atomic_path, is_temporary, remove_temporaries
+from core.palette import IGNORE_INDEX, save_label_png
 
 SPLITS = ("train", "val")
-CONVENTIONS = ("contiguous", "raw")
+CONVENTIONS = tuple(COCO_CONVENTIONS)  # the first is the default
 CROWD_POLICY = (
     "crowd regions are 255 (ignore) except where a non-crowd instance covers them; "
     "crowd categories count in the image-level label"
@@ -90,9 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: <coco_root>/SegmentationClass)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits to prepare; labels of other splits already in cls_labels.json are kept")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes painting masks (1 = paint in this process)")
-    parser.add_argument("--convention", choices=CONVENTIONS, default="contiguous",
+    parser.add_argument("--convention", choices=CONVENTIONS, default=CONVENTIONS[0],
                         help="mask ids: contiguous (0 bg, 1..80 by sorted category id, 81-class evaluation) "
                              "or raw (0 bg, raw category id 1..90, 91-class evaluation)")
     parser.add_argument("--overwrite", action="store_true",
@@ -114,7 +115,7 @@ def convention_record(convention: str) -> dict[str, Any]:
     pixel value of raw category id ``category_ids[i]``.
     """
     values = category_values(convention)
-    names = COCO_CLASSES if convention == "contiguous" else COCO_RAW_CLASSES
+    names = COCO_CONVENTIONS[convention].names
     return {
         "convention": convention,
         "num_classes": len(names),
@@ -215,7 +216,7 @@ def check_categories(categories: list[dict], path: Path) -> None:
         found = {int(c["id"]): str(c["name"]) for c in categories}
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: malformed 'categories' entry (each needs an 'id' and a 'name')") from None
-    expected = dict(zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:]))
+    expected = dict(zip(COCO_CATEGORY_IDS, COCO.names[1:]))
     if sorted(found) != sorted(expected):
         extra = sorted(set(found) - set(expected))
         missing = sorted(set(expected) - set(found))
@@ -336,7 +337,7 @@ def write_masks(tasks: list[MaskTask], pool: Pool | None, desc: str) -> None:
 
 def merge_labels(path: Path, new: dict[str, list[int]]) -> ImageLabels:
     """Add ``new`` labels to the label file at ``path`` (kept entries of other splits)."""
-    classes = list(COCO_CLASSES[1:])
+    classes = list(COCO.names[1:])
     ids: dict[str, list[int]] = {}
     if path.is_file():
         old = ImageLabels.load(path, num_fg=len(classes))
@@ -354,8 +355,6 @@ def main(args: argparse.Namespace) -> None:
     if not coco_root.is_dir():
         raise UserError(f"COCO root not found: {coco_root}; pass the folder holding train2014/, "
                         "val2014/ and annotations/")
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
     out_dir = Path(args.out_dir)
     mask_dir = DatasetLayout.coco(coco_root, args.mask_dir).mask_dirs[0]
     values = category_values(args.convention)

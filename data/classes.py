@@ -1,10 +1,18 @@
-"""Class names and ids of PASCAL VOC 2012 and MS COCO 2014.
+"""Class sets: the class ids a label map may hold and their names.
 
-Index 0 is background in both. COCO category ids (1..90, ten unused) map to contiguous
-segmentation ids 1..80 in sorted-id order; ``COCO_CATEGORY_IDS[i-1]`` is the raw id of
-contiguous id ``i``.
+A :class:`ClassSet` is chosen explicitly (a dataset, a mask convention, a label file),
+never guessed from a class count. Index 0 is background. PASCAL VOC 2012 has 21 classes
+(:data:`VOC`). MS COCO 2014 masks come in two conventions: contiguous ids, where category
+ids (1..90, ten unused) map to 1..80 in sorted-id order (:data:`COCO`, 81 classes;
+``COCO_CATEGORY_IDS[i-1]`` is the raw id of contiguous id ``i``), and raw category ids
+(:data:`COCO_RAW`, 91 ids of which the ten unused ones are no class).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -35,16 +43,68 @@ COCO_CLASSES = ("background",) + tuple(n for _, n in _COCO)
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 
 # coco14/prepare_coco.py records the id convention of the masks it writes in this file,
-# beside them; evaluation reads it to pick the class count.
+# beside them; evaluation reads it to choose the class set.
 CONVENTION_FILE = "convention.json"
 
 # Raw-id convention (91 classes): index = raw category id, unused ids named "unused-<id>".
 COCO_RAW_CLASSES = ("background",) + tuple(dict(_COCO).get(i, f"unused-{i}") for i in range(1, 91))
 
 
-def class_names(num_classes: int) -> tuple[str, ...]:
-    """Names for a class count: 21 VOC, 81 COCO contiguous, 91 COCO raw ids, else generic."""
-    for names in (VOC_CLASSES, COCO_CLASSES, COCO_RAW_CLASSES):
-        if len(names) == num_classes:
-            return names
-    return ("background",) + tuple(f"class{i}" for i in range(1, num_classes))
+@dataclass(frozen=True)
+class ClassSet:
+    """The classes of a label map: ids 0..C-1, named ``names`` (background first), of which
+    the ids in ``unused`` are no class (they never occur; e.g. the ten unused COCO category
+    ids of the raw-id convention)."""
+
+    names: tuple[str, ...]
+    unused: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "unused", tuple(sorted({int(i) for i in self.unused})))
+        if len(self.names) < 2:
+            raise ValueError(f"a class set needs background and at least one class, got {self.names}")
+        if any(not 0 < i < len(self.names) for i in self.unused):
+            raise ValueError(f"unused ids {self.unused} must lie in 1..{len(self.names) - 1}")
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of ids (background and unused ids included)."""
+        return len(self.names)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(C,) bool: True for the ids that are classes (all but ``unused``)."""
+        valid = np.ones(self.num_classes, bool)
+        valid[list(self.unused)] = False
+        return valid
+
+
+def generic(num_classes: int) -> ClassSet:
+    """``num_classes`` classes without known names: background, class1, class2, ..."""
+    return ClassSet(("background",) + tuple(f"class{i}" for i in range(1, num_classes)))
+
+
+def from_foreground(classes: Iterable[str]) -> ClassSet:
+    """The class set of a label file's foreground class list (background prepended)."""
+    return ClassSet(("background",) + tuple(classes))
+
+
+VOC = ClassSet(VOC_CLASSES)
+COCO = ClassSet(COCO_CLASSES)
+COCO_RAW = ClassSet(COCO_RAW_CLASSES, COCO_UNUSED_IDS)
+
+# Dataset kind -> its class set; COCO mask convention (as recorded in convention.json) -> class set.
+DATASET_CLASSES = {"voc": VOC, "coco": COCO}
+COCO_CONVENTIONS = {"contiguous": COCO, "raw": COCO_RAW}
+
+
+def convention_classes(record: dict) -> ClassSet:
+    """The class set of masks described by a convention record (``convention.json``, with
+    ``convention``, ``num_classes`` and optionally ``class_names``): a COCO convention gives
+    its class set (unused ids included), another one its names or generic names."""
+    names = record.get("class_names")
+    known = COCO_CONVENTIONS.get(record["convention"])
+    if known is not None and known.num_classes == record["num_classes"]:
+        return ClassSet(tuple(names) if names else known.names, known.unused)
+    return ClassSet(tuple(names)) if names else generic(record["num_classes"])

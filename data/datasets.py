@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.errors import UserError
+from core.palette import read_label_png
 from data.images import read_image
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
 from data.transforms import TrainAugment, multiscale_inputs, stack_scales
-from tool.errors import UserError
-from tool.palette import read_label_png
 
 
 class ClassificationDataset(Dataset):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from tool.errors import UserError
+from core.errors import UserError
 
 # Integer modes holding more than 8 bits per pixel. They are scaled from the 16-bit
 # range to 8 bits; "I" is how some readers deliver 16-bit grayscale data.

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tool.errors import UserError
-from tool.fileio import atomic_path
+from core.errors import UserError
+from core.fileio import atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

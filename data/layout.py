@@ -13,20 +13,18 @@ MS COCO 2014::
     <root>/val2014/<name>.jpg     names starting with COCO_val2014_ (others: both searched)
     <mask dir>/<name>.png         default <root>/SegmentationClass, written by coco14
 
-Entry scripts add the dataset flags with :func:`add_dataset_args` and turn them into a
-:class:`DatasetSpec` (layout, image-level labels, class names) with
-:func:`dataset_from_args`.
+:func:`load_dataset` gives a :class:`DatasetSpec` (layout, image-level labels, class names);
+the entry scripts' dataset flags are defined in :mod:`apps.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import UserError
 from data.labels import ImageLabels
-from tool.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LABEL_FILES = {
@@ -69,10 +67,8 @@ class DatasetLayout:
         """Layout of a PASCAL VOC 2012 root (the folder holding JPEGImages)."""
         root = Path(root)
         if not root.is_dir():
-            raise UserError(
-                f"VOC root {root} does not exist; pass --voc12_root pointing to the folder "
-                "that holds JPEGImages (e.g. VOCdevkit/VOC2012)"
-            )
+            raise UserError(f"VOC root {root} does not exist; it is the folder that holds JPEGImages "
+                            "(e.g. VOCdevkit/VOC2012)", about="root")
         return cls(
             kind="voc",
             root=root,
@@ -86,10 +82,8 @@ class DatasetLayout:
         """Layout of an MS COCO 2014 root (the folder holding train2014/ and val2014/)."""
         root = Path(root)
         if not root.is_dir():
-            raise UserError(
-                f"COCO root {root} does not exist; pass --coco_root pointing to the folder "
-                "that holds train2014/ and val2014/"
-            )
+            raise UserError(f"COCO root {root} does not exist; it is the folder that holds train2014/ and "
+                            "val2014/", about="root")
         train, val = root / "train2014", root / "val2014"
         return cls(
             kind="coco",
@@ -121,6 +115,11 @@ class DatasetLayout:
                 return path
         return None
 
+    def mask_folder(self) -> Path:
+        """The ground-truth folder evaluated as a whole: the first of ``mask_dirs`` that exists
+        (VOC: SegmentationClassAug when present, else SegmentationClass)."""
+        return next((folder for folder in self.mask_dirs if folder.is_dir()), self.mask_dirs[-1])
+
     def annotation_path(self, name: str) -> Path:
         """Path of ``name``'s VOC XML annotation (VOC layout only)."""
         if self.annotation_dir is None:
@@ -132,7 +131,7 @@ class DatasetLayout:
         if not any(folder.is_dir() for folder in self.image_dirs):
             folders = " or ".join(str(f) for f in self.image_dirs)
             raise UserError(
-                f"no image folder in {self.root} (expected {folders}); check the dataset root flag"
+                f"no image folder in {self.root} (expected {folders}); is it the dataset root?", about="root"
             )
         missing = [n for n in names if not self.image_path(n).is_file()]
         if missing:
@@ -175,36 +174,18 @@ class DatasetSpec:
         self.layout.check(names, source)
 
 
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """Add --dataset, --voc12_root, --coco_root, --coco_mask_dir and --label_file."""
-    group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset", choices=("voc", "coco"), default="voc",
-                       help="dataset layout: PASCAL VOC 2012 or MS COCO 2014 (default: voc)")
-    group.add_argument("--voc12_root", default=DEFAULT_VOC_ROOT,
-                       help="VOC root, the folder holding JPEGImages/, SegmentationClass(Aug)/ and "
-                            f"Annotations/ (default: {DEFAULT_VOC_ROOT})")
-    group.add_argument("--coco_root", default=None,
-                       help="COCO 2014 root, the folder holding train2014/ and val2014/ "
-                            "(required with --dataset coco)")
-    group.add_argument("--coco_mask_dir", default=None,
-                       help="folder of COCO ground-truth mask PNGs written by the coco14 command "
-                            "(default: <coco_root>/SegmentationClass)")
-    group.add_argument("--label_file", default=None,
-                       help="image-level label JSON; its class list sets the number of classes "
-                            "(default: voc12/cls_labels.json for voc, coco14/cls_labels.json for coco, "
-                            "both in this repository)")
+def load_dataset(kind: str, root: str | os.PathLike, label_file: str | os.PathLike | None = None,
+                 coco_mask_dir: str | os.PathLike | None = None) -> DatasetSpec:
+    """The layout and image-level labels of a dataset.
 
-
-def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
-    """Build the :class:`DatasetSpec` of flags added by :func:`add_dataset_args`."""
-    if args.dataset == "voc":
-        layout = DatasetLayout.voc(args.voc12_root)
-    else:
-        if not args.coco_root:
-            raise UserError("--dataset coco needs --coco_root, the folder holding train2014/ and val2014/")
-        layout = DatasetLayout.coco(args.coco_root, args.coco_mask_dir)
-    label_file = args.label_file if args.label_file else DEFAULT_LABEL_FILES[args.dataset]
-    labels = ImageLabels.load(label_file)
+    Args:
+        kind: "voc" or "coco".
+        root: the dataset root (VOC: the folder holding JPEGImages; COCO: train2014/ and val2014/).
+        label_file: image-level label JSON (default: the repository's file for ``kind``).
+        coco_mask_dir: COCO mask folder (default: ``<root>/SegmentationClass``).
+    """
+    layout = DatasetLayout.voc(root) if kind == "voc" else DatasetLayout.coco(root, coco_mask_dir)
+    labels = ImageLabels.load(label_file if label_file else DEFAULT_LABEL_FILES[kind])
     return DatasetSpec(
         layout=layout,
         labels=labels,

@@ -30,7 +30,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from tool.errors import UserError
+from core.errors import UserError
 
 BAO_HEADS = ("label_enc.", "classifier_x.")
 CLASSIFIER_HEADS = ("trans_cls_head.", "conv_cls_head.")
@@ -174,24 +174,21 @@ def _check(report: LoadReport, purpose: str, name: str, state: Mapping[str, torc
     kind = checkpoint_kind(state)
     if purpose == "bao" and kind == "transcam":
         raise UserError(
-            f"{name} is a TransCAM checkpoint: it has no BAO heads (label_enc, classifier_x). BAO "
-            "inference needs weights trained by train_bao.py; use --method transcam for the TransCAM "
-            "baseline, or train BAO from these weights with train_bao.py --weights"
-        )
+            f"{name} is a TransCAM checkpoint: it has no BAO heads (label_enc, classifier_x). BAO maps "
+            "need weights of the BAO stage; these give the TransCAM baseline's maps, or start a BAO training",
+            about="transcam_for_bao")
     if purpose != "backbone" and kind == "imagenet":
         raise UserError(
-            f"{name} holds ImageNet classification weights, not TransCAM/BAO weights; use them to start "
-            "the TransCAM stage (train_bao.py --method transcam --weights ...)"
-        )
+            f"{name} holds ImageNet classification weights, not TransCAM/BAO weights; they start the "
+            "TransCAM stage", about="imagenet")
     head_mismatch = [m for m in report.mismatched if m[0].startswith(CLASSIFIER_HEADS + BAO_HEADS)]
     if head_mismatch and len(head_mismatch) == len(report.mismatched):
         k, got, want = head_mismatch[0]
         num_classes = getattr(model, "num_classes", want[0])
         raise UserError(
             f"{name} was trained for a different number of classes than the {num_classes} of the label file "
-            f"({k} has shape {list(got)}, the model needs {list(want)}); pass the --label_file (and --dataset) "
-            "the weights were trained with"
-        )
+            f"({k} has shape {list(got)}, the model needs {list(want)}); use the label file (and dataset) the "
+            "weights were trained with", about="classes")
     if report.mismatched or missing or report.unexpected:
         detail = []
         if report.mismatched:
@@ -202,9 +199,8 @@ def _check(report: LoadReport, purpose: str, name: str, state: Mapping[str, torc
         if report.unexpected:
             detail.append(f"{len(report.unexpected)} unexpected (first: {report.unexpected[0]})")
         raise UserError(
-            f"{name} does not fit this model ({'; '.join(detail)}); check --arch (published weights are "
-            "'sm') and that the file is a Conformer TransCAM/BAO checkpoint"
-        )
+            f"{name} does not fit this model ({'; '.join(detail)}); check the model size (published weights "
+            "are 'sm') and that the file is a Conformer TransCAM/BAO checkpoint", about="arch")
 
 
 def _first_sentence(err: BaseException) -> str:

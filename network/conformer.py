@@ -186,8 +186,8 @@ class Conformer(nn.Module):
 
     Args:
         num_classes: classes including background (21 for VOC, 81 for COCO).
-        patch_size: transformer patch size in input pixels; the CNN reaches the same
-            stride (16) in its last stage.
+        patch_size: transformer patch size in input pixels; must be 16, the stride the CNN
+            branch reaches in its last stage (the two branches exchange maps of equal size).
         in_chans: input channels.
         base_channel: stem width; stage widths are ``base_channel * channel_ratio * (1, 2, 4)``.
         channel_ratio: CNN width multiplier.
@@ -212,8 +212,9 @@ class Conformer(nn.Module):
             raise ValueError(f"depth must be a multiple of 3, got {depth}")
         if num_classes < 2:
             raise ValueError("num_classes counts background plus at least one foreground class")
-        if patch_size % 16:
-            raise ValueError("patch_size must be a multiple of 16 (the CNN branch has stride 16)")
+        if patch_size != 16:
+            raise ValueError(f"patch_size must be 16, the stride of the CNN branch whose maps the tokens "
+                             f"are coupled with, got {patch_size}")
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.depth = depth

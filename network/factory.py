@@ -5,7 +5,7 @@ import importlib
 
 import torch.nn as nn
 
-from tool.errors import UserError
+from core.errors import UserError
 
 DEFAULT_NETWORK = "network.conformer_CAM"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import assert_refused, call_main, run_cli
+from core.palette import read_label_png
+from data.camio import load_cams
 from data.labels import ImageLabels, read_list
 from network.conformer_CAM import Net_tiny
-from tool.camio import load_cams
+from tests.helpers import assert_refused, call_main, run_cli
 from tool.device import autocast
-from tool.palette import read_label_png
 from tool.teacher import make_teacher
 from tool.training import bao_losses, transcam_losses
 

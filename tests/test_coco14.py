@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from coco_root import (
+from tests.coco_root import (
     annotation,
     box_mask,
     compressed_rle,
@@ -20,16 +20,16 @@ from coco_root import (
     uncompressed_rle,
     write_coco_root,
 )
-from conftest import run_cli
+from tests.helpers import run_cli
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from coco14.prepare_coco import get_args_parser, main, paint_mask
-from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from data.classes import COCO as COCO_CONTIGUOUS, COCO_CATEGORY_IDS, COCO_CLASSES, COCO_RAW, convention_classes
 from data.labels import ImageLabels, read_list
-from tool.errors import UserError
-from tool.palette import read_label_png
+from core.errors import UserError
+from core.palette import read_label_png
 
 CONTIGUOUS = {cat: i + 1 for i, cat in enumerate(COCO_CATEGORY_IDS)}
 PERSON, CAR, BUS, CAT, DOG, HORSE, TOOTHBRUSH = 1, 3, 6, 17, 18, 19, 90  # raw category ids
@@ -154,6 +154,7 @@ def test_lists_labels_and_convention(coco_root, prepared):
     assert record["category_ids"] == list(COCO_CATEGORY_IDS)
     assert record["values"] == list(range(1, 81))
     assert record["class_names"] == list(COCO_CLASSES)
+    assert convention_classes(record) == COCO_CONTIGUOUS  # what evaluation reads from it
     assert "255" in record["crowd"] and "smaller instance on top" in record["overlap"]
 
 
@@ -178,6 +179,7 @@ def test_raw_convention_and_refusal_to_mix(coco_root, prepared, tmp_path):
     record = json.loads((raw / "convention.json").read_text())
     assert (record["convention"], record["num_classes"]) == ("raw", 91)
     assert record["values"] == list(COCO_CATEGORY_IDS)
+    assert convention_classes(record) == COCO_RAW  # 91 ids, the ten unused ones no class
     # Labels stay contiguous whatever the mask convention.
     assert ImageLabels.load(tmp_path / "out" / "cls_labels.json", num_fg=80).ids[_stem(1)] == [1, 17, 80]
 
@@ -259,3 +261,9 @@ def test_mask_dir_with_unknown_pngs_is_refused(coco_root, tmp_path):
 def test_every_flag_has_help():
     for action in get_args_parser()._actions:
         assert action.help, action.dest
+
+
+def test_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--coco_root", "x", "--workers", "0"])
+    assert "argument --workers: must be >= 1, got 0" in capsys.readouterr().err

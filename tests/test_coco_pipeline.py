@@ -15,13 +15,13 @@ import torch
 
 import evaluation_bao
 import train_bao
-from coco_root import annotation, box_mask, compressed_rle, rect, stem, uncompressed_rle, write_coco_root
-from conftest import run_cli
+from tests.coco_root import annotation, box_mask, compressed_rle, rect, stem, uncompressed_rle, write_coco_root
+from tests.helpers import run_cli
 from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from data.labels import ImageLabels
-from tool.camio import load_cams
-from tool.errors import UserError
-from tool.palette import read_label_png, save_label_png
+from data.camio import load_cams
+from core.errors import UserError
+from core.palette import read_label_png, save_label_png
 
 PERSON, CAR, TRAFFIC_LIGHT, CAT, DOG, UMBRELLA = 1, 3, 10, 17, 18, 28  # raw category ids
 CONTIGUOUS = {cat: i + 1 for i, cat in enumerate(COCO_CATEGORY_IDS)}  # umbrella 28 -> 26, an unused raw id
@@ -187,7 +187,8 @@ def test_evaluation_in_both_conventions(run, tmp_path):
     for name in _val_stems():
         gt = read_label_png(run["masks"] / f"{name}.png")
         save_label_png(tmp_path / "contiguous" / f"{name}.png", np.where(gt == 255, 0, gt).astype(np.uint8))
-    with pytest.raises(UserError, match=r"class id\(s\) 26, which are unused COCO category ids.*--num_classes 81"):
+    with pytest.raises(UserError, match=r"class id\(s\) 26, which are unused COCO category ids.*"
+                                        "--convention contiguous"):
         _main("--predict_dir", str(tmp_path / "contiguous"), "--gt_dir", str(run["raw"]), "--list", val)
 
 
@@ -202,6 +203,9 @@ def test_evaluation_refuses_flags_contradicting_the_masks(run):
     with pytest.raises(UserError, match=r"names 81 classes .* 'raw' convention, evaluated with 91 classes"):
         _main("--predict_dir", str(run["pred"]), "--gt_dir", str(run["raw"]), "--list", val,
               "--label_file", str(run["lists"] / "cls_labels.json"))
+    with pytest.raises(UserError, match=r"--convention raw contradicts the ground truth: .* 'contiguous' convention"):
+        _main("--predict_dir", str(run["pred"]), "--gt_dir", str(run["masks"]), "--list", val,
+              "--dataset", "coco", "--convention", "raw")
 
 
 def test_visualisation(run, tmp_path):

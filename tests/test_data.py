@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from apps.cli import add_dataset_args, dataset_from_args
+from core.errors import UserError
+from core.palette import save_label_png
 from data.datasets import ClassificationDataset, InferenceDataset, SegmentationDataset, collate_inference
 from data.images import read_image
 from data.labels import ImageLabels, read_list, write_list
-from data.layout import DatasetLayout, add_dataset_args, dataset_from_args, labels_from_annotations
+from data.layout import DatasetLayout, labels_from_annotations
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, multiscale_inputs, normalize, stack_scales
-from tool.errors import UserError
-from tool.palette import save_label_png
 
 NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
@@ -139,7 +140,7 @@ def test_voc_layout_paths_and_checks(tmp_path):
         layout.check(["a", "x", "b", "y"], "train.txt")
     with pytest.raises(UserError, match="1 of 2 images .* no ground-truth mask .first: c"):
         layout.check_masks(["a", "c"])
-    with pytest.raises(UserError, match="VOC root .*nowhere does not exist.*--voc12_root"):
+    with pytest.raises(UserError, match="VOC root .*nowhere does not exist.*JPEGImages"):
         DatasetLayout.voc(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no image folder"):
@@ -186,6 +187,9 @@ def test_dataset_from_args(tmp_path):
 
     with pytest.raises(UserError, match="--dataset coco needs --coco_root"):
         dataset_from_args(parser.parse_args(["--dataset", "coco"]))
+    # the library states the problem; the command-line layer adds the flag that fixes it
+    with pytest.raises(UserError, match="nowhere does not exist.*; check --voc12_root"):
+        dataset_from_args(parser.parse_args(["--voc12_root", str(tmp_path / "nowhere")]))
     (tmp_path / "coco").mkdir()
     spec = dataset_from_args(parser.parse_args(["--dataset", "coco", "--coco_root", str(tmp_path / "coco"),
                                                 "--label_file", str(tmp_path / "two.json")]))
@@ -354,7 +358,7 @@ def test_voc_xml_written_by_element_tree_is_read(tmp_path):
 
 def test_make_cls_labels_command_rebuilds_the_label_file(voc_root, tmp_path):
     """voc12.make_cls_labels derives from the XML exactly the labels the generator wrote."""
-    from conftest import run_cli
+    from tests.helpers import run_cli
 
     lists = [str(voc_root / "ImageSets/Segmentation" / f"{s}.txt") for s in ("train", "val")]
     out = tmp_path / "labels.json"

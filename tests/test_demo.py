@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from tool.palette import read_label_png
+from core.palette import read_label_png
+from tests.helpers import run_cli
 
 
 def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) -> float:
@@ -26,7 +26,7 @@ def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("-m", "tool.demo", "--quick", "--out", str(out), timeout=600)
+    proc = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best threshold", "fixed default threshold"):
         assert row in proc.stdout
@@ -48,7 +48,7 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     names = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert len(list((out / "seed0" / "bao_pred").glob("*.png"))) == len(names)
 
-    again = run_cli("-m", "tool.demo", "--quick", "--out", str(out), timeout=600)
+    again = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reused") == 3  # dataset and both training stages
     assert json.loads((out / "seed0" / "table.json").read_text()) == res

@@ -4,7 +4,7 @@ and no partial file in the output folders.
 
 Cases already covered elsewhere (test_train.py, test_infer.py, test_visual.py,
 test_evaluation.py, test_coco14.py, test_network.py) are not repeated here. Most cases call the script's own ``get_args_parser`` / ``main`` under
-``tool.errors.run_cli`` in-process (the command line's path without a torch start-up per
+``core.errors.run_cli`` in-process (the command line's path without a torch start-up per
 case); each script family also runs here as a real subprocess, where worker processes and
 signals behave as in a terminal.
 """
@@ -26,11 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
 from data.labels import read_list
-from tool.camio import load_cams
-from tool.fileio import is_temporary
-from tool.palette import read_label_png
+from data.camio import load_cams
+from core.fileio import is_temporary
+from core.palette import read_label_png
 
 TRAIN_LIST = "ImageSets/Segmentation/train.txt"
 # The odd images of the fixture ``odd_root``: name -> (how it is stored, its size (W, H)).
@@ -193,11 +193,11 @@ TRAIN_REFUSALS = {
     "label id out of range": ({"--label_file": "{id_out_of_range}"},
                               ("image synth_000001 has a class id outside 1..6",)),
     "label file missing": ({"--label_file": "{folder}/none.json"}, ("label file not found",)),
-    "negative batch": ({"--batch_size": "-1"}, ("--batch_size must be a positive integer",)),
+    "negative batch": ({"--batch_size": "-1"}, ("argument --batch_size: must be >= 1, got -1",)),
     "crop not a multiple of 16": ({"--crop_size": "100"}, ("--crop_size must be a multiple of 16", "try 96")),
     "unknown arch": ({"--arch": "huge"}, ("unknown --arch 'huge'", "choose one of")),
     "unknown method": ({"--method": "foo"}, ("argument --method: invalid choice: 'foo'",)),
-    "negative workers": ({"--num_workers": "-1"}, ("--num_workers must be zero or positive",)),
+    "negative workers": ({"--num_workers": "-1"}, ("argument --num_workers: must be >= 0, got -1",)),
 }
 
 
@@ -273,7 +273,7 @@ def test_train_ctrl_c_with_loader_workers(voc_root, tiny_transcam_weights, tmp_p
     args = _replace(_train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "100",
                                 "--log_every", "1"), "--num_workers", "2")
     proc = subprocess.Popen([sys.executable, "train_bao.py", *args], cwd=ROOT, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = tmp_path / "bao" / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.is_file() and '"step"' in log.read_text()):
@@ -358,7 +358,7 @@ def test_infer_ctrl_c_exits_cleanly_and_leaves_only_complete_files(voc_root, tin
     args = _replace(_replace(args, "--infer_list", str(voc_root / "ImageSets/Segmentation/trainval.txt")),
                     "--num_workers", "1")
     proc = subprocess.Popen([sys.executable, "infer_bao.py", *args], cwd=ROOT, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out / "cam").is_dir() or not [p for p in (out / "cam").iterdir() if not is_temporary(p.name)]:
         assert proc.poll() is None and time.monotonic() < deadline, "inference ended before it could be interrupted"
@@ -415,7 +415,7 @@ def test_visual_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, ti
 # ----------------------------------------------------------------------------- evaluation
 
 def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
-    from tool.palette import save_label_png
+    from core.palette import save_label_png
 
     save_label_png(tmp_path / "gt" / "a.png", np.zeros((2, 3), np.uint8))
     save_label_png(tmp_path / "pred" / "a.png", np.zeros((2, 3), np.uint8))
@@ -426,8 +426,10 @@ def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
     assert_refused(proc.returncode, proc.stderr, f"list file {bad['empty_list']} is empty")
     cases = {
         "list missing": (["--list", str(tmp_path / "none.txt")], ("list file not found",)),
-        "one class": (["--list", str(tmp_path / "list.txt"), "--num_classes", "1"], ("--num_classes 1",)),
-        "no workers": (["--list", str(tmp_path / "list.txt"), "--workers", "0"], ("--workers 0",)),
+        "one class": (["--list", str(tmp_path / "list.txt"), "--num_classes", "1"],
+                      ("argument --num_classes: must be >= 2, got 1",)),
+        "no workers": (["--list", str(tmp_path / "list.txt"), "--workers", "0"],
+                       ("argument --workers: must be >= 1, got 0",)),
         "unknown type": (["--list", str(tmp_path / "list.txt"), "--type", "foo"], ("invalid choice: 'foo'",)),
         "json under a file": (["--list", str(tmp_path / "list.txt"), "--json", str(bad["a_file"] / "r.json")],
                               (f"cannot write {bad['a_file'] / 'r.json'}",)),
@@ -470,7 +472,7 @@ def test_prepare_coco_ctrl_c_leaves_no_worker_traceback_and_no_temporary(slow_co
     cmd = [sys.executable, "-m", "coco14.prepare_coco", "--coco_root", str(slow_coco_root), "--splits", "val",
            "--out_dir", str(tmp_path / "out"), "--mask_dir", str(masks), "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not [p for p in masks.glob("COCO_*.png")]:
         assert proc.poll() is None and time.monotonic() < deadline, "preparation ended before it could be interrupted"
@@ -487,26 +489,26 @@ def test_prepare_coco_ctrl_c_leaves_no_worker_traceback_and_no_temporary(slow_co
     assert not (tmp_path / "out").exists()  # lists and labels are written once all masks are done
 
     code, _, err = call_main("coco14.prepare_coco", cmd[3:-2] + ["--workers", "0"], capsys)
-    assert_refused(code, err, "--workers must be at least 1")
+    assert_refused(code, err, "argument --workers: must be >= 1, got 0")
 
 
 # ---------------------------------------------------------------------- dataset generator
 
 def test_make_dataset_errors(bad, tmp_path, capsys):
     cases = {
-        "no train images": (["--out", str(tmp_path / "a"), "--num_train", "0"], ("--num_train must be at least 1",)),
+        "no train images": (["--out", str(tmp_path / "a"), "--num_train", "0"], ("argument --num_train: must be >= 1",)),
         "bad quality": (["--out", str(tmp_path / "b"), "--quality", "0"], ("--quality must lie in 1..100",)),
         "output under a file": (["--out", str(bad["a_file"] / "VOC2012"), "--num_train", "1", "--num_val", "0"],
                                 (f"cannot write {bad['a_file'] / 'VOC2012' / 'JPEGImages'}",)),
     }
     for argv, phrases in cases.values():
-        code, _, err = call_main("tool.make_dataset", argv, capsys)
+        code, _, err = call_main("apps.make_dataset", argv, capsys)
         assert_refused(code, err, *phrases)
     assert not list(tmp_path.iterdir())
 
 
 def test_remove_temporaries_touches_only_the_given_outputs(tmp_path):
-    from tool.fileio import atomic_path, remove_temporaries
+    from core.fileio import atomic_path, remove_temporaries
 
     names = [".a.png.x1y2.tmp.png", ".b.png.z3w4.tmp.png", ".a.npz.q5r6.tmp.npz", "a.png", ".hidden.png"]
     for name in names:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tool.camio import save_cams
-from tool.palette import save_label_png
+from data.camio import save_cams
+from core.palette import save_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,15 @@ def test_missing_files(data: Path) -> None:
     proc = run("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list3.txt", "--logfile", "", cwd=data)
     assert_user_error(proc, "1 of 3 predictions missing", "first: c.png")
     proc = run("--predict_dir", "pred", "--list", "list3.txt", "--voc12_root", "nowhere", cwd=data)
-    assert_user_error(proc, "ground-truth folder not found: nowhere/SegmentationClass")
+    assert_user_error(proc, "VOC root nowhere does not exist", "--voc12_root")
+    (data / "voc").mkdir()
+    proc = run("--predict_dir", "pred", "--list", "list3.txt", "--voc12_root", "voc", cwd=data)
+    assert_user_error(proc, "ground-truth folder not found: voc/SegmentationClass", "--gt_dir or --voc12_root")
+    (data / "voc" / "SegmentationClassAug").mkdir()
+    proc = run("--predict_dir", "pred", "--list", "list3.txt", "--voc12_root", "voc", cwd=data)
+    assert_user_error(proc, "3 of 3 ground-truth masks missing in voc/SegmentationClassAug")
+    proc = run("--predict_dir", "nowhere", "--gt_dir", "gt", "--list", "list3.txt", cwd=data)
+    assert_user_error(proc, "prediction folder not found: nowhere; set --predict_dir")
     proc = run("--type", "npy", "--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", cwd=data)
     assert_user_error(proc, "2 of 2 CAM files missing", "a.png exists", "--type png")
 
@@ -123,15 +131,24 @@ def test_size_mismatch(data: Path) -> None:
 def test_ids_out_of_range_and_coco_conventions(data: Path) -> None:
     save_label_png(data / "pred" / "a.png", np.full((2, 4), 25, np.uint8))
     base = ("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", "--logfile", "")
-    assert_user_error(run(*base, cwd=data), "pred/a.png contains class id(s) 25 outside the 21-class range 0..20")
+    assert_user_error(run(*base, cwd=data), "pred/a.png contains class id(s) 25 outside the 21-class range 0..20",
+                      "21 classes, from --dataset voc")
     save_label_png(data / "pred" / "a.png", np.full((2, 4), 85, np.uint8))
-    assert_user_error(run(*base, "--num_classes", "81", cwd=data),
+    assert_user_error(run(*base, "--dataset", "coco", "--num_classes", "81", cwd=data),
                       "pred/a.png contains class id(s) 85", "0..80", "raw COCO category ids",
-                      "--num_classes 91")
+                      "--convention raw")
+    # A count alone names no dataset: 81 classes without --dataset coco are generic classes.
+    assert_user_error(run(*base, "--num_classes", "81", cwd=data),
+                      "pred/a.png contains class id(s) 85 outside the 81-class range 0..80", "--num_classes 81")
     save_label_png(data / "pred" / "a.png", np.full((2, 4), 12, np.uint8))
-    assert_user_error(run(*base, "--num_classes", "91", cwd=data),
+    assert_user_error(run(*base, "--dataset", "coco", "--convention", "raw", "--num_classes", "91", cwd=data),
                       "pred/a.png contains class id(s) 12, which are unused COCO category ids",
-                      "--num_classes 81")
+                      "--convention contiguous")
+    proc = run(*base, "--num_classes", "91", cwd=data)  # generic ids 0..90: 12 is a class
+    assert proc.returncode == 0 and "class12" in proc.stdout and "aeroplane" not in proc.stdout, proc.stderr
+    assert_user_error(run(*base, "--dataset", "coco", "--num_classes", "91", cwd=data),
+                      "--num_classes 91 contradicts --dataset coco", "--convention raw")
+    assert_user_error(run(*base, "--convention", "raw", cwd=data), "--convention", "--dataset coco")
     save_cams(data / "cam" / "b.npz", np.array([30]), np.zeros((1, 2, 4), np.float32))
     assert_user_error(run("--type", "npy", "--predict_dir", "cam", "--gt_dir", "gt", "--list", "list_b.txt",
                           "--logfile", "", cwd=data),
@@ -156,7 +173,7 @@ def test_cam_files_of_another_format(data: Path) -> None:
                       "not a CAM file")
     save_cams(pub / "b.npz", np.array([1]), np.zeros((1, 2, 4), np.float32))
     assert_user_error(run(*base, "--predict_dir", "pub", "--bg_from_file", cwd=data),
-                      "pub/b.npz has no background map (key 0)")
+                      "pub/b.npz has no background map (key 0)", "drop --bg_from_file")
 
 
 def test_flag_misuse(data: Path) -> None:
@@ -166,3 +183,5 @@ def test_flag_misuse(data: Path) -> None:
                "--t", "0.5", "--plot", "x.png", "--logfile", "", cwd=data)
     assert_user_error(proc, "--plot needs a sweep of at least two thresholds")
     assert not (data / "x.png").exists()
+    proc = run("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", "--workers", "0", cwd=data)
+    assert proc.returncode == 2 and "argument --workers: must be >= 1, got 0" in proc.stderr

@@ -8,7 +8,6 @@ case); the interrupted run and two error cases run as real subprocesses.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,12 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, call_main, run_cli
+from core.fileio import is_temporary
+from core.palette import read_label_png
+from data.camio import load_cams
 from data.labels import ImageLabels, read_list
-from tool.camio import load_cams
-from tool.fileio import is_temporary
+from tests.helpers import ROOT, call_main, run_cli
 from tool.labelrule import lowest_absent
-from tool.palette import read_label_png
 
 
 def _common(voc_root: Path, weights: Path, scales: str = "32,64") -> list[str]:
@@ -107,8 +106,7 @@ def test_interrupted_run_resumes_to_the_same_files(voc_root, tiny_bao_weights, t
     args = _common(voc_root, tiny_bao_weights, scales="128,256")
     killed = tmp_path / "killed"
     cmd = [sys.executable, "infer_bao.py", *args, "--out_pred", str(killed / "pred"), "--out_cam", str(killed / "cam")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     def finished() -> int:
         return len([p for p in (killed / "pred").glob("*.png") if not is_temporary(p.name)])

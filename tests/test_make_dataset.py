@@ -1,4 +1,4 @@
-"""Tests of tool/make_dataset.py: the synthetic dataset in the real VOC folder format."""
+"""Tests of apps/make_dataset.py: the synthetic dataset in the real VOC folder format."""
 from __future__ import annotations
 
 import subprocess
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apps.make_dataset import CLASSES, generate
+from core.palette import read_label_png
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import DatasetLayout, labels_from_annotations
-from tool.make_dataset import CLASSES, generate
-from tool.palette import read_label_png
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_VAL, SIZE, SEED = 8, 4, 64, 3
@@ -149,7 +149,7 @@ def test_train_images_do_not_depend_on_num_val(dataset, tmp_path):
 
 def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "VOC2012"
-    cmd = [sys.executable, "-m", "tool.make_dataset", "--out", str(out), "--num_train", "3",
+    cmd = [sys.executable, "-m", "apps.make_dataset", "--out", str(out), "--num_train", "3",
            "--num_val", "1", "--size", "48", "--seed", "1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -163,7 +163,7 @@ def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path):
     assert forced.returncode == 0, forced.stderr
     bad = subprocess.run(cmd[:-2] + ["--size", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--size 8 is too small" in bad.stderr
-    helped = subprocess.run([sys.executable, "-m", "tool.make_dataset", "--help"], cwd=REPO,
+    helped = subprocess.run([sys.executable, "-m", "apps.make_dataset", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0
     for flag in ("--out", "--num_train", "--num_val", "--size", "--seed", "--quality", "--overwrite"):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.classes import COCO_UNUSED_IDS
+from data.classes import COCO, COCO_RAW, COCO_UNUSED_IDS, VOC, ClassSet, generic
 from tool.cam import pseudo_labels
-from tool.camio import load_cams, save_cams
-from tool.errors import UserError
+from data.camio import load_cams, save_cams
+from core.errors import UserError
 from tool.metrics import (
     _count_below, argmax_labels, check_ids, confusion, confusions_from_bins, evaluate_cams, evaluate_labels, scores,
-    sweep_bins, sweep_confusions, threshold_range, valid_classes,
+    format_table, scores_to_json, sweep_bins, sweep_confusions, threshold_range,
 )
-from tool.palette import save_label_png
+from core.palette import save_label_png
 
 # Hand-made 2x4 masks with 3 classes; 255 in the ground truth is ignored.
 GT = np.array([[0, 0, 1, 1],
@@ -26,14 +26,15 @@ PRED = np.array([[0, 1, 1, 1],
 CONF = np.array([[1, 1, 0],
                  [1, 2, 0],
                  [1, 0, 1]])
+C3 = generic(3)
 
 
 def test_confusion_hand_made() -> None:
-    np.testing.assert_array_equal(confusion(GT, PRED, 3), CONF)
+    np.testing.assert_array_equal(confusion(GT, PRED, C3), CONF)
 
 
 def test_scores_hand_computed() -> None:
-    r = scores(CONF)
+    r = scores(CONF, C3)
     # class 0: T=2 P=3 TP=1 union 4; class 1: T=3 P=3 TP=2 union 4; class 2: T=2 P=1 TP=1 union 2
     np.testing.assert_allclose(r["iou"], [1 / 4, 2 / 4, 1 / 2])
     np.testing.assert_allclose(r["fp"], [2 / 4, 1 / 4, 0 / 2])
@@ -53,37 +54,55 @@ def test_scores_nan_classes_skipped() -> None:
     # 5 classes: class 3 absent everywhere (all NaN), class 4 in the ground truth only.
     gt = np.array([[0, 1, 4, 4]], np.uint8)
     pred = np.array([[0, 1, 0, 1]], np.uint8)
-    r = scores(confusion(gt, pred, 5))
+    r = scores(confusion(gt, pred, generic(5)), generic(5))
     assert np.isnan(r["iou"][2]) and np.isnan(r["iou"][3]) and np.isnan(r["recall"][3])
     assert r["iou"][4] == 0 and r["recall"][4] == 0 and np.isnan(r["precision"][4])
     # IoU: class 0 = 1/2 (T=1, P=2), class 1 = 1/2, class 4 = 0 -> mean over 3 classes
     assert r["miou"] == pytest.approx(1 / 3)
     assert r["mean_precision"] == pytest.approx((1 / 2 + 1 / 2) / 2)
-    empty = scores(np.zeros((3, 3), np.int64))
+    empty = scores(np.zeros((3, 3), np.int64), C3)
     assert np.isnan(empty["miou"])
 
 
+def test_class_sets_are_explicit() -> None:
+    assert (VOC.num_classes, COCO.num_classes, COCO_RAW.num_classes) == (21, 81, 91)
+    assert VOC.valid.all() and COCO.valid.all()
+    assert COCO_RAW.valid.sum() == 81 and not COCO_RAW.valid[list(COCO_UNUSED_IDS)].any()
+    # 91 classes are not COCO raw ids unless the class set says so
+    assert generic(91).valid.all() and generic(91).names[12] == "class12" and generic(91) != COCO_RAW
+    with pytest.raises(ValueError, match="unused ids"):
+        ClassSet(("background", "a"), unused=(2,))
+
+
 def test_coco_raw_ids_unused_classes() -> None:
-    valid = valid_classes(91)
-    assert valid.sum() == 81 and not valid[list(COCO_UNUSED_IDS)].any()
     gt = np.array([[0, 1, 90, 255]], np.uint8)
-    r = scores(confusion(gt, np.array([[0, 1, 90, 5]], np.uint8), 91))
+    r = scores(confusion(gt, np.array([[0, 1, 90, 5]], np.uint8), COCO_RAW), COCO_RAW)
     assert r["miou"] == pytest.approx(1.0)  # only 0, 1, 90 defined; unused ids never count
     assert np.isnan(r["iou"][12])
-    with pytest.raises(UserError, match="unused COCO category ids.*--num_classes 81"):
-        confusion(gt, np.array([[0, 12, 90, 5]], np.uint8), 91, pred_name="p.png")
-    with pytest.raises(UserError, match=r"p.png contains class id\(s\) 85 .*0\.\.80.*raw COCO category ids"):
-        confusion(np.zeros((1, 2), np.uint8), np.array([[0, 85]], np.uint8), 81, pred_name="p.png")
+    table = format_table(r, COCO_RAW)
+    assert "toothbrush" in table and "unused" not in table
+    assert [c["id"] for c in scores_to_json(r, COCO_RAW)["classes"]][:13] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]
+    with pytest.raises(UserError, match="unused COCO category ids.*contiguous ids 1..80") as err:
+        confusion(gt, np.array([[0, 12, 90, 5]], np.uint8), COCO_RAW, pred_name="p.png")
+    assert err.value.about == "coco_contiguous_ids"
+    with pytest.raises(UserError, match=r"p.png contains class id\(s\) 85 .*0\.\.80.*raw COCO category ids") as err:
+        confusion(np.zeros((1, 2), np.uint8), np.array([[0, 85]], np.uint8), COCO, pred_name="p.png")
+    assert err.value.about == "coco_raw_ids"
+    # the same ids with a count-alike class set of other classes: no COCO hints
+    with pytest.raises(UserError, match="outside the 81-class range 0..80; check the classes") as err:
+        confusion(np.zeros((1, 2), np.uint8), np.array([[0, 85]], np.uint8), generic(81), pred_name="p.png")
+    assert err.value.about == "class_ids"
+    check_ids([12], generic(91), "x", allow_ignore=False)
 
 
 def test_ids_out_of_range_and_ignore() -> None:
     with pytest.raises(UserError, match=r"g.png contains class id\(s\) 3 outside the 3-class range 0..2"):
-        confusion(np.array([[3]], np.uint8), np.array([[0]], np.uint8), 3, gt_name="g.png")
+        confusion(np.array([[3]], np.uint8), np.array([[0]], np.uint8), C3, gt_name="g.png")
     with pytest.raises(UserError, match="255 .ignore. is allowed in ground truth only"):
-        confusion(np.array([[0]], np.uint8), np.array([[255]], np.uint8), 3)
+        confusion(np.array([[0]], np.uint8), np.array([[255]], np.uint8), C3)
     with pytest.raises(UserError, match="size 3x1 .WxH. but .* size 2x1"):
-        confusion(np.zeros((1, 2), np.uint8), np.zeros((1, 3), np.uint8), 3)
-    check_ids([0, 2, 255], 3, "x", allow_ignore=True)
+        confusion(np.zeros((1, 2), np.uint8), np.zeros((1, 3), np.uint8), C3)
+    check_ids([0, 2, 255], C3, "x", allow_ignore=True)
 
 
 def test_threshold_range() -> None:
@@ -99,7 +118,7 @@ def test_sweep_hand_made_ties() -> None:
     keys = np.array([0, 3])
     cams = np.array([[[0.9, 0.9, 0.9]], [[0.2, 0.5, 0.8]]], np.float32)
     gt = np.array([[0, 3, 3]], np.uint8)
-    conf = sweep_confusions(gt, keys, cams, np.array([0.1, 0.5, 0.9], np.float32), 4)
+    conf = sweep_confusions(gt, keys, cams, np.array([0.1, 0.5, 0.9], np.float32), generic(4))
     np.testing.assert_array_equal(conf[0][[0, 3]][:, [0, 3]], [[0, 1], [0, 2]])  # all pixels class 3
     np.testing.assert_array_equal(conf[1][[0, 3]][:, [0, 3]], [[1, 0], [1, 1]])  # 0.5 == t -> background
     np.testing.assert_array_equal(conf[2][[0, 3]][:, [0, 3]], [[1, 0], [2, 0]])  # all background
@@ -129,6 +148,7 @@ def test_count_below_equals_searchsorted() -> None:
 def test_one_pass_sweep_equals_direct_thresholding() -> None:
     rng = np.random.default_rng(0)
     c = 6
+    classes = generic(c)
     thresholds = threshold_range(0.0, 1.0, 0.05)
     total_bins = np.zeros((thresholds.size + 1, c, c), np.int64)
     direct = np.zeros((thresholds.size, c, c), np.int64)
@@ -138,11 +158,11 @@ def test_one_pass_sweep_equals_direct_thresholding() -> None:
         cams = _random_cams(rng, list(keys), shape)
         gt = rng.integers(0, c, shape).astype(np.uint8)
         gt[rng.random(shape) < 0.1] = 255
-        total_bins += sweep_bins(gt, keys, cams, thresholds, c)
+        total_bins += sweep_bins(gt, keys, cams, thresholds, classes)
         for j, t in enumerate(thresholds):
             # what infer_bao.py --t writes: argmax over [t, foreground maps]
             label = pseudo_labels(torch.from_numpy(cams.astype(np.float32)), torch.from_numpy(keys), float(t))
-            direct[j] += confusion(gt, label.numpy().astype(np.uint8), c)
+            direct[j] += confusion(gt, label.numpy().astype(np.uint8), classes)
     swept = confusions_from_bins(total_bins)
     np.testing.assert_array_equal(swept, direct)
     assert swept.sum() > 0 and len({int(s) for s in swept.sum(axis=(1, 2))}) == 1
@@ -200,10 +220,40 @@ def test_folder_evaluation_parallel_equals_serial(tmp_path) -> None:
         save_label_png(gt_dir / f"{n}.png", gt)
         save_label_png(pred_dir / f"{n}.png", pred)
         save_cams(cam_dir / f"{n}.npz", keys, cams)
-        expected += confusion(gt, pred, 3)
-        expected_sweep += sweep_confusions(gt, keys, cams, thresholds, 3)
+        expected += confusion(gt, pred, C3)
+        expected_sweep += sweep_confusions(gt, keys, cams, thresholds, C3)
     for workers in (1, 2):
-        np.testing.assert_array_equal(evaluate_labels(names, pred_dir, gt_dir, 3, workers, False), expected)
-        confs, free = evaluate_cams(names, cam_dir, gt_dir, 3, thresholds, True, workers, False)
+        np.testing.assert_array_equal(evaluate_labels(names, pred_dir, gt_dir, C3, workers, False), expected)
+        confs, free = evaluate_cams(names, cam_dir, gt_dir, C3, thresholds, True, workers, False)
         np.testing.assert_array_equal(confs, expected_sweep)
         assert free.shape == (3, 3) and free.sum() == 5 * 48
+
+
+def test_folder_errors_state_the_problem_without_flags(tmp_path) -> None:
+    """Library messages name files and folders, not command-line flags; ``about`` says what an
+    entry script may add, also for errors raised in worker processes."""
+    names = ["a", "b"]
+    for n in names:
+        save_label_png(tmp_path / "gt" / f"{n}.png", np.zeros((2, 3), np.uint8))
+        save_label_png(tmp_path / "pred" / f"{n}.png", np.full((2, 3), 7, np.uint8))
+    thresholds = threshold_range(0.1, 0.2, 0.1)
+    cases = [
+        (lambda: evaluate_labels(names, tmp_path / "nowhere", tmp_path / "gt", C3, 1, False),
+         "prediction folder not found: ", "prediction_folder"),
+        (lambda: evaluate_labels(names, tmp_path / "pred", tmp_path / "nowhere", C3, 1, False),
+         "ground-truth folder not found: ", "ground_truth_folder"),
+        (lambda: evaluate_labels(names + ["c"], tmp_path / "pred", tmp_path / "gt", C3, 1, False),
+         "1 of 3 ground-truth masks missing", "ground_truth"),
+        (lambda: evaluate_cams(names, tmp_path / "pred", tmp_path / "gt", C3, thresholds, False, 1, False),
+         "a.png exists: this folder holds label maps, not CAM files", "labels_not_cams"),
+        (lambda: evaluate_labels(names, tmp_path / "pred", tmp_path / "gt", C3, 2, False),
+         "contains class id(s) 7 outside the 3-class range", "class_ids"),
+    ]
+    for call, phrase, about in cases:
+        with pytest.raises(UserError) as err:
+            call()
+        assert phrase in str(err.value) and err.value.about == about
+        assert "--" not in str(err.value)
+    with pytest.raises(UserError, match="no background map") as err:
+        argmax_labels(np.array([1]), np.zeros((1, 2, 2), np.float32), 3, "c.npz")
+    assert err.value.about == "background_map" and "--" not in str(err.value)

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserError
 from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, load_weights, read_state_dict
 from network.conformer import Conformer, build_conformer
 from network.conformer_CAM import ARCHS, Net_sm, Net_ti, Net_tiny
 from network.factory import build_network
-from tool.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 
@@ -162,7 +162,7 @@ def test_transcam_checkpoint_loads_for_training_and_is_refused_for_bao(tmp_path,
     assert "4 missing" in report.summary() and "label_enc.weight" in report.summary()
     assert torch.equal(model.label_enc.weight, init_label_enc)  # kept its initialisation
     assert torch.equal(model.conv_cls_head.weight, tiny_state["conv_cls_head.weight"])
-    with pytest.raises(UserError, match="TransCAM checkpoint.*--method transcam"):
+    with pytest.raises(UserError, match="TransCAM checkpoint.*TransCAM baseline"):
         load_weights(Net_tiny(num_classes=6), path, purpose="bao")
 
 
@@ -199,7 +199,7 @@ def test_wrong_class_count_and_architecture_are_refused(tmp_path, tiny_state):
     torch.save(tiny_state, path)
     with pytest.raises(UserError, match="different number of classes"):
         load_weights(Net_tiny(num_classes=21), path, purpose="bao")
-    with pytest.raises(UserError, match="does not fit this model.*--arch"):
+    with pytest.raises(UserError, match="does not fit this model.*model size"):
         load_weights(Net_tiny(num_classes=6, embed_dim=48), path, purpose="bao")
 
 
@@ -224,3 +224,11 @@ def test_unsafe_truncated_and_missing_files(tmp_path, tiny_state):
 
 class _Payload:
     """An arbitrary object: unpickling it needs code, which weights_only refuses."""
+
+
+@pytest.mark.parametrize("patch_size", [8, 32])
+def test_patch_size_other_than_the_cnn_stride_is_refused(patch_size):
+    from network.conformer import Conformer
+
+    with pytest.raises(ValueError, match="patch_size must be 16"):
+        Conformer(num_classes=3, patch_size=patch_size, depth=3, embed_dim=32, num_heads=2, channel_ratio=1)

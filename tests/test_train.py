@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
 from network.checkpoint import load_weights
 from network.conformer_CAM import Net_tiny
-from tool.training import ResumableSampler, state_digest
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
+from tool.engine import ResumableSampler, state_digest
 
 
 def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -98,8 +97,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_
 def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights, tmp_path):
     args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "50",
                  "--log_every", "1")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "train_bao.py", *args], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "train_bao.py", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = tmp_path / "bao" / "log.jsonl"
     deadline = time.monotonic() + 120
@@ -164,7 +162,7 @@ def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
 
 
 @pytest.mark.parametrize("extra,phrase", [
-    (["--batch_size", "-2"], "--batch_size must be a positive integer"),
+    (["--batch_size", "-2"], "argument --batch_size: must be >= 1, got -2"),
     (["--crop_size", "60"], "--crop_size must be a multiple of 16"),
     (["--arch", "huge"], "unknown --arch 'huge'"),
     (["--resume", "missing.pth"], "checkpoint to resume not found"),

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import call_main, run_cli
 from data.labels import ImageLabels
+from tests.helpers import call_main, run_cli
 from tool.overlay import colorize_labels, jet_overlay, summary_sheet
 
 TITLE = 22  # title strip height of a sheet cell (tool/overlay.py)

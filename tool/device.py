@@ -6,7 +6,6 @@ pins each rank to its local GPU. Without it everything runs in one process.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from dataclasses import dataclass
@@ -14,21 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tool.errors import UserError
+from core.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("off", *AMP_DTYPES)
-
-
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--device`` and ``--amp`` to an entry script's parser."""
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--amp", default="off", choices=AMP_CHOICES,
-                        help="mixed precision: off = float32 throughout, as published (the default); bf16 "
-                             "or fp16 = autocast, faster on GPUs but it changes the teacher's pseudo-labels "
-                             "and the maps slightly (bench/gpu_check.py measures by how much); bf16 also "
-                             "works on CPU, fp16 needs CUDA")
 
 
 @dataclass

@@ -2,8 +2,13 @@
 evaluation of folders of label maps or CAM files against ground truth.
 
 Conventions: a confusion matrix ``conf`` is int64 (C, C) with rows = ground-truth class and
-columns = predicted class. Ground-truth 255 is ignored. Class ids must lie in 0..C-1; with
-91 classes (COCO raw category ids) the ten unused COCO ids are outside the convention too.
+columns = predicted class. Ground-truth 255 is ignored. The classes are a
+:class:`data.classes.ClassSet`, always passed explicitly: ids must lie in 0..C-1 and not be
+one of its unused ids (the ten unused COCO category ids of the raw-id convention).
+
+Errors a user can cause raise :class:`UserError` stating the problem without command-line
+terms; its ``about`` names what it is about (:data:`ABOUT`), so that an entry script can add
+the flag that fixes it.
 
 The threshold sweep (CAM files): at background score t, a pixel's label is the argmax over
 [t, foreground maps] with ties going to background. With m = the pixel's highest
@@ -25,60 +30,70 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data.classes import COCO_UNUSED_IDS, COCO_RAW_CLASSES, CONVENTION_FILE, class_names
-from tool.camio import CAM_SUFFIX, load_cams
-from tool.errors import UserError
+from core.errors import UserError
+from core.palette import IGNORE_INDEX, read_label_png
+from data.camio import CAM_SUFFIX, load_cams
+from data.classes import COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, ClassSet
 from tool.labelrule import with_absent_classes
-from tool.palette import IGNORE_INDEX, read_label_png
 
 MAX_CLASSES = 255  # ids are stored in uint8 label maps and 255 is the ignore value
 _SCORE_KEYS = ("iou", "fp", "fn", "precision", "recall")
 
+# The ``about`` of the UserErrors raised here -> what it is about (entry scripts add their flags).
+ABOUT = {
+    "prediction_folder": "the folder of predictions (label maps or CAM files) does not exist",
+    "ground_truth_folder": "the ground-truth folder does not exist",
+    "predictions": "listed predictions are missing",
+    "ground_truth": "listed ground-truth masks are missing",
+    "cams_not_labels": "label maps were expected, the folder holds CAM files",
+    "labels_not_cams": "CAM files were expected, the folder holds label maps",
+    "class_ids": "a file holds ids that are not classes of the class set",
+    "coco_contiguous_ids": "contiguous COCO ids evaluated as raw COCO category ids",
+    "coco_raw_ids": "raw COCO category ids evaluated as contiguous COCO ids",
+    "background_map": "the threshold-free argmax got maps without a background map",
+}
 
-def valid_classes(num_classes: int) -> np.ndarray:
-    """(C,) bool: the class ids that exist. False only for the unused COCO ids with 91 classes."""
-    valid = np.ones(num_classes, bool)
-    if num_classes == len(COCO_RAW_CLASSES):
-        valid[list(COCO_UNUSED_IDS)] = False
-    return valid
 
-
-def check_ids(ids: Iterable[int], num_classes: int, source: str, allow_ignore: bool) -> None:
+def check_ids(ids: Iterable[int], classes: ClassSet, source: str, allow_ignore: bool) -> None:
     """Raise :class:`UserError` if any of ``ids`` (ids present in ``source``) is not a class.
 
     ``allow_ignore`` admits 255 (ground truth). The message names the file, the ids and the
-    range, and explains COCO convention mismatches (raw ids with 81 classes, contiguous ids
-    with 91 classes).
+    range; with the COCO class sets it explains convention mismatches (raw ids evaluated as
+    contiguous ids, contiguous ids as raw ids).
     """
-    valid = valid_classes(num_classes)
-    bad = [int(i) for i in ids if not (i < num_classes and valid[i]) and not (allow_ignore and i == IGNORE_INDEX)]
+    count, valid = classes.num_classes, classes.valid
+    bad = [int(i) for i in ids if not (i < count and valid[i]) and not (allow_ignore and i == IGNORE_INDEX)]
     if not bad:
         return
     shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-    msg = f"{source} contains class id(s) {shown} outside the {num_classes}-class range 0..{num_classes - 1}"
-    if num_classes == len(COCO_RAW_CLASSES) and any(i in COCO_UNUSED_IDS for i in bad):
-        msg = (
-            f"{source} contains class id(s) {shown}, which are unused COCO category ids: with 91 classes "
-            f"ids are raw COCO category ids and {', '.join(map(str, COCO_UNUSED_IDS))} never occur; these "
-            "look like contiguous ids 1..80, so evaluate with --num_classes 81"
-        )
-    elif num_classes == 81 and all(81 <= i <= 90 for i in bad):
-        msg += (
-            "; ids above 80 are raw COCO category ids (the 91-class convention), but 81 classes means "
-            "contiguous ids 1..80: evaluate with --num_classes 91 or convert the masks to contiguous ids"
-        )
+    msg = f"{source} contains class id(s) {shown} outside the {count}-class range 0..{count - 1}"
+    about = "class_ids"
+    if any(i in classes.unused for i in bad):
+        unused = ", ".join(map(str, classes.unused))
+        if classes.unused == COCO_RAW.unused:
+            msg = (f"{source} contains class id(s) {shown}, which are unused COCO category ids: in the raw-id "
+                   f"convention ids are COCO category ids and {unused} never occur; these look like "
+                   "contiguous ids 1..80")
+            about = "coco_contiguous_ids"
+        else:
+            msg = f"{source} contains class id(s) {shown}, which are unused ids ({unused}) of these {count} classes"
+    elif classes == COCO and all(count <= i <= 90 for i in bad):
+        msg += ("; ids above 80 are raw COCO category ids (the raw-id convention, 91 classes), but contiguous "
+                "COCO ids are 1..80")
+        about = "coco_raw_ids"
     elif IGNORE_INDEX in bad and not allow_ignore:
         msg += "; 255 (ignore) is allowed in ground truth only: a prediction needs a class for every pixel"
+        about = None
     else:
-        msg += "; check --num_classes and that the file holds class ids"
-    raise UserError(msg)
+        msg += "; check the classes evaluated with and that the file holds class ids"
+    raise UserError(msg, about=about)
 
 
 def _present(counts: np.ndarray) -> np.ndarray:
     return np.flatnonzero(counts)
 
 
-def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int,
+def confusion(gt: np.ndarray, pred: np.ndarray, classes: ClassSet,
               gt_name: str = "ground truth", pred_name: str = "prediction") -> np.ndarray:
     """Confusion matrix (C, C) int64 of uint8 label maps ``gt`` and ``pred`` (same shape).
 
@@ -96,9 +111,10 @@ def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int,
     pair <<= 8
     pair |= pred
     joint = np.bincount(pair.reshape(-1), minlength=256 * 256).reshape(256, 256)
-    check_ids(_present(joint.sum(axis=1)), num_classes, gt_name, allow_ignore=True)
-    check_ids(_present(joint.sum(axis=0)), num_classes, pred_name, allow_ignore=False)
-    return joint[:num_classes, :num_classes].copy()
+    check_ids(_present(joint.sum(axis=1)), classes, gt_name, allow_ignore=True)
+    check_ids(_present(joint.sum(axis=0)), classes, pred_name, allow_ignore=False)
+    count = classes.num_classes
+    return joint[:count, :count].copy()
 
 
 def _size(shape: tuple[int, ...]) -> str:
@@ -110,21 +126,22 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def scores(conf: np.ndarray, valid: np.ndarray | None = None) -> dict:
+def scores(conf: np.ndarray, classes: ClassSet) -> dict:
     """Per-class and mean scores of a confusion matrix (C, C).
 
     With T = gt pixels, P = predicted pixels and TP = their overlap of a class:
     IoU = TP / (T + P - TP), FP = (P - TP) / (T + P - TP), FN = (T - TP) / (T + P - TP),
     precision = TP / P, recall = TP / T. Undefined ratios (a class absent from both, or
     from P for precision, from T for recall) are NaN and skipped in the means, as are the
-    classes where ``valid`` (default :func:`valid_classes`) is False.
+    unused ids of ``classes``.
 
     Returns a dict with (C,) float64 arrays ``iou fp fn precision recall``, (C,) int64
     ``tp gt_pixels pred_pixels`` and floats ``miou mean_fp mean_fn mean_precision mean_recall``.
     """
     conf = np.asarray(conf, np.int64)
-    if valid is None:
-        valid = valid_classes(conf.shape[0])
+    if conf.shape != (classes.num_classes,) * 2:
+        raise ValueError(f"confusion matrix of shape {conf.shape} for {classes.num_classes} classes")
+    valid = classes.valid
     tp = np.diag(conf).copy()
     t = conf.sum(axis=1)
     p = conf.sum(axis=0)
@@ -187,8 +204,9 @@ def argmax_labels(keys: np.ndarray, cams: np.ndarray, num_classes: int, source: 
     :func:`tool.cam.pseudo_labels` without a threshold."""
     if keys.size == 0 or keys[0] != 0:
         raise UserError(
-            f"{source} has no background map (key 0): --bg_from_file needs BAO maps from infer_bao.py "
-            "(TransCAM CAMs have no background map; sweep thresholds instead)"
+            f"{source} has no background map (key 0): the threshold-free argmax needs BAO maps from "
+            "infer_bao.py (TransCAM CAMs have no background map; sweep thresholds instead)",
+            about="background_map",
         )
     best, score = _argmax0(cams.reshape(keys.size, -1))
     return with_absent_classes(keys[best], score, keys, num_classes).reshape(cams.shape[1:])
@@ -217,7 +235,7 @@ def _count_below(thresholds: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def sweep_bins(gt: np.ndarray, keys: np.ndarray, cams: np.ndarray, thresholds: np.ndarray,
-               num_classes: int, gt_name: str = "ground truth", cam_name: str = "CAM file") -> np.ndarray:
+               classes: ClassSet, gt_name: str = "ground truth", cam_name: str = "CAM file") -> np.ndarray:
     """Counts (T+1, C, C) int64 of one image for :func:`confusions_from_bins`.
 
     ``bins[k, g, c]``: pixels with ground truth g whose best foreground class is c and for
@@ -233,9 +251,9 @@ def sweep_bins(gt: np.ndarray, keys: np.ndarray, cams: np.ndarray, thresholds: n
             f"{cam_name} has maps of size {_size(cams.shape[1:])} but {gt_name} has size {_size(gt.shape)}; "
             "CAMs must have the resolution of the original image"
         )
-    check_ids(keys, num_classes, f"{cam_name} (its 'keys')", allow_ignore=False)
-    check_ids(_present(np.bincount(gt.reshape(-1), minlength=256)), num_classes, gt_name, allow_ignore=True)
-    count, c = thresholds.size, num_classes
+    check_ids(keys, classes, f"{cam_name} (its 'keys')", allow_ignore=False)
+    check_ids(_present(np.bincount(gt.reshape(-1), minlength=256)), classes, gt_name, allow_ignore=True)
+    count, c = thresholds.size, classes.num_classes
     # ignored pixels (255) go to an extra ground-truth row c that is dropped at the end,
     # which is cheaper than selecting the kept pixels of every array
     g = np.minimum(gt.reshape(-1), c)
@@ -271,9 +289,9 @@ def confusions_from_bins(bins: np.ndarray) -> np.ndarray:
 
 
 def sweep_confusions(gt: np.ndarray, keys: np.ndarray, cams: np.ndarray, thresholds: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+                     classes: ClassSet) -> np.ndarray:
     """Confusion matrices (T, C, C) of one image at every threshold, in one pass."""
-    return confusions_from_bins(sweep_bins(gt, keys, cams, thresholds, num_classes))
+    return confusions_from_bins(sweep_bins(gt, keys, cams, thresholds, classes))
 
 
 # ---------------------------------------------------------------- evaluation of folders
@@ -285,7 +303,7 @@ class _Job:
 
     pred_dir: str
     gt_dir: str
-    num_classes: int
+    classes: ClassSet
     thresholds: np.ndarray | None  # None: PNG label maps; else CAM files swept over these
     bg_from_file: bool
 
@@ -302,13 +320,13 @@ def _score_chunk(args: tuple[_Job, list[str]]) -> tuple[np.ndarray, np.ndarray |
     (C, C) or None).
     """
     job, names = args
-    c = job.num_classes
+    c = job.classes.num_classes
     if job.thresholds is None:
         total = np.zeros((c, c), np.int64)
         for name in names:
             gt, gt_path = _read_gt(job, name)
             pred_path = os.path.join(job.pred_dir, f"{name}.png")
-            total += confusion(gt, read_label_png(pred_path), c, gt_path, pred_path)
+            total += confusion(gt, read_label_png(pred_path), job.classes, gt_path, pred_path)
         return total, None
     bins = np.zeros((job.thresholds.size + 1, c, c), np.int64)
     free = np.zeros((c, c), np.int64) if job.bg_from_file else None
@@ -316,34 +334,46 @@ def _score_chunk(args: tuple[_Job, list[str]]) -> tuple[np.ndarray, np.ndarray |
         gt, gt_path = _read_gt(job, name)
         cam_path = os.path.join(job.pred_dir, f"{name}{CAM_SUFFIX}")
         keys, cams = load_cams(cam_path)
-        bins += sweep_bins(gt, keys, cams, job.thresholds, c, gt_path, cam_path)
+        bins += sweep_bins(gt, keys, cams, job.thresholds, job.classes, gt_path, cam_path)
         if free is not None:
             label = argmax_labels(keys, cams, c, cam_path).astype(np.uint8)
-            free += confusion(gt, label, c, gt_path, cam_path)
+            free += confusion(gt, label, job.classes, gt_path, cam_path)
     return bins, free
 
 
-def _check_folder(folder: str | os.PathLike, what: str, flag: str) -> None:
+def _check_folder(folder: str | os.PathLike, what: str, about: str) -> None:
     if not Path(folder).is_dir():
-        raise UserError(f"{what} folder not found: {folder}; set {flag}")
+        raise UserError(f"{what} folder not found: {folder}", about=about)
 
 
-def _check_files(names: Sequence[str], folder: str | os.PathLike, suffix: str, what: str, hint: str,
-                 other_hints: dict[str, str] | None = None) -> None:
-    """Raise :class:`UserError` saying how many and which first listed files are missing.
+def _check_files(names: Sequence[str], folder: str | os.PathLike, suffix: str, what: str, about: str,
+                 other_hints: dict[str, tuple[str, str | None]] | None = None) -> None:
+    """Raise :class:`UserError` (``about``) saying how many and which first listed files are missing.
 
-    ``other_hints`` maps a suffix to the hint used instead when the first missing name
-    exists with that suffix (a folder of the other prediction type, published files).
+    ``other_hints`` maps a suffix to the (hint, about) used instead when the first missing
+    name exists with that suffix (a folder of the other prediction type, published files).
     """
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, f"{n}{suffix}"))]
     if not missing:
         return
     first = missing[0]
-    for other, other_hint in (other_hints or {}).items():
+    hint = "check the folder and the list"
+    for other, (other_hint, other_about) in (other_hints or {}).items():
         if os.path.isfile(os.path.join(folder, f"{first}{other}")):
-            hint = f"{first}{other} exists: {other_hint}"
+            hint, about = f"{first}{other} exists: {other_hint}", other_about
             break
-    raise UserError(f"{len(missing)} of {len(names)} {what} missing in {folder} (first: {first}{suffix}); {hint}")
+    raise UserError(f"{len(missing)} of {len(names)} {what} missing in {folder} (first: {first}{suffix}); {hint}",
+                    about=about)
+
+
+def _check_inputs(names: Sequence[str], pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, what: str,
+                  suffix: str, other_hints: dict[str, tuple[str, str | None]]) -> None:
+    """Both folders exist and hold a file of every listed name (ground truth checked first)."""
+    _check_folder(pred_dir, what, "prediction_folder")
+    _check_folder(gt_dir, "ground-truth", "ground_truth_folder")
+    _check_files(names, gt_dir, ".png", "ground-truth masks", "ground_truth")
+    _check_files(names, pred_dir, suffix, "predictions" if suffix == ".png" else "CAM files", "predictions",
+                 other_hints)
 
 
 def default_workers() -> int:
@@ -388,20 +418,17 @@ def _map_chunks(job: _Job, chunks: list[list[str]], workers: int) -> Iterator[tu
 
 
 def evaluate_labels(names: Sequence[str], pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
-                    num_classes: int, workers: int | None = None, progress: bool = True) -> np.ndarray:
+                    classes: ClassSet, workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Confusion matrix (C, C) of the label maps ``<pred_dir>/<name>.png`` against
     ``<gt_dir>/<name>.png`` over ``names``, files read in ``workers`` processes."""
-    _check_folder(pred_dir, "prediction", "--predict_dir")
-    _check_folder(gt_dir, "ground-truth", "--gt_dir or --voc12_root")
-    _check_files(names, gt_dir, ".png", "ground-truth masks", "check --gt_dir and the list")
-    _check_files(names, pred_dir, ".png", "predictions", "check --predict_dir and the list",
-                 {CAM_SUFFIX: "this folder holds CAM files; evaluate them with --type npy"})
-    job = _Job(str(pred_dir), str(gt_dir), num_classes, None, False)
+    _check_inputs(names, pred_dir, gt_dir, "prediction", ".png",
+                  {CAM_SUFFIX: ("this folder holds CAM files, not label maps", "cams_not_labels")})
+    job = _Job(str(pred_dir), str(gt_dir), classes, None, False)
     return _run(job, names, workers, progress, "evaluate")[0]
 
 
 def evaluate_cams(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str | os.PathLike,
-                  num_classes: int, thresholds: np.ndarray, bg_from_file: bool = False,
+                  classes: ClassSet, thresholds: np.ndarray, bg_from_file: bool = False,
                   workers: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Sweep the CAM files ``<cam_dir>/<name>.npz`` over background scores, reading each once.
 
@@ -410,15 +437,12 @@ def evaluate_cams(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str 
     maps including the learned background (else None).
     """
     thresholds = _check_thresholds(thresholds)
-    _check_folder(cam_dir, "CAM", "--predict_dir")
-    _check_folder(gt_dir, "ground-truth", "--gt_dir or --voc12_root")
-    _check_files(names, gt_dir, ".png", "ground-truth masks", "check --gt_dir and the list")
-    _check_files(names, cam_dir, CAM_SUFFIX, "CAM files", "check --predict_dir and the list", {
-        ".npy": ".npy files of the published scripts (pickled dictionaries) are not read; regenerate the "
-                "maps with this repository's infer_bao.py, which writes <name>.npz",
-        ".png": "this folder holds label maps; evaluate them with --type png",
+    _check_inputs(names, cam_dir, gt_dir, "CAM", CAM_SUFFIX, {
+        ".npy": (".npy files of the published scripts (pickled dictionaries) are not read; regenerate the "
+                 "maps with this repository's infer_bao.py, which writes <name>.npz", None),
+        ".png": ("this folder holds label maps, not CAM files", "labels_not_cams"),
     })
-    job = _Job(str(cam_dir), str(gt_dir), num_classes, thresholds, bg_from_file)
+    job = _Job(str(cam_dir), str(gt_dir), classes, thresholds, bg_from_file)
     bins, free = _run(job, names, workers, progress, "evaluate")
     return confusions_from_bins(bins), free
 
@@ -427,14 +451,15 @@ def read_mask_convention(gt_dir: str | os.PathLike) -> dict | None:
     """The id convention recorded beside ground-truth masks, or None when ``gt_dir`` has none.
 
     ``coco14/prepare_coco.py`` writes ``<mask_dir>/convention.json``; the returned record has
-    at least ``convention`` (str), ``num_classes`` (int) and, when present, ``class_names``
-    (``num_classes`` names, background first). A damaged file raises :class:`UserError`.
+    at least ``convention`` (str), ``num_classes`` (int, that of the COCO convention of this
+    name) and, when present, ``class_names`` (``num_classes`` names, background first); its
+    class set is :func:`data.classes.convention_classes`. A damaged file raises :class:`UserError`.
     """
     path = Path(gt_dir) / CONVENTION_FILE
     if not path.is_file():
         return None
-    redo = ("rewrite it with python -m coco14.prepare_coco (the same --mask_dir and --convention; "
-            "existing masks are kept)")
+    redo = ("rewrite it by running coco14.prepare_coco again for this mask folder and convention "
+            "(existing masks are kept)")
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as err:
@@ -446,29 +471,22 @@ def read_mask_convention(gt_dir: str | os.PathLike) -> dict | None:
     if ok and names is not None:
         ok = (isinstance(names, list) and len(names) == record["num_classes"]
               and all(isinstance(n, str) for n in names))
-    if not ok:
+    known = COCO_CONVENTIONS.get(record["convention"]) if ok else None
+    if not ok or (known is not None and known.num_classes != record["num_classes"]):
+        counts = ", ".join(f"{c.num_classes} for {n!r}" for n, c in COCO_CONVENTIONS.items())
         raise UserError(f"{path} is not a mask convention record (expected 'convention', 'num_classes' "
-                        f"between 2 and {MAX_CLASSES} and optionally one class name per class); {redo}")
+                        f"between 2 and {MAX_CLASSES} ({counts}) and optionally one class name per class); "
+                        f"{redo}")
     return record
 
 
 # ---------------------------------------------------------------- reporting
 
 
-def _checked_names(num_classes: int, names: Sequence[str] | None) -> Sequence[str]:
-    names = class_names(num_classes) if names is None else names
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    return names
-
-
-def format_table(result: dict, num_classes: int, names: Sequence[str] | None = None) -> str:
-    """The per-class table (IoU, FP, FN, precision, recall in %) and the mean line of :func:`scores`.
-
-    ``names``: C class names, background first (default :func:`data.classes.class_names`).
-    """
-    names = _checked_names(num_classes, names)
-    valid = valid_classes(num_classes)
+def format_table(result: dict, classes: ClassSet) -> str:
+    """The per-class table (IoU, FP, FN, precision, recall in %) and the mean line of :func:`scores`,
+    one row per class of ``classes`` (its unused ids left out), named by its names."""
+    names, valid = classes.names, classes.valid
     width = max(12, max(len(n) for n in names) + 1)
     head = f"{'class':<{width}}{'IoU':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}"
     lines = [head, "-" * len(head)]
@@ -485,19 +503,18 @@ def _pct(value: float) -> str:
     return f"{'nan':>8}" if np.isnan(value) else f"{100 * value:8.2f}"
 
 
-def scores_to_json(result: dict, num_classes: int, names: Sequence[str] | None = None) -> dict:
-    """A JSON-ready copy of :func:`scores` output: fractions in 0..1, NaN as null, per class by
-    name (``names`` as in :func:`format_table`)."""
+def scores_to_json(result: dict, classes: ClassSet) -> dict:
+    """A JSON-ready copy of :func:`scores` output: fractions in 0..1, NaN as null, per class of
+    ``classes`` by id and name (its unused ids left out)."""
     def num(v: float) -> float | None:
         return None if np.isnan(v) else float(v)
 
-    names = _checked_names(num_classes, names)
-    valid = valid_classes(num_classes)
+    names, valid = classes.names, classes.valid
     per_class = [
         {"id": i, "class": names[i], **{k: num(result[k][i]) for k in _SCORE_KEYS},
          "tp": int(result["tp"][i]), "gt_pixels": int(result["gt_pixels"][i]),
          "pred_pixels": int(result["pred_pixels"][i])}
-        for i in range(num_classes) if valid[i]
+        for i in range(classes.num_classes) if valid[i]
     ]
     means = {k: num(result[k]) for k in ("miou", "mean_fp", "mean_fn", "mean_precision", "mean_recall")}
     return {**means, "classes": per_class}

@@ -11,12 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tool.fileio import atomic_path
-from tool.palette import voc_palette
+from core.fileio import atomic_path
+from core.palette import PALETTE
 
 HEAT_WEIGHT = 0.6  # heat map share of an overlay; the image gets the rest
 _TITLE_HEIGHT = 22
-_PALETTE = voc_palette()
 
 
 def jet_overlay(image: np.ndarray, heat: np.ndarray, heat_weight: float = HEAT_WEIGHT) -> np.ndarray:
@@ -38,7 +37,7 @@ def jet_overlay(image: np.ndarray, heat: np.ndarray, heat_weight: float = HEAT_W
 
 def colorize_labels(label: np.ndarray) -> np.ndarray:
     """(H, W) class ids 0..255 -> (H, W, 3) uint8 RGB in the VOC palette (255 = ignore, cream)."""
-    return _PALETTE[np.asarray(label, dtype=np.uint8)]
+    return PALETTE[np.asarray(label, dtype=np.uint8)]
 
 
 def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_width: int = 192) -> np.ndarray:

@@ -11,7 +11,6 @@ H x W) is ever alive.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Iterator
 
 import torch
@@ -19,86 +18,19 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import CollateOrError, ErrorsAsItems, collate_inference, raise_batch_error
-from data.layout import add_dataset_args
 from network.checkpoint import LoadReport, load_weights
-from network.factory import DEFAULT_NETWORK, build_network
+from network.factory import build_network
 from tool.cam import fold_views, normalize_maps, present_keys
-from tool.device import add_device_args, autocast
+from tool.device import autocast
 
-METHODS = ("bao", "transcam", "cnn")
-# What each method needs from a checkpoint (network.checkpoint purposes).
+# The maps inference can make: BAO (learned background + TransCAM foreground), TransCAM CAMs,
+# and the CNN CAMs before attention refinement (an ablation).
+MAP_KINDS = ("bao", "transcam", "cnn")
+# What each kind of map needs from a checkpoint (network.checkpoint purposes).
 WEIGHT_PURPOSE = {"bao": "bao", "transcam": "transcam", "cnn": "transcam"}
 DEFAULT_SCALES = (256, 512, 768)
 # One image and its flip at 768 per forward; 4 inputs at 512, 18 at 256.
 DEFAULT_FORWARD_PIXELS = 2 * 768 * 768
-
-
-def parse_scales(text: str) -> tuple[int, ...]:
-    """argparse type for ``--scales``: comma-separated positive multiples of 16, e.g. ``256,512,768``."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("needs at least one scale, e.g. 256,512,768")
-    try:
-        scales = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    bad = [s for s in scales if s <= 0 or s % 16]
-    if bad:
-        raise argparse.ArgumentTypeError(f"scales must be positive multiples of 16 (the network stride), got {bad}")
-    if len(set(scales)) != len(scales):
-        raise argparse.ArgumentTypeError(f"scales must be distinct, got {text!r}")
-    return scales
-
-
-def int_at_least(minimum: int):
-    """argparse type for integers >= ``minimum`` (counts, batch sizes, worker processes)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-
-
-def add_prediction_args(parser: argparse.ArgumentParser) -> None:
-    """Model, method, scale, batching, device and dataset flags of the inference scripts."""
-    group = parser.add_argument_group("model and multi-scale inference")
-    group.add_argument("--weights", required=True,
-                       help="checkpoint: BAO weights from train_bao.py (--method bao) or TransCAM weights "
-                            "(--method transcam); plain state_dicts and {'model': ...} wrappers are read")
-    group.add_argument("--network", default=DEFAULT_NETWORK,
-                       help=f"module with the ARCHS table of model builders (default: {DEFAULT_NETWORK})")
-    group.add_argument("--arch", default="sm",
-                       help="model size: sm (all published weights), ti, bs, or tiny (tests) (default: sm)")
-    group.add_argument("--method", default="bao", choices=METHODS,
-                       help="bao: learned background map + TransCAM foreground maps (threshold-free); "
-                            "transcam: foreground CAMs only, for threshold sweeps; cnn: the CNN branch's "
-                            "CAMs before attention refinement (ablation), foreground only (default: bao)")
-    group.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
-                       help="square input sides, comma-separated multiples of 16; each is also run "
-                            "flipped (default: 256,512,768)")
-    group.add_argument("--batch_size", type=positive_int, default=4,
-                       help="images per batch; each scale of a batch runs as one forward of 2 x batch "
-                            "inputs, chunked by --forward_pixels (default: 4)")
-    group.add_argument("--forward_pixels", type=positive_int, default=DEFAULT_FORWARD_PIXELS,
-                       help="most input pixels (inputs x S x S) in one forward pass; bounds memory at large "
-                            f"scales, raise it on a large GPU (default: {DEFAULT_FORWARD_PIXELS} = one image "
-                            "and its flip at 768)")
-    group.add_argument("--num_workers", type=non_negative_int, default=2,
-                       help="data-loading processes reading and resizing images (0: in the main process) "
-                            "(default: 2)")
-    group.add_argument("--t", type=float, default=None,
-                       help="transcam only: background score t for thresholded pseudo-labels, argmax over "
-                            "[t, normalised CAMs]; BAO needs no threshold (default: none)")
-    add_device_args(parser)
-    add_dataset_args(parser)
 
 
 def load_model(network: str, arch: str, weights: str, num_classes: int, method: str,
@@ -106,7 +38,7 @@ def load_model(network: str, arch: str, weights: str, num_classes: int, method: 
     """Build ``arch`` for ``num_classes`` classes, load ``weights`` for ``method``, eval mode on ``device``.
 
     ``method`` "bao" needs the BAO heads in the checkpoint; "transcam" and "cnn" accept TransCAM
-    weights (which lack them). Wrong files raise :class:`tool.errors.UserError`.
+    weights (which lack them). Wrong files raise :class:`core.errors.UserError`.
     """
     model = build_network(network, arch, num_classes)
     report = load_weights(model, weights, purpose=WEIGHT_PURPOSE[method])
@@ -144,8 +76,8 @@ class MultiScalePredictor:
 
     def __init__(self, model: nn.Module, method: str, device: torch.device, amp_dtype: torch.dtype | None = None,
                  forward_pixels: int = DEFAULT_FORWARD_PIXELS):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in MAP_KINDS:
+            raise ValueError(f"method must be one of {MAP_KINDS}, got {method!r}")
         self.model = model
         self.method = method
         self.device = device

@@ -12,18 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.classes import VOC_CLASSES
+from apps.cli import DefaultsHelpFormatter, add_voc_root_arg, voc_layout_from_args
+from data.classes import VOC
 from data.labels import ImageLabels, read_list
-from data.layout import DatasetLayout, labels_from_annotations
-from tool.errors import UserError, run_cli
+from data.layout import labels_from_annotations
+from core.errors import UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--voc12_root", default="VOCdevkit/VOC2012", help="VOC root holding Annotations/")
+                                     formatter_class=DefaultsHelpFormatter)
+    add_voc_root_arg(parser)
     parser.add_argument("--list", nargs="+", default=[str(HERE / "train_aug.txt"), str(HERE / "val.txt")],
                         help="list files whose images get labels (bare names or published lines)")
     parser.add_argument("--out", required=True, help="label file to write (JSON, written atomically)")
@@ -35,12 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> ImageLabels:
     names = list(dict.fromkeys(n for path in args.list for n in read_list(path)))
-    layout = DatasetLayout.voc(args.voc12_root)
+    layout = voc_layout_from_args(args)
     missing = [n for n in names if not layout.annotation_path(n).is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {len(names)} images have no annotation (first: "
                         f"{layout.annotation_path(missing[0])}); check --voc12_root and --list")
-    classes = ImageLabels.load(args.class_file).classes if args.class_file else list(VOC_CLASSES[1:])
+    classes = ImageLabels.load(args.class_file).classes if args.class_file else list(VOC.names[1:])
     labels = labels_from_annotations(layout, names, classes)
     labels.save(args.out)
     print(f"wrote labels of {len(labels)} images ({labels.num_fg} classes) to {args.out}")

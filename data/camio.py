@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tool.errors import UserError
-from tool.fileio import atomic_path
+from core.errors import UserError
+from core.fileio import atomic_path
 
 CAM_SUFFIX = ".npz"
 _REGENERATE = "regenerate the maps with this repository's infer_bao.py, which writes <name>.npz CAM files"

@@ -11,8 +11,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from tool.errors import UserError
-from tool.fileio import atomic_path
+from core.errors import UserError
+from core.fileio import atomic_path
 
 IGNORE_INDEX = 255
 
@@ -27,7 +27,9 @@ def voc_palette(n: int = 256) -> np.ndarray:
     return rgb
 
 
-_PALETTE = voc_palette().reshape(-1).tolist()
+# (256, 3) uint8, built once: the PNG palette here and the colour label maps of tool.overlay.
+PALETTE = voc_palette()
+PALETTE.flags.writeable = False
 
 
 def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
@@ -38,7 +40,7 @@ def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError("label ids must lie in 0..255 to be stored in a PNG")
     img = Image.fromarray(label.astype(np.uint8), mode="P")
-    img.putpalette(_PALETTE)
+    img.putpalette(PALETTE.reshape(-1).tolist())
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

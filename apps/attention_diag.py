@@ -6,41 +6,36 @@ CAM after ``refine`` (spec section 2), and measures where the attention goes: th
 attention mass that object patches and background patches give to object patches,
 normalised by the object's share of patches (1.0 = no preference).
 
-    python bench/attention_diag.py --weights runs/transcam/transcam_19epochs.pth --arch tiny \\
+    python apps/attention_diag.py --weights runs/transcam/transcam_19epochs.pth --arch tiny \\
         --voc12_root demo_out/data/VOC2012 --label_file demo_out/data/VOC2012/cls_labels.json
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.datasets import read_mask  # noqa: E402
-from data.images import read_image  # noqa: E402
-from data.labels import read_list  # noqa: E402
-from data.layout import add_dataset_args, dataset_from_args  # noqa: E402
-from data.transforms import normalize  # noqa: E402
-from network.checkpoint import load_weights  # noqa: E402
-from network.factory import DEFAULT_NETWORK, build_network  # noqa: E402
-from tool.errors import UserError, run_cli  # noqa: E402
-from tool.palette import IGNORE_INDEX  # noqa: E402
+from apps.cli import add_dataset_args, add_model_args, dataset_from_args, positive_int, run_cli
+from core.errors import UserError
+from core.palette import IGNORE_INDEX
+from data.datasets import read_mask
+from data.images import read_image
+from data.labels import read_list
+from data.transforms import normalize
+from network.checkpoint import load_weights
+from network.factory import build_network
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--weights", required=True, help="TransCAM or BAO checkpoint")
-    parser.add_argument("--network", default=DEFAULT_NETWORK, help="module with the ARCHS builders")
-    parser.add_argument("--arch", default="sm", help="model size")
+    add_model_args(parser, weights_required=True, weights_help="TransCAM or BAO checkpoint")
     parser.add_argument("--list", default=None,
                         help="images to use (default: <voc12_root>/ImageSets/Segmentation/train.txt)")
-    parser.add_argument("--max_images", type=int, default=100, help="use the first N images of the list")
+    parser.add_argument("--max_images", type=positive_int, default=100, help="use the first N images of the list")
     parser.add_argument("--size", type=int, default=128, help="square input side (multiple of 16)")
     add_dataset_args(parser)
     return parser

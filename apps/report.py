@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description and the results file."""
+"""Machine description and the sections of bench/RESULTS.md, shared by the benchmarks and the
+miniature reproduction."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,10 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tool.fileio import atomic_path
+from core.fileio import atomic_path
+from data.layout import REPO_ROOT
+
+RESULTS_FILE = REPO_ROOT / "bench" / "RESULTS.md"
 
 
 def cpu_name() -> str:

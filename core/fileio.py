@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tool.errors import UserError
+from core.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

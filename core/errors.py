@@ -10,19 +10,31 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 
 class UserError(Exception):
-    """An error caused by the user's input; its message says what is wrong and what to do."""
+    """An error caused by the user's input; its message says what is wrong and what to do.
+
+    Library code states the problem in its own terms; ``about`` optionally names what the
+    error is about (e.g. "root", "label_file"), so that an entry script can add the flag
+    that fixes it.
+    """
+
+    def __init__(self, message: str, about: str | None = None):
+        super().__init__(message)
+        self.about = about
 
 
-def run_cli(main: Callable[[object], object], args: object) -> None:
-    """Run ``main(args)``; turn :class:`UserError` and Ctrl-C into a clean exit."""
+def run_cli(main: Callable[[object], object], args: object, hints: Mapping[str, str] | None = None) -> None:
+    """Run ``main(args)``; turn :class:`UserError` and Ctrl-C into a clean exit.
+
+    ``hints`` maps an error's ``about`` to text appended to its message (the flag that fixes it).
+    """
     try:
         main(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{(hints or {}).get(err.about, '')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

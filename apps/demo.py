@@ -3,7 +3,7 @@
 Stages (each runs the real entry script in a subprocess, shows its progress bar, and is
 skipped when its outputs already exist, so a re-run reuses what is done):
 
-1. generate the VOC-format dataset (tool/make_dataset.py);
+1. generate the VOC-format dataset (apps/make_dataset.py);
 2. train the TransCAM stage from scratch with the tiny Conformer (train_bao.py --method transcam);
 3. train the BAO stage from it (train_bao.py --method bao);
 4. threshold-free BAO pseudo-labels (infer_bao.py) and their evaluation (evaluation_bao.py);
@@ -13,7 +13,7 @@ skipped when its outputs already exist, so a re-run reuses what is done):
 7. one table: BAO threshold-free mIoU, TransCAM at its best threshold (chosen with the
    pixel labels WSSS is not supposed to have), TransCAM at a fixed default threshold.
 
-``python -m tool.demo --help`` lists the knobs; bench/repro_demo.py repeats it over seeds.
+``python -m apps.demo --help`` lists the knobs; apps/repro_demo.py repeats it over seeds.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tool.errors import UserError, run_cli
-from tool.fileio import atomic_path
+from apps.cli import run_cli
+from core.errors import UserError
+from core.fileio import atomic_path
+from data.layout import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 # Background score carried over when no pixel labels are available to tune it: the best
 # threshold published for TransCAM on VOC (spec section 7).
 DEFAULT_T = 0.44
@@ -100,11 +101,11 @@ def apply_quick(args: argparse.Namespace) -> None:
 def _run(stage: str, cmd: list[str], threads: int) -> None:
     """Run one stage's entry script; its own progress bar goes straight to the terminal."""
     print(f"\n== {stage}", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env)
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         raise UserError(f"demo stage '{stage}' failed (exit {proc.returncode}); see its message above")
     print(f"   {stage}: {time.time() - start:.0f} s", flush=True)
@@ -133,7 +134,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                   "--label_file", str(labels), "--logfile", str(p.out / "eval_log.txt")]
 
     if not _skip("dataset", labels):
-        _run("dataset", ["-m", "tool.make_dataset", "--out", str(p.data), "--num_train", str(args.num_train),
+        _run("dataset", ["-m", "apps.make_dataset", "--out", str(p.data), "--num_train", str(args.num_train),
                          "--num_val", str(args.num_val), "--size", str(args.size), "--seed", str(args.data_seed),
                          "--overwrite"], args.threads)
 

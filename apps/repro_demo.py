@@ -1,27 +1,23 @@
 """Miniature reproduction of the paper's claim on the generated dataset, over several seeds.
 
-Runs the demo pipeline (tool/demo.py: TransCAM from scratch -> BAO -> threshold-free
+Runs the demo pipeline (apps/demo.py: TransCAM from scratch -> BAO -> threshold-free
 pseudo-labels, TransCAM threshold sweep) once per training seed on the same generated
 dataset, then writes the table as mean and spread to bench/RESULTS.md (between markers)
 and prints it. The claim under test: BAO's threshold-free pseudo-labels are at least as
 good as the TransCAM CAMs at their best threshold, with no threshold chosen.
 
-    python bench/repro_demo.py --seeds 0 1 2
+    python apps/repro_demo.py --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import machine_line, write_section  # noqa: E402
-from tool.demo import get_args_parser as demo_parser  # noqa: E402
-from tool.demo import run_pipeline  # noqa: E402
-from tool.errors import run_cli  # noqa: E402
+from apps.cli import run_cli
+from apps.demo import get_args_parser as demo_parser
+from apps.demo import run_pipeline
+from apps.report import RESULTS_FILE, machine_line, write_section
 
 ROWS = (
     ("BAO pseudo-labels, threshold-free", "bao_miou", None),
@@ -40,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run each")
     parser.add_argument("--out", default="demo_out", help="folder of the runs (shared with make demo)")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")),
+    parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="results file to update ('' to only print)")
     return parser
 
@@ -66,8 +62,8 @@ def main(args: argparse.Namespace) -> None:
         runs.append(run_pipeline(args))
     table = summarize(runs)
     wins = sum(r["bao_miou"] >= r["transcam_best_miou"] for r in runs)
-    body = (f"## Miniature reproduction (bench/repro_demo.py)\n\n{machine_line()}\n"
-            f"Command: `python bench/repro_demo.py --seeds {' '.join(map(str, args.seeds))}` "
+    body = (f"## Miniature reproduction (apps/repro_demo.py)\n\n{machine_line()}\n"
+            f"Command: `python apps/repro_demo.py --seeds {' '.join(map(str, args.seeds))}` "
             f"({time.time() - start:.0f} s). Generated dataset: {args.num_train} train images of about "
             f"{args.size} px (seed {args.data_seed}); tiny Conformer; TransCAM {args.transcam_epochs} epochs from "
             f"scratch (lr {args.transcam_lr}), BAO {args.bao_epochs} epochs (lr {args.bao_lr}); scales "

@@ -1,6 +1,6 @@
 """Generate a small synthetic segmentation dataset in the real PASCAL VOC on-disk format.
 
-    python -m tool.make_dataset --out demo_data/VOC2012 --num_train 300 --num_val 100 --size 128
+    python -m apps.make_dataset --out demo_data/VOC2012 --num_train 300 --num_val 100 --size 128
 
 Output (``--out`` is used like a VOC root, i.e. pass it as ``--voc12_root``)::
 
@@ -37,10 +37,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from apps.cli import non_negative_int, positive_int, run_cli
+from core.errors import UserError
+from core.fileio import atomic_path
+from core.palette import IGNORE_INDEX, save_label_png
 from data.labels import ImageLabels, write_list
-from tool.errors import UserError, run_cli
-from tool.fileio import atomic_path
-from tool.palette import IGNORE_INDEX, save_label_png
 
 CLASSES = ("disc", "box", "triangle", "ring", "cross", "star")
 
@@ -351,7 +352,7 @@ def _annotation(name: str, img: np.ndarray, instances: np.ndarray, objects: list
     ET.SubElement(root, "folder").text = "VOC2012"
     ET.SubElement(root, "filename").text = f"{name}.jpg"
     source = ET.SubElement(root, "source")
-    ET.SubElement(source, "database").text = f"synthetic (tool/make_dataset.py, seed {seed})"
+    ET.SubElement(source, "database").text = f"synthetic (apps/make_dataset.py, seed {seed})"
     size = ET.SubElement(root, "size")
     for tag, value in (("width", img.shape[1]), ("height", img.shape[0]), ("depth", 3)):
         ET.SubElement(size, tag).text = str(value)
@@ -436,11 +437,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(images, XML annotations, class masks, list files, cls_labels.json).")
     parser.add_argument("--out", default="demo_data/VOC2012",
                         help="output VOC root; pass it later as --voc12_root (default: demo_data/VOC2012)")
-    parser.add_argument("--num_train", type=int, default=300,
+    parser.add_argument("--num_train", type=positive_int, default=300,
                         help="images in ImageSets/Segmentation/train.txt (default: 300)")
-    parser.add_argument("--num_val", type=int, default=100,
+    parser.add_argument("--num_val", type=non_negative_int, default=100,
                         help="images in ImageSets/Segmentation/val.txt (default: 100)")
-    parser.add_argument("--size", type=int, default=128,
+    parser.add_argument("--size", type=positive_int, default=128,
                         help="nominal image side; each width and height is drawn in "
                              "[0.75, 1.25] * size (default: 128)")
     parser.add_argument("--seed", type=int, default=0,

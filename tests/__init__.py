@@ -1,0 +1,1 @@
+"""The test suite (pytest; CPU, tiny inputs, generated data)."""

@@ -1,0 +1,68 @@
+"""The layers of the code (pyproject.toml, [tool.bao.layers]): imports go downwards only.
+
+Every module of the repository is parsed (not imported) and each of its imports of our own
+packages is checked against the table: a module may import its own package and the packages
+of lower layers. The test fails on the first import that runs back up or sideways.
+"""
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+LAYERS: dict[str, list[str]] = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["bao"]["layers"]
+LEVEL = {package: level for level, packages in enumerate(LAYERS.values()) for package in packages}
+
+
+def _modules() -> list[Path]:
+    files = [p for package in LEVEL for p in sorted((ROOT / package).rglob("*.py"))]
+    files += [ROOT / f"{m}.py" for m in LEVEL if (ROOT / f"{m}.py").is_file()]
+    return files
+
+
+def _our_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level name) of every import of one of our packages in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in LEVEL]
+    return found
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_the_table_covers_every_package_and_entry_script():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests"}
+    scripts = {p.stem for p in ROOT.glob("*.py")}
+    assert packages | scripts == set(LEVEL), "add new packages and scripts to [tool.bao.layers] in pyproject.toml"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_go_downwards_only(path):
+    own = _package(path)
+    for line, name in _our_imports(path):
+        if name == own:
+            continue
+        assert LEVEL[name] < LEVEL[own], (
+            f"{path.relative_to(ROOT)}:{line} imports {name} (layer {LEVEL[name]}) from layer {LEVEL[own]} ({own}); "
+            "a module may import only its own package and lower layers")
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom tool.cam import normalize_maps\nimport data.layout as layout\n")
+    assert _our_imports(bad) == [(2, "tool"), (3, "data")]
+    assert LEVEL["tool"] > LEVEL["data"] > LEVEL["core"]
+    assert LEVEL["data"] == LEVEL["network"]  # neither may import the other

@@ -1,0 +1,534 @@
+"""The training engine: one resumable loop that every training script drives with its own step.
+
+A script builds its model, data and optimizer, then hands the engine a *step function*
+(one batch -> a dict of scalar losses, ``"loss"`` being backpropagated) and optional hooks.
+The engine owns what every training run needs and what is easy to get wrong:
+
+- the loop over epochs and steps, with a sampler that resumes mid-epoch on exactly the
+  batches an uninterrupted run would have seen next (:class:`ResumableSampler`);
+- DistributedDataParallel when launched by ``torchrun`` (losses averaged over ranks,
+  buffers broadcast from rank 0, a final check that every rank holds the same weights);
+- mixed precision (a gradient scaler for fp16);
+- SIGINT / SIGTERM: stop after the current step, save, exit (:class:`StopRequest`);
+- a guard that refuses a non-finite loss before it reaches the weights, and an
+  out-of-memory message, each saying how to continue (:class:`Hints`);
+- one resumable checkpoint (modules, optimizer, scaler, position, random state of every
+  rank), written atomically at every epoch end and at every stop;
+- logging: text, JSON lines, TensorBoard and a tqdm bar (:class:`tool.train_log.RunLog`).
+
+The engine speaks of no flag and no dataset: what a message should advise comes from the
+script, in :class:`Hints`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from core.errors import UserError, ignore_sigint
+from core.fileio import atomic_path
+from data.datasets import CollateOrError, ErrorsAsItems, raise_batch_error
+from network.checkpoint import safe_load
+from tool.device import Runtime, barrier
+from tool.train_log import RunLog
+
+CHECKPOINT_FORMAT = "bao-train-checkpoint"
+CHECKPOINT_VERSION = 1
+FAULTS = ("nan", "oom")
+
+@dataclass
+class Position:
+    """Where training stands: ``epoch`` (0-based) to run, ``step`` done within it, ``global_step`` done in total."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class Hints:
+    """What the engine's messages advise; the script words them in its own flags.
+
+    Attributes:
+        resume: how to continue from the checkpoint (e.g. "continue with the same command and
+            --resume auto").
+        out_of_memory: follows "out of memory on DEVICE": the settings and what to lower.
+        non_finite: what to change after a non-finite loss.
+    """
+
+    resume: str = "continue from the checkpoint"
+    out_of_memory: str = ": lower the batch or crop size"
+    non_finite: str = "lower the learning rate"
+
+
+@dataclass
+class Task:
+    """What a training script gives the engine.
+
+    Attributes:
+        model: the trained module (not DDP-wrapped; the engine wraps it under torchrun).
+        optimizer: its optimizer.
+        step: ``(engine, batch) -> losses``, the forward of one batch through ``engine.wrapped``
+            (the model, DDP-wrapped under torchrun); scalar tensors, ``"loss"`` backpropagated,
+            the others (named ``loss_*``) logged.
+        modules: name -> module saved in (and restored from) the checkpoint.
+        after_step: called after every optimizer step with the position of the step just
+            done (``step`` still counting it as not done); returns values to log (None skipped).
+        save_epoch: called on rank 0 and the others after each finished epoch with its 0-based
+            index; writes the per-epoch files (on rank 0) and returns their names.
+        start_epoch: called with the 0-based epoch before it runs (e.g. to reseed augmentation).
+        checkpoint_meta: extra entries of the checkpoint (settings, data identity).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[["Engine", dict[str, Any]], dict[str, torch.Tensor]]
+    modules: dict[str, nn.Module]
+    after_step: Callable[[Position], dict[str, float | None]] | None = None
+    save_epoch: Callable[[int], list[str]] | None = None
+    start_epoch: Callable[[int], None] | None = None
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step.
+
+    A second signal interrupts at once (KeyboardInterrupt); outputs are atomic, so even
+    then no partial file is left.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        # Only set a flag: printing here could re-enter a write the main thread is doing.
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Engine:
+    """One training run (every rank builds one; only rank 0 logs and writes).
+
+    Args:
+        task: the model, optimizer, step and hooks (:class:`Task`).
+        rt: this process's device and rank.
+        run_dir: the run directory (``checkpoint.pth`` lives there).
+        log: the run's log (disabled on ranks other than 0).
+        loader: the training batches, drawn by ``sampler``.
+        sampler: the :class:`ResumableSampler` of ``loader``.
+        global_batch: images per step over all ranks (for throughput).
+        max_epochs: epochs of the run.
+        max_steps: stop after this many steps in total (a resumable stop), or None.
+        log_every: log every this many steps (and at every epoch end).
+        amp: autocast dtype or None; fp16 turns the gradient scaler on.
+        hints: the advice of the engine's messages.
+        fault: ``(kind, step)`` to simulate a fault ("nan" or "oom") at a 1-based step, for tests.
+    """
+
+    def __init__(self, task: Task, rt: Runtime, run_dir: str | os.PathLike, log: RunLog, loader, sampler,
+                 global_batch: int, max_epochs: int, max_steps: int | None = None, log_every: int = 20,
+                 amp: torch.dtype | None = None, hints: Hints | None = None,
+                 fault: tuple[str, int] | None = None):
+        self.task, self.rt, self.log = task, rt, log
+        self.run_dir = Path(run_dir)
+        self.checkpoint_path = self.run_dir / "checkpoint.pth"
+        self.loader, self.sampler = loader, sampler
+        self.iters_per_epoch = len(loader)
+        self.global_batch, self.max_epochs, self.max_steps = global_batch, max_epochs, max_steps
+        self.log_every, self.amp, self.fault = log_every, amp, fault
+        self.hints = hints or Hints()
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=amp == torch.float16)
+        self.pos = Position()
+        self.last_checkpoint: Position | None = None
+        self.stop: StopRequest | None = None
+        self.stopping = False  # the ranks' agreed decision to stop, from the per-step vote
+        self.wrapped: nn.Module = task.model
+        if rt.distributed:
+            self.wrapped = DistributedDataParallel(
+                task.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                forward_sync_buffers=False)  # buffers are synchronised after each step instead
+
+    # ----------------------------------------------------------------------------- resume
+    def restore(self, checkpoint: dict[str, Any], source: str, seed: int) -> None:
+        """Continue from a checkpoint of :meth:`save_checkpoint` (read with :func:`load_checkpoint`);
+        ``seed`` reseeds the ranks when the checkpoint was written by another number of processes."""
+        for name, module in self.task.modules.items():
+            module.load_state_dict(checkpoint[name])
+        self.task.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.pos = Position(**checkpoint["position"])
+        self.last_checkpoint = Position(**checkpoint["position"])
+        rngs = checkpoint["rng"]
+        if len(rngs) == self.rt.world_size:
+            set_rng_state(rngs[self.rt.rank], self.rt.device)
+        else:
+            self.log.message(f"note: the checkpoint was written by {len(rngs)} processes, this run has "
+                             f"{self.rt.world_size}; training continues but not bit-identically")
+            seed_everything(seed + self.rt.rank + self.pos.global_step)
+        self.log.message(f"resumed {source} at {self.where(self.pos)} ({self.pos.global_step} steps done)")
+
+    def save_checkpoint(self) -> None:
+        """Resumable checkpoint of the current position (a collective: every rank calls it)."""
+        rngs = gather_objects(rng_state(self.rt.device), self.rt.world_size)
+        if self.rt.is_main:
+            save_checkpoint(self.checkpoint_path, {
+                **{name: cpu_state(module) for name, module in self.task.modules.items()},
+                "optimizer": self.task.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "position": vars(self.pos).copy(),
+                "rng": rngs,
+                "world_size": self.rt.world_size,
+                **self.task.checkpoint_meta,
+            })
+        self.last_checkpoint = Position(**vars(self.pos))
+
+    # ---------------------------------------------------------------------------- training
+    def run(self) -> None:
+        """Train to ``max_epochs`` (or ``max_steps``); a stop request raises KeyboardInterrupt after saving."""
+        with StopRequest() as self.stop:
+            while self.pos.epoch < self.max_epochs and not self._max_steps_reached():
+                if self._run_epoch():
+                    files = self.task.save_epoch(self.pos.epoch) if self.task.save_epoch else []
+                    self.pos = Position(self.pos.epoch + 1, 0, self.pos.global_step)
+                    self.save_checkpoint()
+                    self.log.record("saved", {"epoch": self.pos.epoch, "files": files + [self.checkpoint_path.name]},
+                                    step=self.pos.global_step)
+                else:  # stopped mid-epoch by a signal or max_steps
+                    self.save_checkpoint()
+                if self.stopping and self.pos.epoch < self.max_epochs:
+                    self.log.message(f"stopped at {self.where(self.pos)}: resumable checkpoint "
+                                     f"{self.checkpoint_path}; {self.hints.resume}")
+                    barrier()
+                    raise KeyboardInterrupt
+        if self._max_steps_reached() and self.pos.epoch < self.max_epochs:
+            self.log.message(f"step limit {self.max_steps} reached: resumable checkpoint {self.checkpoint_path}")
+        self._check_ranks_agree()
+        barrier()
+        self.log.message(f"done: {self.pos.global_step} steps; outputs in {self.run_dir}")
+
+    def _max_steps_reached(self) -> bool:
+        return self.max_steps is not None and self.pos.global_step >= self.max_steps
+
+    def _run_epoch(self) -> bool:
+        """Train from the current position to the end of the epoch, or until a stop or the step
+        limit; returns True when the epoch was completed."""
+        epoch = self.pos.epoch
+        if self.task.start_epoch is not None:
+            self.task.start_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(self.pos.step * self.loader.batch_size)
+        sums: dict[str, float] = {}
+        steps = 0
+        tic = last_log = time.perf_counter()
+        logged_at = self.pos.global_step
+        announced = False
+        # A context manager, so that the bar is closed (its line ended) before an error message.
+        with tqdm(total=self.iters_per_epoch, initial=self.pos.step, desc=f"epoch {epoch + 1}/{self.max_epochs}",
+                  unit="step", dynamic_ncols=True, disable=not self.rt.is_main) as bar:
+            for batch in self.loader:
+                raise_batch_error(batch, self.checkpoint_hint())
+                values = self._step(batch)
+                steps += 1
+                for k, v in values.items():
+                    if k.startswith("loss"):
+                        sums[k] = sums.get(k, 0.0) + v
+                now = time.perf_counter()
+                rate = self.global_batch / max(now - tic, 1e-9)
+                tic = now
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.1f}")
+                bar.update(1)
+                done_epoch = self.pos.step == self.iters_per_epoch
+                # The first step is always logged, so that even a one-step run leaves a record.
+                if self.pos.global_step % self.log_every == 0 or done_epoch or steps == 1:
+                    throughput = self.global_batch * (self.pos.global_step - logged_at) / max(now - last_log, 1e-9)
+                    self._log_step(values, throughput)
+                    last_log, logged_at = now, self.pos.global_step
+                if self.stop.requested and not announced:
+                    self.log.message(f"{self.stop.signal_name} received: stopping after this step and saving a "
+                                     "resumable checkpoint (send it again to abort at once)")
+                    announced = True
+                # The vote is summed over ranks: any rank's request stops all of them after the same step.
+                self.stopping = values["stop"] > 0
+                if self.stopping or self._max_steps_reached():
+                    break
+        finished = self.pos.step == self.iters_per_epoch
+        if finished:
+            means = {k: v / steps for k, v in sums.items()}
+            self.log.record("epoch", {"epoch": epoch + 1, "steps": steps, **means}, step=self.pos.global_step)
+        return finished
+
+    def _step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimisation step; returns the rank-averaged losses, the stop vote and the hook's values."""
+        rt = self.rt
+        fault = self.fault[0] if self.fault and self.fault[1] == self.pos.global_step + 1 else None
+        try:
+            if fault == "oom":
+                raise torch.OutOfMemoryError("simulated out-of-memory error (fault injection)")
+            losses = self.task.step(self, batch)
+            if fault == "nan":
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            names = sorted(losses)
+            stats = torch.stack([losses[k].detach().float() for k in names]
+                                + [torch.tensor(float(self.stop.requested), device=rt.device)])
+            if rt.distributed:
+                dist.all_reduce(stats)
+                stats[:-1] /= rt.world_size
+            values: dict[str, Any] = dict(zip(names + ["stop"], stats.tolist()))
+            if not all(math.isfinite(values[k]) for k in names):
+                raise UserError(self._non_finite_message(values, names))
+            self.task.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.step(self.task.optimizer)
+            self.scaler.update()
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise UserError(f"out of memory on {rt.device}{self.hints.out_of_memory}{self.checkpoint_hint()}") from None
+        broadcast_buffers(self.task.model)
+        if self.task.after_step is not None:
+            values.update(self.task.after_step(self.pos))
+        self.pos.step += 1
+        self.pos.global_step += 1
+        return values
+
+    def _log_step(self, values: dict[str, Any], throughput: float) -> None:
+        lrs = [group["lr"] for group in self.task.optimizer.param_groups]
+        losses = {k: v for k, v in values.items() if k.startswith("loss")}
+        extra = {k: v for k, v in values.items() if k != "stop" and not k.startswith("loss") and v is not None}
+        record = {"epoch": self.pos.epoch + 1, "iter": self.pos.step, **losses, "lr": lrs[0],
+                  "images_per_s": round(throughput, 3), **extra}
+        scalars = {f"loss/{k.removeprefix('loss_') if k != 'loss' else 'total'}": v for k, v in losses.items()}
+        scalars.update({"train/lr": lrs[0], "train/images_per_s": throughput})
+        scalars.update({f"train/{k}": v for k, v in extra.items()})
+        self.log.record("step", record, step=self.pos.global_step, scalars=scalars)
+
+    def _non_finite_message(self, values: dict[str, float], names: list[str]) -> str:
+        terms = ", ".join(f"{k}={values[k]}" for k in names)
+        advice = self.hints.non_finite
+        return (f"non-finite loss at epoch {self.pos.epoch + 1}, step {self.pos.step + 1} ({terms}); training "
+                f"stopped before this step changed the weights. {advice[:1].upper()}{advice[1:]}"
+                + self.checkpoint_hint())
+
+    def checkpoint_hint(self) -> str:
+        """Where the last good checkpoint is, for the end of an error message."""
+        if self.last_checkpoint is None:
+            return "; no checkpoint had been saved yet"
+        return (f"; the last good checkpoint is {self.checkpoint_path} ({self.where(self.last_checkpoint)}), "
+                f"{self.hints.resume}")
+
+    def where(self, pos: Position) -> str:
+        """A position in words: 'start of training', 'end of epoch 2', 'epoch 3, step 5 of 18'."""
+        if pos.step == 0:
+            return f"end of epoch {pos.epoch}" if pos.epoch else "start of training"
+        return f"epoch {pos.epoch + 1}, step {pos.step} of {self.iters_per_epoch}"
+
+    def _check_ranks_agree(self) -> None:
+        """Distributed runs: verify (by digest) that every rank ends with the same modules."""
+        if not self.rt.distributed:
+            return
+        mine = [state_digest(module) for module in self.task.modules.values()]
+        digests = gather_objects(mine, self.rt.world_size)
+        identical = all(d == digests[0] for d in digests)
+        self.log.record("ranks", {"world_size": self.rt.world_size, "identical": identical, "digests": digests},
+                        step=self.pos.global_step)
+        if not identical:
+            self.log.message("warning: the processes ended with different weights; only rank 0's are saved")
+
+
+def make_loader(dataset, collate, rt: Runtime, per_rank_batch: int, num_workers: int,
+                seed: int) -> tuple[DataLoader, ResumableSampler]:
+    """The training DataLoader of one rank and its :class:`ResumableSampler`.
+
+    A sample that fails to load (a corrupt image) reaches the loop as an error item, i.e. one
+    clear message rather than a worker's traceback (:class:`data.datasets.ErrorsAsItems`);
+    workers ignore Ctrl-C so that the main process can finish its step and save; the loader
+    has its own generator, so creating iterators does not consume the global torch RNG.
+    """
+    sampler = ResumableSampler(dataset, rt.world_size, rt.rank, seed)
+    loader = DataLoader(ErrorsAsItems(dataset), collate_fn=CollateOrError(collate), batch_size=per_rank_batch,
+                        sampler=sampler, num_workers=num_workers, pin_memory=rt.device.type == "cuda",
+                        drop_last=True, worker_init_fn=ignore_sigint,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a device or host allocation failure."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "DefaultCPUAllocator: can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def parse_fault(text: str | None) -> tuple[str, int] | None:
+    """``"KIND:STEP"`` (KIND in :data:`FAULTS`, STEP >= 1) -> ``(kind, step)``; ValueError otherwise."""
+    if text is None:
+        return None
+    kind, _, step = text.partition(":")
+    if kind not in FAULTS or not step.isdigit() or int(step) < 1:
+        raise ValueError(f"expected KIND:STEP with KIND in {', '.join(FAULTS)} and STEP >= 1, got {text!r}")
+    return kind, int(step)
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` whose value differs between a checkpoint's settings and this run's."""
+    return [k for k in keys if saved.get(k) != current.get(k)]
+
+
+class ResumableSampler(DistributedSampler):
+    """:class:`DistributedSampler` (shuffled with ``seed`` and the epoch, sharded over
+    ranks) that can skip the first samples of an epoch, to resume mid-epoch on exactly
+    the batches an uninterrupted run would have seen next. Also used with one process.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` samples of this rank's share of the current epoch."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} outside 0..{self.num_samples}")
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random-number state (torch CPU and CUDA, numpy, python), in a form
+    that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (the previous one stays until the new one
+    is complete)."""
+    full = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    with atomic_path(path) as tmp:
+        torch.save(full, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (safely: ``weights_only=True``)."""
+    state = safe_load(path, "checkpoint to resume")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path} is not a resumable checkpoint of a training run (plain weights such as *_modelt.pth "
+            "cannot be resumed; start a new run from them)", about="plain_weights")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint version {state.get('version')}; this code reads version "
+                        f"{CHECKPOINT_VERSION}")
+    return state
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a plain state_dict (the published ``.pth`` layout) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+
+
+def cpu_state(module: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``module.state_dict()`` without keys starting with ``exclude``."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
+            if not k.startswith(exclude)}
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank the buffers of rank ``src`` (one broadcast per dtype).
+
+    DDP keeps the gradients, hence the parameters, identical on all ranks, but batch-norm
+    running statistics are updated from each rank's own batch; this makes them equal too.
+    No-op outside distributed mode.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        dist.broadcast(flat, src)
+        offset = 0
+        with torch.no_grad():
+            for b in bufs:
+                n = b.numel()
+                b.copy_(flat[offset:offset + n].view_as(b))
+                offset += n
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` with one process)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
