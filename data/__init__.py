@@ -1,1 +1,1 @@
-"""Dataset readers, list/label I/O and image transforms (knows no model)."""
+"""Dataset readers, list/label I/O, class sets, CAM files and image transforms (knows no model)."""

@@ -1,1 +1,1 @@
-"""Shared tools: losses, CAM aggregation, metrics, CRF, palettes, I/O and device helpers."""
+"""The method: losses, teacher, multi-scale CAMs and pseudo-labels, metrics, CRF, overlays, devices, and the training engine."""
