@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,11 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
     """
     path = require_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A file that is not a torch.save archive makes torch warn about its pickle protocol
+            # before failing; the one-line error below says all there is to say.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch names the refused object "Unsupported global: GLOBAL x.y" or, for blocked
         # modules such as os / posix, "unsupported GLOBAL x.y whose module ... is blocked".
@@ -102,6 +107,11 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                         f"{_first_sentence(err)}; copy or download it again") from None
+    except Exception:  # noqa: BLE001 - whatever the unpickler trips on, the file is not a checkpoint
+        # A file that is not a torch.save archive (text, random bytes) fails inside the
+        # unpickler in many ways (IndexError, KeyError, ...): one user error, without their details.
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (not written by torch.save, or "
+                        "truncated or corrupt); copy or download it again") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

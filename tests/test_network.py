@@ -11,6 +11,7 @@ from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, loa
 from network.conformer import Conformer, build_conformer
 from network.conformer_CAM import ARCHS, Net_sm, Net_ti, Net_tiny
 from network.factory import build_network
+from tests.helpers import assert_refused, run_cli
 
 DATA = Path(__file__).parent / "data"
 
@@ -232,3 +233,25 @@ def test_patch_size_other_than_the_cnn_stride_is_refused(patch_size):
 
     with pytest.raises(ValueError, match="patch_size must be 16"):
         Conformer(num_classes=3, patch_size=patch_size, depth=3, embed_dim=32, num_heads=2, channel_ratio=1)
+
+
+@pytest.mark.parametrize("content", [b"these are not weights\n", b"hello", b"", b"\x80\x02}q\x00.", bytes(range(256))])
+def test_any_file_that_is_not_a_checkpoint_is_one_user_error(tmp_path, content, recwarn):
+    """Text, a few bytes, an empty file, a bare pickle, random bytes: the unpickler fails with
+    IndexError, KeyError, ... inside torch; each must become the one user error, with no warning."""
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"notes.pth is not a (readable PyTorch checkpoint|.*state_dict)"):
+        read_state_dict(path)
+    assert not [w for w in recwarn if "pickle" in str(w.message).lower()]
+
+
+def test_text_weights_through_the_cli_are_one_line(tmp_path, voc_root):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    proc = run_cli("infer_bao.py", "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
+                   "--infer_list", str(voc_root / "ImageSets/Segmentation/train.txt"), "--weights", str(path),
+                   "--arch", "tiny", "--device", "cpu", "--out_pred", str(tmp_path / "out"))
+    assert_refused(proc.returncode, proc.stderr, "notes.pth is not a readable PyTorch checkpoint")
+    assert proc.stderr.count("\n") == 1  # nothing before the error line (no torch warning)
+    assert not (tmp_path / "out").exists()
