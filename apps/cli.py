@@ -120,10 +120,12 @@ def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
         return load_dataset(args.dataset, args.voc12_root if args.dataset == "voc" else args.coco_root,
                             label_file=args.label_file, coco_mask_dir=args.coco_mask_dir)
     except UserError as err:
-        flag = "--voc12_root" if args.dataset == "voc" else "--coco_root"
-        if err.about == "root":
-            raise UserError(f"{err}; check {flag}") from None
-        raise
+        raise _with_root_flag(err, "--voc12_root" if args.dataset == "voc" else "--coco_root") from None
+
+
+def _with_root_flag(err: UserError, flag: str, hint: str = "") -> UserError:
+    """A dataset-root error of the library with the flag that sets the root (and ``hint``)."""
+    return UserError(f"{err}; check {flag}{hint}") if err.about == "root" else err
 
 
 def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, weights_help: str,
@@ -277,6 +279,4 @@ def voc_layout_from_args(args: argparse.Namespace, hint: str = "") -> DatasetLay
     try:
         return DatasetLayout.voc(args.voc12_root)
     except UserError as err:
-        if err.about == "root":
-            raise UserError(f"{err}; check --voc12_root{hint}") from None
-        raise
+        raise _with_root_flag(err, "--voc12_root", hint) from None
