@@ -56,12 +56,12 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from apps.cli import positive_int
-from data.classes import COCO, COCO_CATEGORY_IDS, COCO_CONVENTIONS, CONVENTION_FILE
-from data.labels import ImageLabels, write_list
-from data.layout import DEFAULT_LABEL_FILES, DatasetLayout
 from core.errors import UserError, ignore_sigint, run_cli
 from core.fileio import atomic_path, is_temporary, remove_temporaries
 from core.palette import IGNORE_INDEX, save_label_png
+from data.classes import COCO, COCO_CATEGORY_IDS, COCO_CONVENTIONS, CONVENTION_FILE
+from data.labels import ImageLabels, write_list
+from data.layout import DEFAULT_LABEL_FILES, DatasetLayout
 
 SPLITS = ("train", "val")
 CONVENTIONS = tuple(COCO_CONVENTIONS)  # the first is the default
@@ -71,6 +71,9 @@ CROWD_POLICY = (
 )
 OVERLAP_POLICY = "smaller instance on top (painted by decoded area, largest first; ties by annotation id)"
 LABEL_FILE = DEFAULT_LABEL_FILES["coco"]  # where training looks for the labels by default
+# Largest image an annotation file may declare (a 16384 x 16384 one; COCO's are at most 640
+# pixels a side): the painter allocates the declared size, so a corrupt one could take all memory.
+MAX_PIXELS = 1 << 28
 
 # One instance as sent to a worker: (annotation id, pixel value, is crowd, segmentation).
 Instance = tuple[int, int, bool, Any]
@@ -199,7 +202,7 @@ def load_instances(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep to parse
         raise UserError(f"annotation file {path} is not valid JSON ({err}); download it again") from None
     except OSError as err:
         raise UserError(f"cannot read annotation file {path}: {err.strerror or err}") from None
@@ -214,7 +217,7 @@ def check_categories(categories: list[dict], path: Path) -> None:
     """Require exactly the 80 COCO categories (ids and names of ``data.classes``)."""
     try:
         found = {int(c["id"]): str(c["name"]) for c in categories}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: malformed 'categories' entry (each needs an 'id' and a 'name')") from None
     expected = dict(zip(COCO_CATEGORY_IDS, COCO.names[1:]))
     if sorted(found) != sorted(expected):
@@ -233,20 +236,60 @@ def check_segmentation(ann: dict, height: int, width: int, path: Path) -> None:
     segm = ann.get("segmentation")
     where = f"{path}: annotation {ann.get('id')}"
     if isinstance(segm, list):
-        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in segm):
-            raise UserError(f"{where} has a malformed polygon list (expected lists of x, y numbers)")
+        # pycocotools needs memory in proportion to the coordinates (and NaN has no bound).
+        limit = 2 * max(height, width)
+        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) and abs(v) <= limit for v in p)
+                   for p in segm):
+            raise UserError(f"{where} has a malformed polygon list (expected lists of x, y numbers, each "
+                            f"within -{limit}..{limit}, twice the image size)")
         return
     if not (isinstance(segm, dict) and "counts" in segm and "size" in segm):
         raise UserError(f"{where} has no polygon or RLE segmentation")
-    if list(segm["size"]) != [height, width]:
+    if segm["size"] != [height, width]:
         raise UserError(f"{where}: RLE size {segm['size']} differs from its image size [{height}, {width}]")
     counts = segm["counts"]
     if isinstance(counts, list):
-        if not all(isinstance(c, int) for c in counts) or sum(counts) != height * width:
-            raise UserError(f"{where}: uncompressed RLE counts must be integers summing to "
+        if not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != height * width:
+            raise UserError(f"{where}: uncompressed RLE counts must be integers >= 0 summing to "
                             f"{height * width} (the image's pixel count)")
-    elif not isinstance(counts, str):
+    elif isinstance(counts, str):
+        runs = rle_string_runs(counts)
+        if runs is None or sum(runs) != height * width:
+            raise UserError(f"{where}: compressed RLE counts do not decode to runs covering the image's "
+                            f"{height * width} pixels")
+    else:
         raise UserError(f"{where}: RLE counts must be a list or a string")
+
+
+def rle_string_runs(counts: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string (pycocotools' ``rleFrString``), or None when
+    it is malformed: a character outside '0'..'o', a number cut short, a negative run.
+
+    pycocotools decodes such strings without complaint: the pixels after runs that stop short
+    of the image come from uninitialised memory.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value = shift = 0
+        more = True
+        while more:
+            if pos == len(counts):
+                return None
+            char = ord(counts[pos]) - 48
+            if not 0 <= char < 64:
+                return None
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and char & 0x10:
+                value |= -1 << shift  # the sign of a difference
+        if len(runs) > 2:  # runs after the third are stored as differences to the one two before
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+    return runs
 
 
 def collect_split(coco_root: Path, split: str, values: dict[int, int],
@@ -263,12 +306,16 @@ def collect_split(coco_root: Path, split: str, values: dict[int, int],
     try:
         images = {int(im["id"]): (Path(im["file_name"]).stem, im["file_name"], int(im["height"]), int(im["width"]))
                   for im in data["images"]}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise UserError(f"{ann_path}: malformed 'images' entry (each needs id, file_name, height, width)") from None
+    for _, file_name, height, width in images.values():
+        if not (height > 0 and width > 0 and height * width <= MAX_PIXELS):
+            raise UserError(f"{ann_path}: image {file_name} has height {height} and width {width}; both must be "
+                            f"positive, the area at most {MAX_PIXELS} pixels")
     on_disk = set(os.listdir(image_dir))
     missing = sorted(file_name for _, file_name, _, _ in images.values() if file_name not in on_disk)
     if missing:
-        raise UserError(f"{len(missing)} image(s) of {ann_path.name} are missing from {image_dir} "
+        raise UserError(f"{len(missing)} image(s) of {ann_path} are missing from {image_dir} "
                         f"(first: {missing[0]}); unpack the complete {split}2014.zip")
 
     contiguous = category_values("contiguous")
@@ -278,9 +325,9 @@ def collect_split(coco_root: Path, split: str, values: dict[int, int],
         try:
             image_id, cat = int(ann["image_id"]), int(ann["category_id"])
             ann_id, crowd = int(ann["id"]), bool(ann.get("iscrowd", 0))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{ann_path}: malformed annotation {ann.get('id')!r} "
-                            "(needs id, image_id, category_id)") from None
+        except (KeyError, TypeError, ValueError, OverflowError):
+            which = ann.get("id") if isinstance(ann, dict) else ann
+            raise UserError(f"{ann_path}: malformed annotation {which!r} (needs id, image_id, category_id)") from None
         if image_id not in images:
             raise UserError(f"{ann_path}: annotation {ann_id} refers to unknown image id {image_id}")
         if cat not in values:

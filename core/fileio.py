@@ -8,34 +8,32 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable, Iterator
 
 from core.errors import UserError
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    The temporary name keeps the final suffix (``x.png`` -> ``.x.png.tmpXXXX.png``) so
+    The temporary name keeps the final suffix (``x.png`` -> ``.x.png.<random>.tmp.png``) so
     writers that choose a format by extension still work. On any exception the temporary
     file is removed. Permission and disk-full errors are re-raised as :class:`UserError`
     naming the path.
+
+    The name is chosen before the file is created, and the file is created inside the block
+    that removes it: Ctrl-C can land between any two steps (with ``tempfile.mkstemp`` it could
+    land after the file existed but before its name was known, leaving it behind).
     """
     path = Path(path)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should be readable as usual
-    except OSError as err:
-        raise _user_error(err, path) from None
-    try:
+        # O_EXCL: never take over an existing file; mode 0o666 less the umask, as for any new file.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         os.replace(tmp, path)
     except OSError as err:

@@ -63,7 +63,7 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
                 return arr.astype(np.uint8)
     except FileNotFoundError:
         raise UserError(f"label map not found: {path}") from None
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # as data.images.read_image
         raise UserError(f"cannot read label map {path}: {err}") from None
     raise UserError(
         f"{path} is a {mode} image: label maps must be palette (P) or grayscale (L) PNGs holding "

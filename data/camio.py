@@ -13,8 +13,8 @@ An image without any foreground class has K = 0 (a BAO file then still holds key
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,30 +56,32 @@ def load_cams(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     published pickled ``.npy`` dictionaries) and for inconsistent or non-finite contents.
     """
     path = str(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"CAM file not found: {path}") from None
-    except ValueError as err:
-        if "pickle" in str(err):
-            raise UserError(
-                f"{path} is a pickled file (the published CAM dictionaries); it is not read because "
-                f"unpickling can run code; {_REGENERATE}"
-            ) from None
-        raise UserError(f"{path} is not a CAM file ({err}); {_REGENERATE}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"cannot read CAM file {path}: {err}; {_REGENERATE}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise UserError(f"{path} holds a single array, not a CAM file ('keys' and 'cams'); {_REGENERATE}")
-    with data:
-        if set(data.files) != {"keys", "cams"}:
-            raise UserError(
-                f"{path} holds arrays {sorted(data.files)}, not a CAM file ('keys' and 'cams'); {_REGENERATE}"
-            )
+    with contextlib.ExitStack() as files:
         try:
-            keys, cams = data["keys"], data["cams"]
-        except (ValueError, OSError, zipfile.BadZipFile) as err:
-            raise UserError(f"cannot read CAM file {path}: {err}; {_REGENERATE}") from None
+            # Opened here, not by np.load, which leaves the file open when a .npz is corrupt.
+            data = np.load(files.enter_context(open(path, "rb")), allow_pickle=False)
+        except FileNotFoundError:
+            raise UserError(f"CAM file not found: {path}") from None
+        except ValueError as err:
+            if "pickle" in str(err):
+                raise UserError(
+                    f"{path} is a pickled file (the published CAM dictionaries); it is not read because "
+                    f"unpickling can run code; {_REGENERATE}"
+                ) from None
+            raise UserError(f"{path} is not a CAM file ({err}); {_REGENERATE}") from None
+        except Exception as err:  # noqa: BLE001 - see _unreadable
+            raise _unreadable(path, err) from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} holds a single array, not a CAM file ('keys' and 'cams'); {_REGENERATE}")
+        with data:
+            if set(data.files) != {"keys", "cams"}:
+                raise UserError(
+                    f"{path} holds arrays {sorted(data.files)}, not a CAM file ('keys' and 'cams'); {_REGENERATE}"
+                )
+            try:
+                keys, cams = data["keys"], data["cams"]
+            except Exception as err:  # noqa: BLE001 - see _unreadable
+                raise _unreadable(path, err) from None
     if cams.dtype not in (np.float16, np.float32):
         raise UserError(f"{path}: 'cams' has dtype {cams.dtype}, expected float16 or float32; {_REGENERATE}")
     try:
@@ -90,6 +92,13 @@ def load_cams(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(cams).all():
         raise UserError(f"{path}: the maps contain NaN or infinite values; {_REGENERATE}")
     return keys, cams
+
+
+def _unreadable(path: str, err: Exception) -> UserError:
+    """The error for a CAM file the zip or .npy reader fails on. A corrupt zip fails in many
+    ways (BadZipFile, EOFError, NotImplementedError for a garbled compression method, zlib and
+    lzma errors for garbled data, ...); all of them mean the same to the user."""
+    return UserError(f"cannot read CAM file {path}: {str(err) or type(err).__name__}; {_REGENERATE}")
 
 
 def _checked_keys(keys: np.ndarray, cams: np.ndarray, where: str) -> np.ndarray:

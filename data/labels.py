@@ -28,14 +28,22 @@ def read_list(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"list file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no name
+    except UnicodeDecodeError as err:
+        raise UserError(f"list file {path} is not UTF-8 text (undecodable byte at offset {err.start}); "
+                        "a list holds one image name per line") from None
     names = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         first = line.split()[0]
         is_path = "/" in first or Path(first).suffix.lower() in IMAGE_SUFFIXES
-        names.append(Path(first).stem if is_path else first)
+        name = Path(first).stem if is_path else first
+        if not name:  # "/" alone: a folder, no file
+            raise UserError(f"{path} line {number}: {first!r} names no image")
+        names.append(name)
     if not names:
         raise UserError(f"list file {path} is empty")
     return names
@@ -116,13 +124,16 @@ class ImageLabels:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"label file not found: {path}")
+        not_labels = (f"{path} is not an image-level label file (expected JSON with 'classes', a list of class "
+                      "names, and 'labels', image names -> lists of class ids)")
         try:
             raw = json.loads(path.read_text())
             classes, ids = raw["classes"], raw["labels"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(
-                f"{path} is not an image-level label file (expected JSON with 'classes' and 'labels')"
-            ) from None
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep to parse
+            raise UserError(not_labels) from None
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and isinstance(ids, dict)
+                and all(isinstance(v, list) and all(type(i) is int for i in v) for v in ids.values())):
+            raise UserError(not_labels)
         labels = cls(classes, ids)
         if num_fg is not None and labels.num_fg != num_fg:
             raise UserError(

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
-from data.labels import read_list
-from data.camio import load_cams
 from core.fileio import is_temporary
 from core.palette import read_label_png
+from data.camio import load_cams
+from data.labels import read_list
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
 
 TRAIN_LIST = "ImageSets/Segmentation/train.txt"
 # The odd images of the fixture ``odd_root``: name -> (how it is stored, its size (W, H)).
@@ -331,6 +330,7 @@ def test_infer_odd_image_modes_and_tiny_images(odd_root, tiny_bao_weights, tmp_p
 
 @pytest.mark.parametrize("failure", ["disk full", "permission denied"])
 def test_infer_write_errors_name_the_path(failure, voc_root, tiny_bao_weights, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "pred"
     if failure == "disk full":
         def save(self, fp, *args, **kwargs):
             Path(fp).write_bytes(b"\x89PNG half")
@@ -339,12 +339,15 @@ def test_infer_write_errors_name_the_path(failure, voc_root, tiny_bao_weights, t
         monkeypatch.setattr(Image.Image, "save", save)
         phrase = "the disk is full; free space or choose another folder"
     else:
-        def mkstemp(*args, **kwargs):
-            raise PermissionError(errno.EACCES, "Permission denied")
+        real_open = os.open
 
-        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # the folder became read-only (tests may run as root)
+        def open_denied(file, *args, **kwargs):  # the folder became read-only (tests may run as root)
+            if Path(file).parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_denied)
         phrase = "permission denied; choose a folder you can write to"
-    out = tmp_path / "pred"
     code, _, err = call_main("infer_bao", _infer_args(voc_root, tiny_bao_weights, "--out_pred", str(out)), capsys)
     monkeypatch.undo()
     assert_refused(code, err, f"cannot write {out / 'synth_000000.png'}: {phrase}")
@@ -520,3 +523,30 @@ def test_remove_temporaries_touches_only_the_given_outputs(tmp_path):
         assert remove_temporaries(tmp_path, ".png", {"c"}) == 1 and not Path(tmp).exists()
         Path(tmp).write_bytes(b"done")
     assert (tmp_path / "c.png").read_bytes() == b"done"
+
+
+def test_atomic_path_leaves_nothing_when_interrupted_right_after_creating_the_temporary(tmp_path, monkeypatch):
+    """Ctrl-C lands between any two steps; right after the temporary file appears is the worst."""
+    from core.fileio import atomic_path
+
+    def close_interrupted(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    real_close = os.close
+    monkeypatch.setattr(os, "close", close_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "a.png"):
+        pass
+    monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+
+
+def test_loader_workers_ignore_ctrl_c_and_a_dropped_hand_over():
+    """A batch hand-over the interrupted main process dropped is not reported; other errors are."""
+    code = ("import signal, sys; from core.errors import quiet_loader_worker; quiet_loader_worker(); "
+            "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN; "
+            "sys.excepthook(ConnectionResetError, ConnectionResetError(104, 'reset'), None); "
+            "sys.excepthook(EOFError, EOFError(), None); sys.excepthook(ValueError, ValueError('shown'), None)")
+    proc = run_cli("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "ValueError: shown"
