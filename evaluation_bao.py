@@ -3,6 +3,13 @@
     python evaluation_bao.py --comment bao --predict_dir out/pseudo_labels
     python evaluation_bao.py --type npy --predict_dir out/cams --bg_from_file --plot sweep.png
     python evaluation_bao.py --predict_dir out/coco_pseudo --gt_dir COCO/SegmentationClass --list coco14/val.txt
+    python evaluation_bao.py --type npy --predict_dir out/cams --t 0.44 --out-dir out/t44 --out-crf out/t44_crf
+
+The published flags keep their published meaning: ``--start``/``--end`` (the sweep in
+percent, end excluded), ``--curve`` (true: sweep, false: the single ``--t``), ``--n_jobs``
+(= ``--workers``), ``--cam-type``, and ``--out-dir`` / ``--out-crf`` / ``--img_dir`` (at one
+``--t``, the label PNGs of the thresholded maps and their dense-CRF refinement, the same
+files as ``infer_bao.py --method transcam --t T --out_pred / --out_crf`` on the same maps).
 
 The classes (their ids, names and unused ids) are chosen explicitly, never guessed from a
 count, in this order: the ``convention.json`` that coco14/prepare_coco.py writes beside COCO
@@ -26,21 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
-from apps.cli import (
-    DefaultsHelpFormatter, add_label_file_arg, add_voc_root_arg, int_at_least, positive_int, voc_layout_from_args,
-)
-from data.classes import (
-    COCO_CONVENTIONS, CONVENTION_FILE, DATASET_CLASSES, ClassSet, convention_classes, from_foreground, generic,
-)
-from data.labels import ImageLabels, read_list
+from apps.cli import (DefaultsHelpFormatter, add_label_file_arg, add_voc_root_arg, int_at_least, non_negative_int,
+                      parse_bool, voc_layout_from_args, worker_count)
 from core.errors import UserError, run_cli
 from core.fileio import atomic_path, prepare_output_dir
-from tool.metrics import (
-    MAX_CLASSES, default_workers, evaluate_cams, evaluate_labels, format_table, read_mask_convention, scores,
-    scores_to_json, threshold_range,
-)
+from data.classes import (COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, DATASET_CLASSES, ClassSet,
+                          convention_classes, from_foreground, generic)
+from data.labels import ImageLabels, read_list
+from tool.metrics import (DEFAULT_SWEEP, IMAGE_SUFFIX, MAX_CLASSES, default_workers, evaluate_cams, evaluate_labels,
+                          format_table, read_mask_convention, scores, scores_to_json, threshold_range,
+                          write_threshold_labels)
 
-DEFAULT_T_RANGE = (0.05, 0.95, 0.01)
+# The published sweep --start/--end (percent, end excluded): t = 0.30 .. 0.69.
+PUBLISHED_START, PUBLISHED_END = 30, 70
+# The published --cam-type: its default names the maps; "coco" chose the COCO variant.
+CAM_TYPES = ("cam", "coco")
+# --out-crf without a folder (the published switch): the refined labels go to --out-dir.
+CRF_INTO_OUT_DIR = "<--out-dir>"
 CONVENTIONS_TEXT = (
     "COCO masks come in two conventions: contiguous ids (0 background, 1..80 in sorted category-id order; "
     "81 classes) and raw category ids (0 background, 1..90, the ten unused ids skipped; 91 classes)"
@@ -60,6 +69,7 @@ FLAG_HINTS = {
                      "raw) or, for masks without convention.json, with --dataset coco --convention raw; or "
                      "convert the predictions to contiguous ids"),
     "background_map": "; drop --bg_from_file",
+    "images": "; set --img_dir (the folder of <name>.jpg; default <voc12_root>/JPEGImages)",
 }
 
 
@@ -99,11 +109,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_label_file_arg(parser, extra_help="; here it names the classes of the table, unless convention.json "
                                           "beside the masks does")
     parser.add_argument("--t", type=float, default=None,
-                        help="--type npy: evaluate this single background score instead of a sweep")
+                        help="--type npy: evaluate this single background score instead of a sweep; a fraction "
+                             "in 0..1 (e.g. 0.44), not a percent like --start/--end")
+    parser.add_argument("--curve", type=parse_bool, default=None, metavar="BOOL",
+                        help="--type npy, published flag: true = sweep background scores (--start/--end, "
+                             "--t_range or the default range; --t ignored, as published), false = evaluate the "
+                             "single --t (sweep flags ignored). Reads true/false, 1/0, yes/no; the published "
+                             "type=bool turned any text, 'False' included, into True. Without it: a sweep unless "
+                             "--t is given")
+    parser.add_argument("--start", type=non_negative_int, default=None, metavar="PERCENT",
+                        help="--type npy, published flag: sweep t = i/100 for i in range(START, END), END "
+                             f"excluded as published (published defaults {PUBLISHED_START} and {PUBLISHED_END}: "
+                             "t = 0.30 .. 0.69). Giving one of --start/--end sets the other to its published "
+                             "default; giving neither sweeps the --t_range default, a wider range holding the "
+                             "published one")
+    parser.add_argument("--end", type=non_negative_int, default=None, metavar="PERCENT",
+                        help="--type npy, published flag: end of the --start sweep in percent, excluded")
     parser.add_argument("--t_range", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None,
                         help="--type npy: sweep background scores START..STOP (STOP included) by STEP; "
-                             f"default {' '.join(map(str, DEFAULT_T_RANGE))} when --t is not given. Every "
-                             "file is read once for the whole sweep")
+                             f"default {' '.join(map(str, DEFAULT_SWEEP))} when neither --t nor --start/--end "
+                             "is given. Every file is read once for the whole sweep")
+    parser.add_argument("--cam-type", dest="cam_type", default=None, metavar="KIND",
+                        help="--type npy, published flag: which maps of the published CAM dictionaries to read "
+                             "('cam', the published default) or 'coco' (the published COCO variant). Our CAM "
+                             "files (<name>.npz) hold one kind, the normalised maps of the present classes, so "
+                             "'cam' reads them; 'coco' needs the COCO classes (convention.json beside the masks "
+                             "or --dataset coco), which also set the CRF's label count; other names are read as "
+                             "'cam' with a note. BAO's learned background map (key 0) is scored with "
+                             "--bg_from_file")
+    parser.add_argument("--out-dir", dest="out_dir", default=None, metavar="DIR",
+                        help="--type npy with one background score (--t), published flag: write the label map "
+                             "of every image (argmax over [t, foreground maps]) to DIR/<name>.png, palette PNG, "
+                             "atomically; the files infer_bao.py --method transcam --t T --out_pred writes from "
+                             "the same maps")
+    parser.add_argument("--out-crf", dest="out_crf", nargs="?", const=CRF_INTO_OUT_DIR, default=None,
+                        metavar="DIR",
+                        help="--type npy with one background score (--t), published flag: refine those labels "
+                             "with the dense CRF (tool/crf.py, the images read from --img_dir), score them and "
+                             "write them to DIR/<name>.png (as infer_bao.py --out_crf). Without DIR (the "
+                             "published switch) the refined labels replace the plain ones in --out-dir")
+    parser.add_argument("--img_dir", default=None, metavar="DIR",
+                        help=f"images read by --out-crf: DIR/<name>{IMAGE_SUFFIX} (default: <voc12_root>/JPEGImages)")
     parser.add_argument("--bg_from_file", action="store_true",
                         help="--type npy: also score the threshold-free argmax over all maps including "
                              "the learned background map (key 0, BAO maps); shown as the plot's reference line")
@@ -118,8 +164,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--type npy with a sweep: save a PNG of mIoU, FP and FN against the background score")
     parser.add_argument("--ref_miou", type=float, default=None,
                         help="mIoU in percent drawn as the plot's reference line (default: the --bg_from_file result)")
-    parser.add_argument("--workers", type=positive_int, default=default_workers(),
-                        help="processes reading files in parallel (1: no extra processes)")
+    parser.add_argument("--workers", type=worker_count, default=default_workers(),
+                        help="processes reading files in parallel (1: no extra processes; negative: counted back "
+                             "from the CPU count, -1 = every CPU)")
+    # The published name, a second spelling of --workers (its own entry, so that the messages
+    # about --workers keep naming the flag given).
+    parser.add_argument("--n_jobs", dest="workers", type=worker_count, default=argparse.SUPPRESS, metavar="N",
+                        help="published name of --workers")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -130,25 +181,84 @@ def _gt_dir(args: argparse.Namespace) -> Path:
     return voc_layout_from_args(args, hint=", or give the mask folder as --gt_dir").mask_folder()
 
 
-def _check_args(args: argparse.Namespace) -> bool:
-    """Validate flag combinations; return True for CAM (npy/npz) evaluation."""
+def check_args(args: argparse.Namespace) -> bool:
+    """Validate flag combinations and settle them; return True for CAM (npy/npz) evaluation.
+
+    Sets ``args.thresholds`` ((T,) float32 background scores, ascending; None for label maps,
+    see :func:`background_scores`) and ``args.crf_dir`` (the folder of the CRF labels, or None).
+    """
     cams = args.type in ("npy", "npz")
     if args.num_classes is not None and args.num_classes > MAX_CLASSES:
         raise UserError(f"--num_classes {args.num_classes}: must be between 2 and {MAX_CLASSES}")
     if args.convention is not None and args.dataset != "coco":
         raise UserError("--convention names a COCO mask convention; add --dataset coco")
     if not cams:
-        for flag, value in (("--t", args.t), ("--t_range", args.t_range), ("--plot", args.plot)):
+        for flag, value in (("--t", args.t), ("--t_range", args.t_range), ("--plot", args.plot),
+                            ("--start", args.start), ("--end", args.end), ("--out-dir", args.out_dir),
+                            ("--out-crf", args.out_crf)):
             if value is not None:
                 raise UserError(f"{flag} applies to --type npy (CAM files) only")
         if args.bg_from_file:
             raise UserError("--bg_from_file applies to --type npy (CAM files) only")
-    if args.t is not None and args.t_range is not None:
-        raise UserError("give either --t or --t_range, not both")
+        if args.curve:
+            raise UserError("--curve true sweeps background scores of CAM files; add --type npy")
+    args.thresholds = background_scores(args) if cams else None
+    args.crf_dir = args.out_dir if args.out_crf == CRF_INTO_OUT_DIR else args.out_crf
+    if (args.out_dir or args.out_crf) and args.thresholds.size != 1:
+        raise UserError("--out-dir / --out-crf write the labels at one background score: add --t (e.g. the best "
+                        "t of a sweep)")
+    if cams and args.cam_type not in (None, *CAM_TYPES):
+        print(f"note: --cam-type {args.cam_type} names a key of the published .npy dictionaries; the CAM files "
+              "read here hold one kind of map (the normalised maps of the present classes), read as --cam-type cam")
     for output in (args.json, args.plot):
         if output:  # fail now rather than after scoring every file
             prepare_output_dir(Path(output).resolve().parent, target=output)
+    for folder in (args.out_dir, args.crf_dir):
+        if folder:
+            prepare_output_dir(folder)
     return cams
+
+
+def background_scores(args: argparse.Namespace) -> np.ndarray:
+    """The background scores (T,) float32, ascending, that ``--type npy`` evaluates.
+
+    ``--t``: that one score. Otherwise a sweep: ``--start``/``--end`` (t = i / 100 for i in
+    range(start, end), end excluded, a missing one at its published default), else
+    ``--t_range`` (stop included), else :data:`DEFAULT_SWEEP`. An explicit ``--curve`` decides
+    between the two as published, the flags of the other mode being ignored with a note;
+    without it, giving both is refused.
+    """
+    percents = args.start is not None or args.end is not None
+    sweep_flags = [flag for flag, given in (("--t_range", args.t_range is not None), ("--start/--end", percents))
+                   if given]
+    if args.curve is True and args.t is not None:
+        print(f"note: --curve true sweeps background scores; --t {args.t:g} is ignored, as published")
+        args.t = None
+    elif args.curve is False:
+        if args.t is None:
+            raise UserError("--curve false evaluates a single background score: give it as --t (or drop --curve "
+                            "to sweep)")
+        if sweep_flags:
+            print(f"note: --curve false evaluates --t {args.t:g} alone; {' and '.join(sweep_flags)} ignored, as "
+                  "published")
+            sweep_flags, percents, args.t_range = [], False, None
+    if args.t is not None:
+        if sweep_flags:
+            raise UserError(f"give either --t or {sweep_flags[0]}, not both (or --curve true / false to choose)")
+        if not 0.0 <= args.t <= 1.0:
+            raise UserError(f"--t {args.t:g}: a background score lies in 0..1 (the normalised maps lie below 1), "
+                            f"e.g. --t 0.44; --start/--end count in percent, --t does not")
+        return np.asarray([args.t], np.float32)
+    if not percents:
+        return threshold_range(*(args.t_range or DEFAULT_SWEEP))
+    if args.t_range is not None:
+        raise UserError("give either --start/--end (percent, end excluded) or --t_range, not both")
+    start = PUBLISHED_START if args.start is None else args.start
+    end = PUBLISHED_END if args.end is None else args.end
+    if start >= end:
+        raise UserError(f"--start {start} --end {end}: the sweep t = i/100 for i in range({start}, {end}) is "
+                        "empty; --end must exceed --start (it is excluded)")
+    return np.asarray([i / 100 for i in range(start, end)], np.float32)
 
 
 def resolve_classes(args: argparse.Namespace, gt_dir: Path) -> tuple[ClassSet, str]:
@@ -210,11 +320,16 @@ def _with_flag_hint(err: UserError, classes: ClassSet, origin: str) -> UserError
 
 
 def main(args: argparse.Namespace) -> dict:
-    cams = _check_args(args)
+    cams = check_args(args)
     names = read_list(args.list)
     gt_dir = _gt_dir(args)
     classes, origin = resolve_classes(args, gt_dir)
     args.num_classes = classes.num_classes
+    if cams and args.cam_type == "coco" and classes.num_classes not in (COCO.num_classes, COCO_RAW.num_classes):
+        raise UserError(f"--cam-type coco evaluates COCO maps, but these are {classes.num_classes} classes (from "
+                        f"{origin}); the classes come from convention.json beside the masks or --dataset coco: "
+                        "add --dataset coco, or drop --cam-type")
+    image_dir = _image_dir(args) if args.out_crf else None
     report = {
         "timestamp": datetime.now().astimezone().isoformat(timespec="seconds"),
         "comment": args.comment, "type": "npy" if cams else "png", "predict_dir": str(args.predict_dir),
@@ -230,6 +345,8 @@ def main(args: argparse.Namespace) -> dict:
             fields = [f"mIoU={100 * result['miou']:.2f}", "best_t=-"]
         else:
             fields = _evaluate_cams(args, names, classes, gt_dir, report)
+            if args.out_dir or args.out_crf:
+                fields += _write_labels(args, names, classes, gt_dir, image_dir, report)
     except UserError as err:
         raise _with_flag_hint(err, classes, origin) from None
     _append_log(args.logfile, report, fields)
@@ -239,14 +356,41 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
+def _image_dir(args: argparse.Namespace) -> Path:
+    """The folder of the images the CRF reads: --img_dir, else the VOC root's JPEGImages."""
+    if args.img_dir:
+        return Path(args.img_dir)
+    return voc_layout_from_args(args, hint=", or give the image folder as --img_dir").image_dirs[0]
+
+
+def _write_labels(args: argparse.Namespace, names: list[str], classes: ClassSet, gt_dir: Path,
+                  image_dir: Path | None, report: dict) -> list[str]:
+    """Write the labels at the single --t (--out-dir) and their CRF refinement (--out-crf), print
+    the CRF labels' scores, fill ``report``; return the log fields."""
+    t = float(args.thresholds[0])
+    label_dir = None if args.out_crf == CRF_INTO_OUT_DIR else args.out_dir
+    crf_conf = write_threshold_labels(names, args.predict_dir, gt_dir, classes, t, label_dir, image_dir,
+                                      args.crf_dir, args.workers, not args.no_progress)
+    report["outputs"] = {"t": round(t, 6), "out_dir": label_dir, "out_crf": args.crf_dir}
+    written = [f"{what} to {folder}" for what, folder in (("labels", label_dir), ("CRF labels", args.crf_dir))
+               if folder]
+    if written:
+        print(f"wrote the {' and the '.join(written)} (t = {t:.6g}, {len(names)} images)")
+    if crf_conf is None:
+        return []
+    crf = scores(crf_conf, classes)
+    print(f"\nwith dense CRF (images from {image_dir}):")
+    print(format_table(crf, classes))
+    print(f"with CRF: mIoU = {100 * crf['miou']:.2f} at t = {t:.6g}")
+    report["crf"] = scores_to_json(crf, classes)
+    return [f"crf_mIoU={100 * crf['miou']:.2f}"]
+
+
 def _evaluate_cams(args: argparse.Namespace, names: list[str], classes: ClassSet, gt_dir: Path,
                    report: dict) -> list[str]:
-    """Sweep the CAM files of images ``names`` with ``classes``, print the results, fill
-    ``report``; return the log fields."""
-    if args.t is not None:
-        thresholds = np.asarray([args.t], np.float32)
-    else:
-        thresholds = threshold_range(*(args.t_range or DEFAULT_T_RANGE))
+    """Sweep the CAM files of images ``names`` with ``classes`` over ``args.thresholds``, print
+    the results, fill ``report``; return the log fields."""
+    thresholds = args.thresholds
     if args.plot and thresholds.size < 2:
         raise UserError("--plot needs a sweep of at least two thresholds (use --t_range, not --t)")
     confs, free_conf = evaluate_cams(names, args.predict_dir, gt_dir, classes, thresholds,

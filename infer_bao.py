@@ -5,6 +5,7 @@ TransCAM baseline's CAMs for threshold sweeps.
         --out_pred out/pseudo_labels --out_crf out/pseudo_labels_crf --out_cam out/cams
     python infer_bao.py --method transcam --weights transcam.pth --out_cam out/transcam_cams
     python infer_bao.py --method cnn --weights transcam.pth --out_cam out/cnn_cams   # ablation: no refinement
+    python infer_bao.py --refine none --weights bao_none.pth ...   # a BAO model trained with --refine none
     torchrun --nproc_per_node 4 infer_bao.py --weights bao.pth ...   # list sharded over ranks
 
 Per image: the multi-scale, flipped maps (``tool.predict``), then
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     mine = names[runtime.rank::runtime.world_size]
     amp = amp_dtype(args.amp, runtime.device)
     model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method,
-                               runtime.device)
+                               runtime.device, args.refine)
     for folder in outputs.values():
         prepare_output_dir(folder)
     barrier()  # folders exist before any rank scans them

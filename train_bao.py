@@ -22,12 +22,17 @@ plain weights ``{session}_{epoch}epochs_modelt.pth`` (teacher) and ``..._models.
 published TransCAM layout), and one resumable ``checkpoint.pth``. ``epoch`` counts from 0,
 as in the published loop: ten epochs end with ``..._9epochs_modelt.pth``. Ctrl-C stops after the current step, saves
 ``checkpoint.pth`` and exits; ``--resume auto`` continues exactly where it stopped.
+
+``--val_every N`` scores the pseudo-labels on ``--val_list`` against its ground-truth masks
+every N epochs (``tool.validation``): BAO's teacher threshold-free, TransCAM's CAMs at their
+best background score; the mIoU goes to ``log.jsonl`` (event ``val``) and TensorBoard
+(``val/miou``). The published loop declared ``--val_list`` and never validated: the default
+is 0, no validation.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -36,31 +41,34 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from apps.cli import (RESUME_HINT, add_dataset_args, add_model_args, add_training_args, dataset_from_args,
-                      prepare_training_run, run_cli)
+from apps.cli import (RESUME_HINT, add_dataset_args, add_model_args, add_refine_arg, add_training_args, args_dict,
+                      changed_on_resume, check_arch, check_resumable, dataset_from_args, non_negative_int, parse_scales,
+                      prepare_training_run, run_cli, run_training, write_args_json)
 from core.errors import UserError
-from core.fileio import atomic_write
+from data.classes import ClassSet
 from data.datasets import ClassificationDataset
 from data.labels import ImageLabels, read_list
-from data.layout import REPO_ROOT
+from data.layout import REPO_ROOT, DatasetSpec
 from data.transforms import TrainAugment
 from network.checkpoint import BAO_HEADS, load_weights
 from network.factory import build_network
-from tool.device import Runtime, amp_dtype, cleanup_distributed, setup_distributed
-from tool.engine import (Engine, Hints, Task, broadcast_buffers, changed_settings, cpu_state, load_checkpoint,
-                         make_loader, save_weights, seed_everything)
+from tool.device import Runtime, amp_dtype
+from tool.engine import (Engine, Hints, Task, broadcast_buffers, cpu_state, load_checkpoint, make_loader, save_weights,
+                         seed_everything)
 from tool.teacher import make_teacher, update_teacher
 from tool.train_log import RunLog
 from tool.training import STAGES, bao_losses, transcam_losses
+from tool.validation import PseudoLabelValidation
 
 DEFAULT_EPOCHS = {"bao": 10, "transcam": 20}
 DEFAULT_TRAIN_LISTS = {"voc": REPO_ROOT / "voc12" / "train_aug.txt", "coco": REPO_ROOT / "coco14" / "train.txt"}
+DEFAULT_VAL_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val.txt"}
 # The weights each stage starts from (network.checkpoint purposes): BAO from TransCAM weights
 # (its heads missing), TransCAM from ImageNet Conformer weights (classification heads dropped).
 START_WEIGHTS = {"bao": "transcam", "transcam": "backbone"}
 # Flags that define the optimisation: a resumed run must use the values it was started with.
-RUN_DEFINING = ("method", "network", "arch", "batch_size", "wt_dec", "adam_eps", "eps", "momentum", "l_pcl",
-                "teacher_mode", "seed", "dataset")
+RUN_DEFINING = ("method", "network", "arch", "refine", "batch_size", "wt_dec", "adam_eps", "eps", "momentum",
+                "l_pcl", "teacher_mode", "seed", "dataset")
 # Flags a resumed run may change (the usual remedies for a diverging or out-of-memory run);
 # changes are logged. Everything in RUN_DEFINING must stay as the run was started.
 ADJUSTABLE_ON_RESUME = ("lr", "crop_size", "resize_long")
@@ -77,6 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    weights_help="starting weights: TransCAM weights for bao (label_enc/classifier_x keep their "
                                 "initialisation), ImageNet Conformer weights for transcam (classification heads "
                                 "dropped); ignored when --resume finds a checkpoint")
+    add_refine_arg(parser)
     parser.add_argument("--from_scratch", action="store_true",
                         help="start from random initialisation instead of --weights")
     add_training_args(parser, default_batch=8,
@@ -95,6 +104,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="list of training images; those whose image-level label has no foreground "
                              "class (COCO images without annotations) are skipped (default: "
                              "voc12/train_aug.txt for voc, coco14/train.txt for coco)")
+    parser.add_argument("--val_list", default=None,
+                        help="images whose pseudo-labels are scored against their ground-truth masks every "
+                             "--val_every epochs (published flag, declared there but never used; default: "
+                             "voc12/val.txt for voc, coco14/val.txt for coco)")
+    parser.add_argument("--val_every", type=non_negative_int, default=0,
+                        help="every this many epochs, score on --val_list the teacher's threshold-free "
+                             "pseudo-labels (bao) or the CAMs at their best background score (transcam, which "
+                             "has no background map) and log the mIoU to log.jsonl and TensorBoard; images "
+                             "without a mask are left out, and without any mask nothing is validated. 0: never, "
+                             "as the published loop (default: %(default)s)")
+    parser.add_argument("--val_scales", type=parse_scales, default=None,
+                        help="input sides of the validation, comma-separated multiples of 16, each also run "
+                             "flipped (default: one scale, --crop_size; 256,512,768 = the inference scales)")
     add_dataset_args(parser)
     parser.add_argument("--eps", type=float, default=0.4,
                         help="label smoothing of the pseudo-label target: 1-eps on the labelled class, "
@@ -140,6 +162,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if not Path(args.train_list).is_file():
         hint = " (coco14/prepare_coco.py writes coco14/train.txt)" if args.dataset == "coco" else ""
         raise UserError(f"train list not found: {args.train_list}; pass --train_list{hint}")
+    check_arch(args)
+    if args.val_every:
+        args.val_list = str(args.val_list or DEFAULT_VAL_LISTS[args.dataset])
+        if not Path(args.val_list).is_file():
+            raise UserError(f"validation list not found: {args.val_list}; pass --val_list, or drop --val_every")
+        args.val_scales = args.val_scales or (args.crop_size,)
     new_run = prepare_training_run(args, int(os.environ.get("WORLD_SIZE", "1")))
     if new_run and not args.weights and not args.from_scratch:
         what = "TransCAM weights" if args.method == "bao" else "ImageNet Conformer weights"
@@ -158,7 +186,9 @@ class BAOTraining:
         self.data_id = {"num_images": len(names), "num_classes": spec.num_classes,
                         "names_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()}
         if checkpoint is not None:
-            self._check_resumable(checkpoint)
+            # Checkpoints written before --refine existed were all trained with attention refinement.
+            checkpoint["args"].setdefault("refine", "attention")
+            check_resumable(checkpoint, args, RUN_DEFINING, self.data_id)
         # The dataset checks that every image and label exists.
         self.dataset = ClassificationDataset(spec.layout, names, spec.labels,
                                              TrainAugment(args.crop_size, tuple(args.resize_long)), seed=args.seed)
@@ -167,9 +197,10 @@ class BAOTraining:
         if len(loader) == 0:
             raise UserError(f"{args.train_list} has {len(names)} images, fewer than one batch per process "
                             f"({per_rank_batch}); lower --batch_size")
+        self.validation = self._validation(spec, per_rank_batch) if args.val_every else None
 
         seed_everything(args.seed)
-        self.model = build_network(args.network, args.arch, spec.num_classes)
+        self.model = build_network(args.network, args.arch, spec.num_classes, refine=args.refine)
         report = None
         if checkpoint is None and args.weights:
             report = load_weights(self.model, args.weights, purpose=START_WEIGHTS[args.method])
@@ -181,6 +212,7 @@ class BAOTraining:
                              "teach the classification loss")
         if report is not None:
             self.log.message(f"weights {args.weights}: {report.summary()}")
+        self._announce_validation()
         if args.method == "transcam":
             # The BAO heads take no part in the TransCAM loss: frozen, so that DDP needs no
             # unused-parameter search and AdamW's weight decay leaves them at initialisation.
@@ -196,21 +228,19 @@ class BAOTraining:
         modules = {"student": self.model, "teacher": self.teacher} if self.teacher else {"model": self.model}
         task = Task(model=self.model, optimizer=optimizer, step=self._step, modules=modules,
                     after_step=self._update_teacher if self.teacher else None, save_epoch=self._save_epoch,
-                    start_epoch=self.dataset.set_epoch,
-                    checkpoint_meta={"args": _args_dict(args), "data": self.data_id})
+                    start_epoch=self.dataset.set_epoch, validate=self._validate if self.validation else None,
+                    checkpoint_meta={"args": args_dict(args), "data": self.data_id})
         self.engine = Engine(task, rt, args.run_dir, self.log, loader, sampler, args.batch_size, args.max_epoches,
                              args.max_steps, args.log_every, self.amp, self._hints(per_rank_batch), args.debug_fault)
         if checkpoint is not None:
             self.engine.restore(checkpoint, args.resume, args.seed)
             for group in optimizer.param_groups:  # --lr may be changed on resume
                 group["lr"] = args.lr
-            saved = checkpoint["args"]
-            adjusted = [f"--{k} {saved.get(k)} -> {getattr(args, k)}" for k in ADJUSTABLE_ON_RESUME
-                        if saved.get(k) != getattr(args, k)]
+            adjusted = changed_on_resume(checkpoint, args, ADJUSTABLE_ON_RESUME)
             if adjusted:
-                self.log.message(f"changed on resume: {'; '.join(adjusted)}")
+                self.log.message(f"changed on resume: {adjusted}")
             self.log.record("resume", {"checkpoint": args.resume, "epoch": self.engine.pos.epoch + 1,
-                                       "iter": self.engine.pos.step, "args": _args_dict(args)},
+                                       "iter": self.engine.pos.step, "args": args_dict(args)},
                             step=self.engine.pos.global_step)
         else:
             seed_everything(args.seed + rt.rank)  # ranks draw different drop-path masks
@@ -223,18 +253,6 @@ class BAOTraining:
                                       else ""))
         nan = "lower --lr" + (" or use --amp bf16 / off" if self.amp == torch.float16 else "")
         return Hints(resume=RESUME_HINT, out_of_memory=oom, non_finite=nan)
-
-    def _check_resumable(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint["args"]
-        changed = changed_settings(saved, vars(self.args), RUN_DEFINING)
-        if changed:
-            detail = "; ".join(f"--{k} {saved.get(k)} (now {getattr(self.args, k)})" for k in changed)
-            raise UserError(f"{self.args.resume} was trained with other settings: {detail}. A resumed "
-                            "run must keep them; pass the original values or start a new --session_name")
-        if checkpoint["data"] != self.data_id:
-            raise UserError(f"{self.args.resume} was trained on another image list or label file "
-                            f"({checkpoint['data']['num_images']} images, {checkpoint['data']['num_classes']} "
-                            f"classes); resume with the original --train_list and --label_file")
 
     def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["img"].to(self.rt.device, non_blocking=True)
@@ -251,6 +269,45 @@ class BAOTraining:
         broadcast_buffers(self.teacher)
         return {"ema_momentum": momentum}
 
+    def _validation(self, spec: DatasetSpec, per_rank_batch: int) -> PseudoLabelValidation:
+        """The scoring of --val_list (its images and labels are checked now, before the run starts)."""
+        args = self.args
+        return PseudoLabelValidation(spec.layout, spec.labels, read_list(args.val_list), ClassSet(spec.class_names),
+                                     args.method, tuple(args.val_scales), self.rt.device, self.amp, per_rank_batch,
+                                     args.num_workers, self.rt.rank, self.rt.world_size, source=args.val_list)
+
+    def _announce_validation(self) -> None:
+        """Say what --val_list / --val_every will do; drop the validation when no image has a mask."""
+        args, validation = self.args, self.validation
+        if validation is None:
+            if args.val_list:
+                self.log.message(f"note: --val_list {args.val_list} is not scored without --val_every N (the "
+                                 "published loop never validated)")
+            return
+        folders = " or ".join(str(f) for f in self.dataset.layout.mask_dirs)
+        if not validation.names:
+            self.log.message(f"no validation: no image of --val_list {args.val_list} has a ground-truth mask "
+                             f"(looked in {folders}); the run trains without it")
+            self.validation = None
+            return
+        left_out = (f"; {validation.missing} without a mask (looked in {folders}) left out" if validation.missing
+                    else "")
+        what = "the teacher's" if args.method == "bao" else "the model's"
+        self.log.message(f"validation every {args.val_every} epoch(s): {what} pseudo-labels ({validation.rule}) "
+                         f"on {len(validation.names)} images of {args.val_list}{left_out}, scales "
+                         f"{','.join(map(str, args.val_scales))} with flips")
+
+    def _validate(self, epoch: int) -> dict[str, Any] | None:
+        """Engine hook: score the pseudo-labels after every --val_every-th epoch (0-based ``epoch``)."""
+        if self.validation is None or (epoch + 1) % self.args.val_every:
+            return None
+        model = self.teacher if self.teacher is not None else self.model
+        try:
+            return self.validation(model)
+        except UserError as err:
+            raise UserError(f"validation on --val_list {self.args.val_list} after epoch {epoch + 1}: {err}; the "
+                            f"epoch is saved: fix the list or drop --val_every, then {RESUME_HINT}") from None
+
     def _save_epoch(self, epoch: int) -> list[str]:
         """Plain state_dicts of the finished ``epoch`` (0-based), named as published (rank 0 writes)."""
         prefix = f"{self.args.session_name}_{epoch}epochs"
@@ -266,11 +323,15 @@ class BAOTraining:
     def run(self) -> None:
         args = self.args
         if self.rt.is_main and not args.resume:
-            atomic_write(Path(args.run_dir) / "args.json", lambda tmp: Path(tmp).write_text(_args_json(args)))
+            write_args_json(args)
         self.log.message(
             f"{args.method} training on {self.rt.device} x{self.rt.world_size} (amp {self.amp or 'off'}): "
             f"{len(self.dataset)} images, {self.engine.iters_per_epoch} steps per epoch, {args.max_epoches} "
             f"epochs, run directory {args.run_dir}")
+        if args.refine == "none":
+            self.log.message("--refine none: the TransCAM CAMs and the BAO activation map are not refined by the "
+                             "attention (an ablation; the TransCAM loss reads only the logits, which do not "
+                             "depend on it)")
         if args.w_pcl != 1.0:
             self.log.message(f"note: --w_pcl {args.w_pcl} has no effect (it cancels in the published loss)")
         self.engine.run()
@@ -291,28 +352,9 @@ def _labelled(names: list[str], labels: ImageLabels, source: str) -> tuple[list[
     return kept, len(names) - len(kept)
 
 
-def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
-def _args_json(args: argparse.Namespace) -> str:
-    return json.dumps(_args_dict(args), indent=2, sort_keys=True) + "\n"
-
-
 def main(args: argparse.Namespace) -> None:
     validate_args(args)
-    rt = setup_distributed(args.device)
-    try:
-        training = BAOTraining(args, rt)
-        try:
-            training.run()
-        except UserError as err:
-            training.log.record("error", {"message": str(err)}, step=training.engine.pos.global_step)
-            raise
-        finally:
-            training.log.close()
-    finally:
-        cleanup_distributed()
+    run_training(BAOTraining, args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ For each image (the same multi-scale maps as infer_bao.py, ``tool.predict``), wr
 - ``<name>_bg.jpg``: the learned background map (BAO) as a JET heat map on the image;
 - ``<name>_<class>.jpg``: the same for each class present in the image-level label;
 - ``<name>_sheet.png``: one summary sheet: image, ground truth (when the dataset has a
-  mask), pseudo-label, background map and class maps.
+  mask), pseudo-label, background map and class maps, under a title naming the maps and
+  whether they are attention-refined (``--refine``).
 
 With ``--method transcam`` there is no background map; the pseudo-label panel then needs
 a background threshold ``--t``.
@@ -38,9 +39,9 @@ from tool.predict import MultiScalePredictor, iterate_batches, load_model
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list", default=None,
-                        help="list file to take images from (default: voc12/train.txt for voc, "
-                             "coco14/train.txt for coco, in this repository)")
+    parser.add_argument("--list", "--infer_list", dest="list", default=None,
+                        help="list file to take images from; --infer_list is the published name (default: "
+                             "voc12/train.txt for voc, coco14/train.txt for coco, in this repository)")
     parser.add_argument("--names", default=None,
                         help="comma-separated image names to show instead of the first --max_images of --list")
     parser.add_argument("--max_images", type=positive_int, default=10,
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> None:
     spec = dataset_from_args(args)
     names, source = _selected_names(args)
     spec.check(names, source=source)
-    model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method, device)
+    model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method, device,
+                               args.refine)
     print(f"weights {args.weights}: {report.summary()}")
     out_dir = Path(args.out_dir)
     prepare_output_dir(out_dir)
@@ -83,14 +85,27 @@ def main(args: argparse.Namespace) -> None:
     with tqdm(total=len(names), unit="img", desc="visual") as bar:
         for batch in iterate_batches(dataset, args.batch_size, args.num_workers, device):
             for name, image, (keys, maps) in zip(batch["names"], batch["images"], predictor(batch)):
-                _visualise(name, image, keys, maps, spec, args.method, args.t, out_dir)
+                _visualise(name, image, keys, maps, spec, args.method, args.t, out_dir,
+                           sheet_title(name, args.method, args.refine))
             bar.update(len(batch["names"]))
     print(f"wrote {len(names)} sheets and their overlays to {out_dir}")
 
 
+def sheet_title(name: str, method: str, refine: str) -> str:
+    """The title of an image's summary sheet: the image, the maps and their refinement regime."""
+    maps = {"bao": "BAO maps", "transcam": "TransCAM CAMs", "cnn": "CNN CAMs"}[method]
+    if method == "cnn":  # never refined, whatever --refine says
+        regime = "before attention refinement (--method cnn)"
+    elif refine == "none":
+        regime = "without attention refinement (--refine none, ablation)"
+    else:
+        regime = "attention-refined (published)"
+    return f"{name}: {maps}, {regime}"
+
+
 def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Tensor, spec: DatasetSpec,
-               method: str, t: float | None, out_dir: Path) -> None:
-    """Write the overlays and the sheet of one image; maps (K', H, W) normalised, keys (K',)."""
+               method: str, t: float | None, out_dir: Path, heading: str) -> None:
+    """Write the overlays and the sheet (under ``heading``) of one image; maps (K', H, W) normalised, keys (K',)."""
     panels = [("image", image)]
     gt = read_mask(spec.layout, name, image.shape[:2])
     if gt is not None:
@@ -106,7 +121,7 @@ def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Ten
         suffix = "bg" if key == 0 else _file_part(class_name)
         save_rgb(out_dir / f"{name}_{suffix}.jpg", overlay)
         panels.append((f"{class_name} map" if key else "background map (learned)", overlay))
-    save_rgb(out_dir / f"{name}_sheet.png", summary_sheet(panels))
+    save_rgb(out_dir / f"{name}_sheet.png", summary_sheet(panels, title=heading))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the dataset commands use this module too, and must start without loading torch.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from core.errors import UserError
@@ -25,6 +26,12 @@ FLAG_HINTS = {
     "classes": ": --label_file (and --dataset)",
     "arch": "; check --arch",
     "plain_weights": "; pass them as --weights",
+    "backbone_weights": " (--backbone_weights; see --backbone)",
+    "seg_arch": "; check --model and --backbone",
+    "label_dir": "; write the pseudo-labels there with infer_bao.py --out_pred, or check --label_dir",
+    "label_files": "; make pseudo-labels for every name of the list (infer_bao.py --infer_list) or check "
+                   "--label_dir and the list",
+    "label_ids": " (--label_dir, --label_file / --dataset)",
 }
 
 
@@ -49,6 +56,33 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """argparse type for a boolean value: true/false, 1/0, yes/no, on/off (any case).
+
+    Published flags declared ``type=bool`` turned every non-empty text, "False" included,
+    into True; this reads the words as meant and refuses anything else.
+    """
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use true or false (also 1/0, yes/no)")
+
+
+def worker_count(text: str) -> int:
+    """argparse type for a number of worker processes: >= 1, or negative as joblib's ``n_jobs``
+    (the published scripts' flag), counted back from the CPU count: -1 = every CPU, -2 = all but one."""
+    value = int_at_least(-(1 << 30))(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0 (or negative, counted back from the CPU count as "
+                                         "joblib's n_jobs: -1 = every CPU)")
+    return value if value > 0 else max(1, (os.cpu_count() or 1) + 1 + value)
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
@@ -150,6 +184,19 @@ def check_arch(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --arch {args.arch!r} for {args.network}; choose one of {', '.join(choices)}")
 
 
+def add_refine_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--refine``: how the TransCAM CAMs and the BAO activation map are refined (a model option)."""
+    from network.conformer import REFINE_MODES
+
+    parser.add_argument("--refine", choices=REFINE_MODES, default=REFINE_MODES[0],
+                        help="attention: the TransCAM CAMs and the BAO activation map are refined by the "
+                             "transformer's attention, refine(M)[i] = sum_j A[i,j] M[:,j] (published); none: "
+                             "refine(M) = M, both maps straight from their heads, an ablation for attention "
+                             "that does not localise (e.g. a model trained from scratch on few images). The "
+                             "weights are the same either way; a training run records it and keeps it on "
+                             "resume (default: attention)")
+
+
 def add_threshold_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--t``, the TransCAM background threshold of the inference scripts."""
     parser.add_argument("--t", type=float, default=None,
@@ -175,6 +222,7 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                        help="bao: learned background map + TransCAM foreground maps (threshold-free); "
                             "transcam: foreground CAMs only, for threshold sweeps; cnn: the CNN branch's "
                             "CAMs before attention refinement (ablation), foreground only (default: bao)")
+    add_refine_arg(group)
     group.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
                        help="square input sides, comma-separated multiples of 16; each is also run "
                             f"flipped (default: {','.join(map(str, DEFAULT_SCALES))})")
@@ -193,18 +241,22 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     add_dataset_args(parser)
 
 
-def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epochs_help: str) -> None:
-    """The flags every training script shares: batch, length, run directory, resume, logging, seed."""
+def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epochs_help: str | None) -> None:
+    """The flags every training script shares: batch, length, run directory, resume, logging, seed.
+
+    ``epochs_help`` None leaves ``--max_epoches`` out (iteration-based schedules).
+    """
     parser.add_argument("--batch_size", type=positive_int, default=default_batch,
                         help="images per optimisation step, over all processes together (split over the "
                              "torchrun processes; must be divisible by their number; default: %(default)s)")
-    parser.add_argument("--max_epoches", type=positive_int, default=None, help=epochs_help)
+    if epochs_help is not None:
+        parser.add_argument("--max_epoches", type=positive_int, default=None, help=epochs_help)
     parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop after this many optimisation steps in total (counted from the start of "
                              "the run, resumed steps included), saving a resumable checkpoint; for smoke tests")
     parser.add_argument("--session_name", default=None,
                         help="run name: prefix of the weight files and folder under --save_dir "
-                             "(default: the method name)")
+                             "(default: the method or model name)")
     parser.add_argument("--save_dir", default="runs", help="folder holding the run directories (default: %(default)s)")
     parser.add_argument("--tblog_dir", default=None, help="TensorBoard folder (default: <run directory>/tb)")
     parser.add_argument("--num_workers", type=non_negative_int, default=8,
@@ -226,12 +278,12 @@ def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epoch
 RESUME_HINT = "continue with the same command and --resume auto"
 
 
-def prepare_training_run(args: argparse.Namespace, world_size: int) -> bool:
+def prepare_training_run(args: argparse.Namespace, world_size: int, weights_flag: str = "weights") -> bool:
     """Check the shared training flags and settle the run directory; returns True for a new run.
 
     Sets ``args.run_dir``, ``args.tblog_dir``, ``args.resume`` (a checkpoint path or None) and
-    parses ``args.debug_fault``. Refuses to start a new run over an existing one, and a new run
-    without ``--weights`` or ``--from_scratch``.
+    parses ``args.debug_fault``. Refuses to start a new run over an existing one, and starting
+    weights (the flag ``weights_flag``) given together with ``--from_scratch``.
     """
     from network.checkpoint import require_file
     from tool.engine import parse_fault
@@ -243,9 +295,9 @@ def prepare_training_run(args: argparse.Namespace, world_size: int) -> bool:
         args.debug_fault = parse_fault(args.debug_fault)
     except ValueError as err:
         raise UserError(f"--debug_fault: {err}") from None
-    check_arch(args)
-    if args.weights and args.from_scratch:
-        raise UserError("--weights and --from_scratch contradict each other; give one of them")
+    weights = getattr(args, weights_flag)
+    if weights and args.from_scratch:
+        raise UserError(f"--{weights_flag} and --from_scratch contradict each other; give one of them")
     run_dir = Path(args.save_dir) / args.session_name
     args.run_dir = str(run_dir)
     args.tblog_dir = str(args.tblog_dir or run_dir / "tb")
@@ -257,8 +309,8 @@ def prepare_training_run(args: argparse.Namespace, world_size: int) -> bool:
     if args.resume is None and own_checkpoint.is_file():
         raise UserError(f"{run_dir} already holds a run ({own_checkpoint}); continue it with --resume auto, "
                         "or choose another --session_name or --save_dir")
-    if args.weights:
-        require_file(args.weights, "weights file")
+    if weights:
+        require_file(weights, "weights file")
     return args.resume is None
 
 
@@ -273,6 +325,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class RawDescriptionDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`DefaultsHelpFormatter` that keeps the description's line breaks (a module docstring)."""
+
+
 def voc_layout_from_args(args: argparse.Namespace, hint: str = "") -> DatasetLayout:
     """The :class:`data.layout.DatasetLayout` of ``--voc12_root``; a missing root names the flag
     (and ``hint``, e.g. another flag that would do instead)."""
@@ -280,3 +336,89 @@ def voc_layout_from_args(args: argparse.Namespace, hint: str = "") -> DatasetLay
         return DatasetLayout.voc(args.voc12_root)
     except UserError as err:
         raise _with_root_flag(err, "--voc12_root", hint) from None
+
+
+def add_segmentation_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                                batch_norm: bool = True) -> None:
+    """``--model``, ``--backbone`` and (for training, ``batch_norm``) ``--bn`` of the segmentation stage."""
+    from network.deeplab import BACKBONES, BN_MODES, DEFAULT_BN, MODELS
+
+    parser.add_argument("--model", choices=sorted(MODELS), default="deeplabv2",
+                        help="deeplabv2: ResNet-101 at output stride 8 with DeepLab-V2's ASPP (dilations "
+                             "6/12/18/24, summed), what most WSSS papers report; deeplabv3: torchvision's "
+                             "DeepLab-V3 (default: deeplabv2)")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet101",
+                        help="resnet101 (ImageNet weights in torchvision's layout load into it) or tiny (a "
+                             "small network for tests and the CPU demo) (default: resnet101)")
+    if not batch_norm:
+        return
+    recipe = ", ".join(f"{m} {bn}" for m, bn in DEFAULT_BN.items())
+    parser.add_argument("--bn", choices=BN_MODES, default=None,
+                        help="backbone batch norm: frozen (statistics and affine constant, the DeepLab-V2 "
+                             "fine-tuning recipe) or train (default: the model's recipe: " + recipe + ")")
+
+
+
+def args_dict(args: argparse.Namespace) -> dict:
+    """The parsed flags as a JSON-able dict (tuples as lists): ``args.json`` and the checkpoint's settings."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def write_args_json(args: argparse.Namespace) -> None:
+    """Write ``<run_dir>/args.json`` (sorted keys) atomically."""
+    import json
+
+    from core.fileio import atomic_write
+
+    text = json.dumps(args_dict(args), indent=2, sort_keys=True) + "\n"
+    atomic_write(Path(args.run_dir) / "args.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def check_resumable(checkpoint: dict, args: argparse.Namespace, run_defining: tuple[str, ...],
+                    data_id: dict) -> None:
+    """Refuse to resume ``checkpoint`` (``--resume``) with other run-defining flags or other data.
+
+    ``data_id`` identifies this run's list and label file (``num_images``, ``num_classes``, ...).
+    """
+    from tool.engine import changed_settings
+
+    saved = checkpoint["args"]
+    changed = changed_settings(saved, vars(args), run_defining)
+    if changed:
+        detail = "; ".join(f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in changed)
+        raise UserError(f"{args.resume} was trained with other settings: {detail}. A resumed run must keep them; "
+                        "pass the original values or start a new --session_name")
+    if checkpoint["data"] != data_id:
+        raise UserError(f"{args.resume} was trained on another image list or label file "
+                        f"({checkpoint['data']['num_images']} images, {checkpoint['data']['num_classes']} classes); "
+                        "resume with the original --train_list and --label_file")
+
+
+def changed_on_resume(checkpoint: dict, args: argparse.Namespace, adjustable: tuple[str, ...]) -> str | None:
+    """``"--lr 0.1 -> 0.05; ..."`` for the ``adjustable`` flags a resumed run changed, or None."""
+    saved = checkpoint["args"]
+    adjusted = [f"--{k} {saved.get(k)} -> {getattr(args, k)}" for k in adjustable if saved.get(k) != getattr(args, k)]
+    return "; ".join(adjusted) or None
+
+
+def run_training(build, args: argparse.Namespace) -> None:
+    """Run a training script's ``build(args, runtime).run()`` under ``torchrun`` or alone.
+
+    ``build`` returns an object with ``run()``, ``log`` (:class:`tool.train_log.RunLog`) and
+    ``engine``; a user error during training is recorded in the run's log before it ends the
+    script, and the log is closed and the process group left whatever happens.
+    """
+    from tool.device import cleanup_distributed, setup_distributed
+
+    rt = setup_distributed(args.device)
+    try:
+        training = build(args, rt)
+        try:
+            training.run()
+        except UserError as err:
+            training.log.record("error", {"message": str(err)}, step=training.engine.pos.global_step)
+            raise
+        finally:
+            training.log.close()
+    finally:
+        cleanup_distributed()

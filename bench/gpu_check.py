@@ -6,7 +6,8 @@ Run from the repository root on a CUDA machine (a few minutes with the defaults)
     python -m bench.gpu_check --weights bao_modelt.pth # bf16 label change on trained weights
     python -m bench.gpu_check --device cpu --arch tiny --batch_size 2 --crop_size 64 \\
         --train_steps 1 --warmup 1 --infer_images 2 --infer_size 64 --scales 32,64 \\
-        --no_write --skip_ddp                          # CPU smoke run of the script itself
+        --no_write --skip_ddp --seg_backbone tiny --seg_batch_size 2 --seg_crop_size 64 \
+        --seg_images 1                                 # CPU smoke run of the script itself
 
 It measures, for float32 and for bf16 autocast:
 
@@ -18,7 +19,10 @@ It measures, for float32 and for bf16 autocast:
   argmax) on generated images: images/s, peak GPU memory, and the share of pseudo-label
   pixels that bf16 changes against float32 on the same weights and images;
 - distributed training: with two or more GPUs, a two-process ``torch.distributed.run`` of
-  train_bao.py (tiny model, generated data, 2 steps) must finish with identical ranks.
+  train_bao.py (tiny model, generated data, 2 steps) must finish with identical ranks;
+- the segmentation stage (``--skip_seg`` to leave it out): train_seg.py's DeepLab-V2 step
+  (ResNet-101, frozen batch norm, SGD, batch 10, crop 321) and infer_seg.py's inference (scales
+  0.5-1.5 with flips, probabilities averaged) on 500 x 375 images: images/s and peak memory.
 
 Each precision builds its own model and optimizer from the same seed. The Markdown report
 is printed and written to the ``gpu_check`` section of bench/RESULTS.md (``--no_write`` to
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -54,10 +59,12 @@ from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import REPO_ROOT, DatasetLayout
 from network.checkpoint import load_weights
+from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
 from tool.device import AMP_DTYPES, resolve_device
 from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches
+from tool.segmentation import DEFAULT_SEG_SCALES, multiscale_probs, segmentation_loss
 from tool.teacher import make_teacher, update_teacher
 from tool.training import bao_losses
 
@@ -125,6 +132,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_ddp", action="store_true", help="skip the two-process distributed training run")
     parser.add_argument("--ddp_timeout", type=positive_int, default=180,
                         help="seconds allowed for the distributed run (default: 180)")
+    parser.add_argument("--skip_seg", action="store_true", help="skip the segmentation-stage measurements")
+    parser.add_argument("--seg_backbone", choices=sorted(BACKBONES), default="resnet101",
+                        help="backbone of the DeepLab-V2 measured (default: resnet101)")
+    parser.add_argument("--seg_batch_size", type=positive_int, default=10,
+                        help="segmentation training images per step (default: 10, train_seg.py's)")
+    parser.add_argument("--seg_crop_size", type=positive_int, default=321,
+                        help="segmentation training crop side (default: 321, train_seg.py's)")
+    parser.add_argument("--seg_images", type=positive_int, default=8,
+                        help="500 x 375 images timed in segmentation inference (default: 8)")
     return parser
 
 
@@ -380,6 +396,81 @@ def _report(args: argparse.Namespace, device: torch.device, results: dict[str, d
     ])
 
 
+def _seg_train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> TrainResult:
+    """Time train_seg.py's step: DeepLab-V2, frozen batch norm, SGD, cross-entropy on upsampled logits."""
+    _release(device)
+    torch.manual_seed(args.seed)
+    model = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "frozen").to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    size = args.seg_crop_size
+    images = torch.randn(args.seg_batch_size, 3, size, size, generator=gen).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.seg_batch_size, size, size), generator=gen).to(device)
+    losses = []
+    start = 0.0
+    for it in range(args.warmup + args.train_steps):
+        if it == args.warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+        loss = segmentation_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach().float())
+    _sync(device)
+    seconds = time.perf_counter() - start
+    values = torch.stack(losses).cpu()
+    return TrainResult(images_per_s=args.seg_batch_size * args.train_steps / seconds, peak_gib=_peak_gib(device),
+                       finite=bool(torch.isfinite(values).all()), first_loss=float(values[0]),
+                       float32_state=all(t.dtype == torch.float32 for t in model.state_dict().values()
+                                         if t.is_floating_point()))
+
+
+def _seg_infer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> InferResult:
+    """Time infer_seg.py's multi-scale, flipped probabilities and argmax on 500 x 375 images."""
+    _release(device)
+    torch.manual_seed(args.seed)
+    model = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "frozen").to(device).eval()
+    rng = np.random.default_rng(args.seed)
+    images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.seg_images + 1)]
+    multiscale_probs(model, images[0], DEFAULT_SEG_SCALES, True, device, dtype)  # warm-up, untimed
+    labels = []
+    _sync(device)
+    start = time.perf_counter()
+    for image in images[1:]:
+        labels.append(multiscale_probs(model, image, DEFAULT_SEG_SCALES, True, device, dtype).argmax(0).cpu())
+    _sync(device)
+    return InferResult(images_per_s=args.seg_images / (time.perf_counter() - start), peak_gib=_peak_gib(device),
+                       labels=labels)
+
+
+def _seg_report(args: argparse.Namespace, seg: dict[str, dict[str, Any]]) -> list[str]:
+    if not seg:
+        return ["", "Segmentation stage: skipped (--skip_seg)."]
+    rows = [f"| {v} | {_cell(r['train'], 'images_per_s', '.2f')} | {_cell(r['train'], 'peak_gib', '.2f')} | "
+            f"{_cell(r['infer'], 'images_per_s', '.2f')} | {_cell(r['infer'], 'peak_gib', '.2f')} |"
+            for v, r in seg.items()]
+    checks = [f"- segmentation training {v}: " + (r["train"] if isinstance(r["train"], str) else
+              f"losses finite: {'yes' if r['train'].finite else 'NO'}; weights all float32: "
+              f"{'yes' if r['train'].float32_state else 'NO'}") for v, r in seg.items()]
+    return [
+        "",
+        f"Segmentation stage: train_seg.py's step (DeepLab-V2, {args.seg_backbone}, frozen batch norm, SGD), batch "
+        f"{args.seg_batch_size}, crop {args.seg_crop_size}, {args.train_steps} timed step(s) after {args.warmup}; "
+        f"infer_seg.py's inference on {args.seg_images} random 500 x 375 images, scales "
+        f"{', '.join(map(str, DEFAULT_SEG_SCALES))} with flips, after one untimed image; seeded random weights.",
+        "",
+        "| variant | seg train img/s | seg train peak GiB | seg infer img/s | seg infer peak GiB |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"bf16 / fp32 throughput: segmentation training {_ratio(seg, 'train')}, inference {_ratio(seg, 'infer')}.",
+        *checks,
+    ]
+
+
 def _failed(results: dict[str, dict[str, Any]], ddp: str) -> bool:
     bad_train = any(isinstance(r["train"], str) or not (r["train"].finite and r["train"].float32_state)
                     for r in results.values())
@@ -420,13 +511,21 @@ def main(args: argparse.Namespace) -> None:
         _release(device)
         ddp = _ddp_smoke(args, device, work)
     _say(f"ddp: {ddp}")
-    body = _report(args, device, results, sizes, ddp)
+    seg: dict[str, dict[str, Any]] = {}
+    if not args.skip_seg:
+        for variant, dtype in VARIANTS.items():
+            _say(f"segmentation {variant}: training and inference ({args.seg_backbone}) ...")
+            seg[variant] = {"train": _guarded(f"segmentation training {variant}",
+                                              lambda: _seg_train(args, device, dtype)),
+                            "infer": _guarded(f"segmentation inference {variant}",
+                                              lambda: _seg_infer(args, device, dtype))}
+    body = "\n".join([_report(args, device, results, sizes, ddp), *_seg_report(args, seg)])
     _say("")
     _say(body)
     if not args.no_write:
         write_section(args.out, "gpu_check", body)
         _say(f"\nwritten to the gpu_check section of {args.out}")
-    if _failed(results, ddp):
+    if _failed(results, ddp) or (seg and _failed(seg, "")):
         sys.exit(1)
 
 

@@ -5,6 +5,8 @@
   batch it with :func:`collate_inference`.
 - :class:`SegmentationDataset`: ground-truth masks (and optionally images) for evaluation
   and visualisation.
+- :class:`PseudoLabelDataset`: augmented crops and their label maps (pseudo-labels or
+  masks) for the segmentation stage; :class:`ImageDataset`: images alone, for its inference.
 
 Each constructor checks once that every name has an image (and a label where one is
 used), so a wrong list fails at start-up with one clear message instead of mid-epoch.
@@ -14,39 +16,37 @@ reaches the main process as it is, not inside a DataLoader worker's traceback.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.palette import read_label_png
+from core.palette import IGNORE_INDEX, read_label_png
 from data.images import read_image
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
-from data.transforms import TrainAugment, multiscale_inputs, stack_scales
+from data.transforms import SegAugment, TrainAugment, multiscale_inputs, stack_scales
 
 
-class ClassificationDataset(Dataset):
-    """Training samples: ``{"name": str, "img": (3, S, S) float32, "label": (C-1,) float32}``.
+class _AugmentedDataset(Dataset):
+    """Training samples over ``names`` whose random augmentation is a function of (seed, epoch, index).
 
     The augmentation of sample ``index`` in epoch ``e`` is drawn from
-    ``np.random.default_rng([seed, e, index])``: it does not depend on the worker that
-    loads it nor on what was loaded before, so a run resumed at epoch ``e`` sees exactly
-    the crops of an uninterrupted run. Call :meth:`set_epoch` before iterating each
+    ``np.random.default_rng([seed, e, index])`` (:meth:`rng`): it does not depend on the
+    worker that loads it nor on what was loaded before, so a run resumed at epoch ``e`` sees
+    exactly the crops of an uninterrupted run. Call :meth:`set_epoch` before iterating each
     epoch; with a DataLoader, use ``persistent_workers=False`` (the default) so that the
     workers receive the updated epoch.
     """
 
-    def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
-                 transform: TrainAugment, seed: int = 0):
-        labels.check_names(names)
-        layout.check(names)
+    def __init__(self, layout: DatasetLayout, names: list[str], seed: int):
         self.layout = layout
         self.names = list(names)
-        self.labels = labels
-        self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
 
@@ -54,13 +54,30 @@ class ClassificationDataset(Dataset):
         """Select the augmentation stream of ``epoch`` (0-based)."""
         self.epoch = int(epoch)
 
+    def rng(self, index: int) -> np.random.Generator:
+        """The augmentation generator of sample ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
     def __len__(self) -> int:
         return len(self.names)
 
+
+class ClassificationDataset(_AugmentedDataset):
+    """Training samples: ``{"name": str, "img": (3, S, S) float32, "label": (C-1,) float32}``,
+    augmented reproducibly per (seed, epoch, index) (:class:`_AugmentedDataset`).
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
+                 transform: TrainAugment, seed: int = 0):
+        labels.check_names(names)
+        layout.check(names)
+        super().__init__(layout, names, seed)
+        self.labels = labels
+        self.transform = transform
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.names[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        img = self.transform(read_image(self.layout.image_path(name)), rng)
+        img = self.transform(read_image(self.layout.image_path(name)), self.rng(index))
         return {"name": name, "img": img, "label": torch.from_numpy(self.labels.vector(name))}
 
 
@@ -163,6 +180,100 @@ def read_mask(layout: DatasetLayout, name: str, image_size: tuple[int, int] | No
         raise UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                         f"{image_size[1]}x{image_size[0]}; the mask does not belong to this image")
     return mask
+
+
+def check_label_folder(label_dir: str | os.PathLike, names: list[str], layout: DatasetLayout, num_classes: int,
+                       source: str = "the list") -> None:
+    """Check that every name has a usable label map in ``label_dir``, before training starts.
+
+    Refuses (one :class:`UserError`) a missing folder, missing files, and any map that
+    :func:`read_label_map` refuses: unreadable, colour instead of class ids, of another size
+    than its image, or holding an id that is no class. Every map is decoded (about 2 ms
+    each); images are only opened for their size.
+    """
+    folder = Path(label_dir)
+    if not folder.is_dir():
+        raise UserError(f"label folder not found: {folder}", about="label_dir")
+    missing = [n for n in names if not (folder / f"{n}.png").is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(names)} images of {source} have no label map in {folder} "
+                        f"(first: {missing[0]}, expected {folder / (missing[0] + '.png')})", about="label_files")
+    for name in names:
+        image_path = layout.image_path(name)
+        try:
+            with Image.open(image_path) as img:
+                width, height = img.size
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"cannot read image {image_path}: {err}") from None
+        read_label_map(folder / f"{name}.png", num_classes, (height, width))
+
+
+def read_label_map(path: str | os.PathLike, num_classes: int, image_size: tuple[int, int]) -> np.ndarray:
+    """A training label map (H, W) uint8: ids 0..num_classes-1, 255 ignored.
+
+    Raises:
+        UserError: unreadable, of another size than the image (H, W), or holding an id that
+            is no class.
+    """
+    label = read_label_png(path)
+    if label.shape != tuple(image_size):
+        raise UserError(f"{path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                        f"{image_size[1]}x{image_size[0]}; the label map does not belong to this image")
+    ids = np.unique(label)
+    bad = ids[(ids >= num_classes) & (ids != IGNORE_INDEX)]
+    if bad.size:
+        raise UserError(f"{path} holds class id {int(bad[0])}, outside 0..{num_classes - 1} ({IGNORE_INDEX} = "
+                        "ignore); it was made for another dataset or label file", about="label_ids")
+    return label
+
+
+class PseudoLabelDataset(_AugmentedDataset):
+    """Segmentation training samples: ``{"name": str, "img": (3, S, S) float32, "label": (S, S) int64}``,
+    augmented reproducibly per (seed, epoch, index) (:class:`_AugmentedDataset`).
+
+    Labels are ``<label_dir>/<name>.png`` maps of class ids (255 ignored): pseudo-labels, or
+    ground-truth masks for an upper bound.
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], label_dir: str | os.PathLike, num_classes: int,
+                 transform: SegAugment, seed: int = 0, source: str = "the list"):
+        layout.check(names, source)
+        check_label_folder(label_dir, names, layout, num_classes, source)
+        super().__init__(layout, names, seed)
+        self.label_dir = Path(label_dir)
+        self.num_classes = int(num_classes)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        img = read_image(self.layout.image_path(name))
+        label = read_label_map(self.label_dir / f"{name}.png", self.num_classes, img.shape[:2])
+        x, y = self.transform(img, label, self.rng(index))
+        return {"name": name, "img": x, "label": y}
+
+
+class ImageDataset(Dataset):
+    """Images alone: ``{"name": str, "image": (H, W, 3) uint8}`` (segmentation inference).
+
+    Batch with :func:`collate_images` (images differ in size).
+    """
+
+    def __init__(self, layout: DatasetLayout, names: list[str], source: str = "the list"):
+        layout.check(names, source)
+        self.layout = layout
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        return {"name": name, "image": read_image(self.layout.image_path(name))}
+
+
+def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"names": [B], "images": [B x (H, W, 3) uint8]}`` (a DataLoader ``collate_fn``)."""
+    return {"names": [it["name"] for it in items], "images": [it["image"] for it in items]}
 
 
 class ErrorsAsItems(Dataset):

@@ -9,6 +9,10 @@ random crop to a square, placing the image in a zero canvas when it is smaller.
 
 Inference (section 4, :func:`multiscale_inputs`): resize to S x S for each scale S
 (bicubic), normalise, and stack the horizontally flipped copy behind the plain one.
+
+Segmentation stage (:class:`SegAugment`, :func:`scaled_input`): the DeepLab recipe, i.e.
+random rescaling of image and label, flip, padded random crop; inference rescales by factors
+of the original size, keeping the aspect.
 """
 from __future__ import annotations
 
@@ -149,3 +153,63 @@ def stack_scales(per_image: list[list[tuple[int, torch.Tensor]]]) -> list[tuple[
         if [s for s, _ in inputs] != scales:
             raise ValueError("all images of a batch must use the same scales")
     return [(s, torch.cat([inputs[k][1] for inputs in per_image])) for k, s in enumerate(scales)]
+
+
+class SegAugment:
+    """The segmentation-stage training augmentation (the DeepLab recipe); every random
+    choice comes from the generator passed in, as for :class:`TrainAugment`.
+
+    Rescale image and label by a random factor in ``scale_range`` (bilinear / nearest),
+    flip horizontally with probability 0.5, normalise, pad to at least ``crop_size`` (image
+    with the mean colour, i.e. 0 after normalisation; label with ``ignore_index``), and take
+    a random ``crop_size`` square.
+
+    Args:
+        crop_size: side of the square crop.
+        scale_range: inclusive range of the random rescaling factor.
+        flip: random horizontal flips.
+        ignore_index: label value of padded pixels.
+    """
+
+    def __init__(self, crop_size: int = 321, scale_range: tuple[float, float] = (0.5, 1.5), flip: bool = True,
+                 ignore_index: int = 255):
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be an increasing pair of positive factors, got {scale_range}")
+        self.crop_size = int(crop_size)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = bool(flip)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, img: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W, 3) uint8 RGB and (H, W) uint8 ids -> (3, S, S) float32 and (S, S) int64, S = crop_size."""
+        rng = _as_rng(rng)
+        scale = float(rng.uniform(*self.scale_range))
+        h, w = label.shape
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        pil_img = Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)
+        pil_label = Image.fromarray(label).resize(size, Image.Resampling.NEAREST)
+        if self.flip and rng.random() < 0.5:
+            pil_img = pil_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pil_label = pil_label.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = normalize(np.asarray(pil_img))
+        y = torch.from_numpy(np.asarray(pil_label, dtype=np.int64))
+        crop = self.crop_size
+        src_y, dst_y, ch = _crop_offsets(y.shape[0], crop, rng)
+        src_x, dst_x, cw = _crop_offsets(y.shape[1], crop, rng)
+        out_x = torch.zeros((3, crop, crop), dtype=x.dtype)
+        out_y = torch.full((crop, crop), self.ignore_index, dtype=torch.int64)
+        out_x[:, dst_y:dst_y + ch, dst_x:dst_x + cw] = x[:, src_y:src_y + ch, src_x:src_x + cw]
+        out_y[dst_y:dst_y + ch, dst_x:dst_x + cw] = y[src_y:src_y + ch, src_x:src_x + cw]
+        return out_x, out_y
+
+
+def scaled_input(img: np.ndarray, scale: float) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, round(H * scale), round(W * scale)) float32 normalised
+    (bilinear), the segmentation stage's inference input at one scale."""
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    pil = Image.fromarray(img)
+    if size != (w, h):
+        pil = pil.resize(size, Image.Resampling.BILINEAR)
+    return normalize(np.asarray(pil))

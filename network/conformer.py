@@ -28,6 +28,9 @@ SIZES: dict[str, dict[str, int]] = {
 
 _BN_EPS = 1e-6  # the published ConvBlock / FCUUp batch norms
 _LN_EPS = 1e-6  # the published transformer layer norms (trans_norm keeps the default 1e-5)
+# How the TransCAM CAMs and the BAO activation map are refined: "attention" (published) or
+# "none", the maps straight from their heads (an ablation for attention that does not localise).
+REFINE_MODES = ("attention", "none")
 
 
 class ConformerOutput(NamedTuple):
@@ -36,7 +39,8 @@ class ConformerOutput(NamedTuple):
     conv_logits:  (B, K) global average of the CNN class map.
     trans_logits: (B, K) class-token logits.
     am:   (B, K, h, w) BAO activation map (label-conditioned), None without labels.
-    cams: (B, K, h, w) TransCAM maps (attention-refined CNN class map).
+    cams: (B, K, h, w) TransCAM maps (attention-refined CNN class map; the class map itself
+          with ``refine="none"``).
     bao:  (B, K, h, w) channel 0 from ``am`` (learned background), 1.. from ``cams``;
           None without labels.
     """
@@ -200,13 +204,17 @@ class Conformer(nn.Module):
         drop_rate: dropout after projections / MLP.
         attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth rate, linearly increasing over the blocks.
+        refine: "attention" (published): the TransCAM CAMs and the BAO activation map are
+            refined by the summed attention (:meth:`refine`); "none": they are their heads'
+            maps as they are. Configures the forward only: no parameter or buffer depends on
+            it, so the same checkpoints load either way.
     """
 
     def __init__(self, num_classes: int = 21, patch_size: int = 16, in_chans: int = 3,
                  base_channel: int = 64, channel_ratio: int = 4, num_med_block: int = 0,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1):
+                 drop_path_rate: float = 0.1, refine: str = "attention"):
         super().__init__()
         if depth % 3:
             raise ValueError(f"depth must be a multiple of 3, got {depth}")
@@ -215,7 +223,10 @@ class Conformer(nn.Module):
         if patch_size != 16:
             raise ValueError(f"patch_size must be 16, the stride of the CNN branch whose maps the tokens "
                              f"are coupled with, got {patch_size}")
+        if refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
         self.num_classes = num_classes
+        self.refine_mode = refine
         self.embed_dim = embed_dim
         self.depth = depth
         self.patch_size = patch_size
@@ -307,6 +318,10 @@ class Conformer(nn.Module):
         b, k, h, w = maps.shape
         return torch.bmm(maps.flatten(2).to(attn.dtype), attn.transpose(1, 2)).reshape(b, k, h, w)
 
+    def _refined(self, maps: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """maps (B, K, h, w) refined as :attr:`refine_mode` says: :meth:`refine`, or unchanged for "none"."""
+        return maps if self.refine_mode == "none" else self.refine(maps, attn)
+
     def forward_cnn_cams(self, x: torch.Tensor) -> torch.Tensor:
         """The CNN branch's class map before attention refinement (the TransCAM ablation).
 
@@ -315,7 +330,8 @@ class Conformer(nn.Module):
         return self.conv_cls_head(self.forward_features(x)[0])
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ConformerOutput:
-        """Classification logits, TransCAM maps and, given image labels, the BAO maps.
+        """Classification logits, TransCAM maps and, given image labels, the BAO maps, both
+        refined as :attr:`refine_mode` says (the logits do not depend on it).
 
         Args:
             x: (B, in_chans, S_h, S_w) normalised images, sides multiples of 16.
@@ -328,13 +344,13 @@ class Conformer(nn.Module):
         class_map = self.conv_cls_head(feats)
         conv_logits = class_map.mean(dim=(2, 3))
         trans_logits = self.trans_cls_head(self.trans_norm(tokens)[:, 0])
-        cams = self.refine(class_map, attn)
+        cams = self._refined(class_map, attn)
         am = bao = None
         if labels is not None:
             if labels.shape != (x.shape[0], self.num_classes - 1):
                 raise ValueError(f"labels must be (B, {self.num_classes - 1}), got {tuple(labels.shape)}")
             cond = self.label_enc(labels.to(feats.dtype))[:, :, None, None]
-            am = self.refine(self.classifier_x(feats * cond), attn)
+            am = self._refined(self.classifier_x(feats * cond), attn)
             bao = torch.cat([am[:, :1], cams[:, 1:]], dim=1)
         return ConformerOutput(conv_logits, trans_logits, am, cams, bao)
 

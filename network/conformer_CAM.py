@@ -2,7 +2,8 @@
 (``--network network.conformer_CAM --arch sm``).
 
 Each builder returns a :class:`network.conformer.Conformer` with the TransCAM and BAO heads;
-``num_classes`` includes background (21 VOC, 81 COCO).
+``num_classes`` includes background (21 VOC, 81 COCO). Keyword arguments go to the model,
+e.g. ``refine="none"`` (``--refine none``: the maps without attention refinement, an ablation).
 """
 from __future__ import annotations
 

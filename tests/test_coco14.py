@@ -134,6 +134,9 @@ def test_lists_labels_and_convention(coco_root, prepared):
     out, masks = prepared["out"], prepared["masks"]
     assert read_list(out / "train.txt") == [_stem(1), _stem(2), _stem(3)]
     assert read_list(out / "val.txt") == [_stem(4), _stem(5)]
+    # the scoring lists: images with at least one labelled class (3 has no annotation; 5 a crowd person)
+    assert read_list(out / "train_labelled.txt") == [_stem(1), _stem(2)]
+    assert read_list(out / "val_labelled.txt") == [_stem(4), _stem(5)]
     # The val-only run wrote val labels; the train run merged into them.
     assert sorted(prepared["val_only"].ids) == [_stem(4), _stem(5)]
     labels = ImageLabels.load(out / "cls_labels.json", num_fg=80)

@@ -241,3 +241,30 @@ def test_label_file_names_the_table(tmp_path):
     (tmp_path / "gt" / "convention.json").write_text(json.dumps({"convention": "contiguous", "num_classes": 1}))
     with pytest.raises(UserError, match="is not a mask convention record"):
         _main(*base)
+
+
+def test_segmentation_stage_on_coco(run, tmp_path):
+    """BAO pseudo-labels of the train list -> train_seg.py -> infer_seg.py on val -> evaluation (81 classes)."""
+    train, val = run["lists"] / "train.txt", run["lists"] / "val.txt"
+    _ok(run_cli("infer_bao.py", *run["data"], *TINY, "--infer_list", str(train), "--weights", str(run["weights"]),
+                "--scales", "32,64", "--num_workers", "0", "--out_pred", str(tmp_path / "pseudo")))
+    _ok(run_cli("train_seg.py", *run["data"], "--device", "cpu", "--train_list", str(train), "--label_dir",
+                str(tmp_path / "pseudo"), "--backbone", "tiny", "--bn", "train", "--from_scratch", "--crop_size", "48",
+                "--batch_size", "2", "--max_iters", "3", "--num_workers", "0", "--save_dir", str(tmp_path / "runs"),
+                "--session_name", "seg"))
+    weights = tmp_path / "runs" / "seg" / "seg_final.pth"
+    assert torch.load(weights, weights_only=True)["aspp.0.weight"].shape[0] == 81
+    _ok(run_cli("infer_seg.py", *run["data"], "--device", "cpu", "--weights", str(weights), "--backbone", "tiny",
+                "--infer_list", str(val), "--scales", "0.5,1.0", "--num_workers", "0", "--out_pred",
+                str(tmp_path / "seg_val")))
+    _ok(_evaluate("--predict_dir", str(tmp_path / "seg_val"), "--gt_dir", str(run["masks"]), "--list", str(val),
+                  "--json", str(tmp_path / "seg.json")))
+    report = json.loads((tmp_path / "seg.json").read_text())
+    assert report["num_classes"] == 81
+    pairs = []
+    for name in _val_stems():
+        gt = read_label_png(run["masks"] / f"{name}.png")
+        pred = read_label_png(tmp_path / "seg_val" / f"{name}.png")
+        assert pred.shape == gt.shape and int(pred.max()) < 81
+        pairs.append((gt, pred))
+    assert 100 * report["result"]["miou"] == pytest.approx(_miou(pairs, list(range(81))), abs=1e-6)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.camio import save_cams
 from core.palette import save_label_png
+from data.camio import save_cams
 
 REPO = Path(__file__).resolve().parents[1]
 

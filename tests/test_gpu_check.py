@@ -7,7 +7,8 @@ from tests.helpers import run_cli
 
 SMOKE = ["-m", "bench.gpu_check", "--device", "cpu", "--arch", "tiny", "--batch_size", "2", "--crop_size", "64",
          "--train_steps", "1", "--warmup", "1", "--infer_images", "2", "--infer_size", "64", "--scales", "32,64",
-         "--no_write", "--skip_ddp"]
+         "--no_write", "--skip_ddp", "--seg_backbone", "tiny", "--seg_batch_size", "2", "--seg_crop_size", "64",
+         "--seg_images", "1"]
 
 
 def test_cpu_smoke_run_reports_both_precisions():
@@ -27,3 +28,9 @@ def test_cpu_smoke_run_reports_both_precisions():
     assert "all float32: yes" in proc.stdout
     assert "pseudo-labels changed by bf16" in proc.stdout
     assert "skipped (--skip_ddp)" in proc.stdout
+    seg_rows = [line for line in proc.stdout.splitlines() if line.startswith("| fp32 |") or line.startswith("| bf16 |")]
+    assert len(seg_rows) == 4  # the Conformer table and the segmentation table
+    for line in seg_rows[2:]:
+        _, train_ips, _, infer_ips, _ = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert float(train_ips) > 0 and float(infer_ips) > 0, proc.stdout
+    assert proc.stdout.count("segmentation training") >= 2 and "weights all float32: yes" in proc.stdout

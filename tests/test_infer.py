@@ -220,6 +220,58 @@ def test_cnn_ablation_writes_unrefined_cams(voc_root, tiny_transcam_weights, tmp
     assert differs >= len(names) // 2
 
 
+def test_refine_none_writes_the_maps_of_the_unrefined_heads(voc_root, tiny_bao_weights, tmp_path, capsys):
+    """--refine none: BAO's maps are [classifier_x's background, conv_cls_head's foreground] as the heads
+    give them, read with hooks during the default (refined) forward; the TransCAM CAMs are then the
+    CNN CAMs of --method cnn, file for file."""
+    from data.datasets import InferenceDataset
+    from data.layout import DatasetLayout
+    from network.checkpoint import load_weights
+    from network.conformer_CAM import Net_tiny
+    from tool.predict import MultiScalePredictor, iterate_batches
+
+    labels = ImageLabels.load(voc_root / "cls_labels.json")
+    common = _common(voc_root, tiny_bao_weights, scales="32")
+    for method in ("bao", "transcam"):
+        code, _, err = _infer(common + ["--method", method, "--refine", "none", "--out_cam", str(tmp_path / method)],
+                              capsys)
+        assert code == 0, err
+    code, _, err = _infer(common + ["--method", "cnn", "--out_cam", str(tmp_path / "cnn")], capsys)
+    assert code == 0, err
+    assert _files(tmp_path / "transcam") == _files(tmp_path / "cnn")
+
+    model = Net_tiny(num_classes=labels.num_fg + 1)
+    load_weights(model, tiny_bao_weights, purpose="bao")
+    model.eval()
+    heads: dict[str, torch.Tensor] = {}
+    for head in ("conv_cls_head", "classifier_x"):
+        getattr(model, head).register_forward_hook(lambda _m, _i, out, head=head: heads.__setitem__(head, out))
+
+    class Unrefined(torch.nn.Module):
+        """The default forward, with its BAO map rebuilt from the hooked head outputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, y=None):
+            out = self.net(x, y)
+            return out._replace(bao=torch.cat([heads["classifier_x"][:, :1], heads["conv_cls_head"][:, 1:]], dim=1))
+
+    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
+    dataset = InferenceDataset(DatasetLayout.voc(voc_root), names, labels, scales=(32,), flip=True)
+    cpu = torch.device("cpu")
+    unrefined, refined = MultiScalePredictor(Unrefined(), "bao", cpu), MultiScalePredictor(model, "bao", cpu)
+    differs = 0
+    for batch in iterate_batches(dataset, 4, 0, cpu):
+        for name, (keys, expected), (_, other) in zip(batch["names"], unrefined(batch), refined(batch)):
+            got_keys, got = load_cams(tmp_path / "bao" / f"{name}.npz")
+            assert got_keys.tolist() == keys.tolist() == [0, *labels.ids[name]]
+            assert np.allclose(got, expected.numpy(), atol=2e-3), name  # stored as float16
+            differs += not np.allclose(got, other.numpy(), atol=2e-3)
+    assert differs >= len(names) // 2  # the refined maps would fail the comparison above
+
+
 def _bad_files(tmp_path: Path, voc_root: Path, num_classes: int) -> dict[str, Path]:
     from network.conformer_CAM import Net_tiny
 

@@ -109,7 +109,7 @@ def test_prepare_coco_killed_while_painting_reruns_to_identical_files(split, coc
     painted = list(masks.glob(f"COCO_{split}2014_*.png"))
     assert 5 <= len(painted) < SPLIT_SIZES[split]  # in the middle of the split
     assert [p for p in masks.iterdir() if is_temporary(p.name)]  # and of a write
-    assert sorted(_contents(out)) == ([] if split == "train" else ["cls_labels.json", "train.txt"])
+    assert sorted(_contents(out)) == ([] if split == "train" else ["cls_labels.json", "train.txt", "train_labelled.txt"])
 
     rerun = run_cli("-m", "coco14.prepare_coco", *args)
     assert rerun.returncode == 0, rerun.stderr

@@ -8,7 +8,7 @@ import torch
 
 from core.errors import UserError
 from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, load_weights, read_state_dict
-from network.conformer import Conformer, build_conformer
+from network.conformer import REFINE_MODES, Conformer, build_conformer
 from network.conformer_CAM import ARCHS, Net_sm, Net_ti, Net_tiny
 from network.factory import build_network
 from tests.helpers import assert_refused, run_cli
@@ -21,10 +21,12 @@ def _layout(size: str) -> list[tuple[str, str]]:
     return [(name, shape) for name, shape in rows]
 
 
+@pytest.mark.parametrize("refine", ["attention", "none"])
 @pytest.mark.parametrize("builder,size", [(Net_sm, "sm"), (Net_ti, "ti")])
-def test_state_dict_layout_equals_published(builder, size):
+def test_state_dict_layout_equals_published(builder, size, refine):
+    """The refinement option adds no parameter or buffer: both settings load the published checkpoints."""
     with torch.device("meta"):
-        model = builder(num_classes=21)
+        model = builder(num_classes=21, refine=refine)
     got = [(k, ",".join(map(str, v.shape))) for k, v in model.state_dict().items()]
     assert got == _layout(size)
 
@@ -85,6 +87,69 @@ def test_refine_matches_definition():
     flat = maps.flatten(2)
     expected = torch.einsum("bij,bkj->bki", attn, flat).reshape(2, 3, 2, 3)
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def _heads_and_attention(model: Conformer, x: torch.Tensor, labels: torch.Tensor):
+    """Forward ``model`` once; return its output, the outputs of its two map heads (conv_cls_head,
+    classifier_x) read with hooks, and the summed attention forward_features gave in the same pass."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [getattr(model, head).register_forward_hook(lambda _m, _i, out, head=head: seen.__setitem__(head, out))
+             for head in ("conv_cls_head", "classifier_x")]
+    features = model.forward_features
+
+    def spy(inp: torch.Tensor):
+        out = features(inp)
+        seen["attn"] = out[2]
+        return out
+
+    model.forward_features = spy  # an instance attribute, removed below
+    try:
+        out = model(x, labels)
+    finally:
+        del model.forward_features
+        for h in hooks:
+            h.remove()
+    return out, seen["conv_cls_head"], seen["classifier_x"], seen["attn"]
+
+
+def test_refine_none_gives_the_unrefined_heads_and_attention_the_refined_ones():
+    """Hand check on a toy input: with refine="none" the TransCAM CAMs are conv_cls_head's map and the
+    BAO activation map is classifier_x's, as they come out of the heads; the default forward refines
+    both with the summed attention, refine(M)[i] = sum_j A[i, j] M[:, j]. Same weights, same logits."""
+    torch.manual_seed(0)
+    refined = Net_tiny(num_classes=4).eval()
+    plain = Net_tiny(num_classes=4, refine="none").eval()
+    plain.load_state_dict(refined.state_dict(), strict=True)
+    assert refined.refine_mode == "attention" and plain.refine_mode == "none"
+    x = torch.randn(2, 3, 48, 64)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    with torch.no_grad():
+        out, class_map, bao_map, attn = _heads_and_attention(plain, x, labels)
+        assert torch.equal(out.cams, class_map) and torch.equal(out.am, bao_map)
+        assert torch.equal(out.bao, torch.cat([bao_map[:, :1], class_map[:, 1:]], dim=1))
+        assert torch.equal(out.cams, plain.forward_cnn_cams(x))
+
+        ref, ref_class_map, ref_bao_map, ref_attn = _heads_and_attention(refined, x, labels)
+    assert torch.equal(ref_class_map, class_map) and torch.equal(ref_bao_map, bao_map) and torch.equal(ref_attn, attn)
+    b, k, h, w = class_map.shape
+    by_hand = [torch.einsum("bij,bkj->bki", attn, m.flatten(2)).reshape(b, k, h, w) for m in (class_map, bao_map)]
+    assert torch.allclose(ref.cams, by_hand[0], atol=1e-5) and torch.allclose(ref.am, by_hand[1], atol=1e-5)
+    assert not torch.allclose(ref.cams, out.cams, atol=1e-3)  # the refinement does change the maps
+    assert torch.equal(ref.conv_logits, out.conv_logits) and torch.equal(ref.trans_logits, out.trans_logits)
+
+
+def test_unknown_refine_mode_is_refused():
+    with pytest.raises(ValueError, match="refine must be one of"):
+        Net_tiny(num_classes=3, refine="mean")
+
+
+@pytest.mark.parametrize("script", ["train_bao", "infer_bao", "visual_bao"])
+def test_refine_flag_is_the_same_in_every_script_and_defaults_to_attention(script):
+    import importlib
+
+    parser = importlib.import_module(script).get_args_parser()
+    (action,) = [a for a in parser._actions if "--refine" in a.option_strings]
+    assert action.default == "attention" and tuple(action.choices) == REFINE_MODES == ("attention", "none")
 
 
 def test_attention_sum_is_sum_of_head_means(tiny):

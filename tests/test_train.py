@@ -150,12 +150,16 @@ def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights,
 
 def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
-                                          "--max_epoches", "1"))
+                                          "--max_epoches", "1", "--val_every", "1",
+                                          "--val_list", str(voc_root / "ImageSets/Segmentation/val.txt")))
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "transcam"
     assert (run_dir / "transcam_0epochs.pth").is_file()
     steps = _records(run_dir, "step")
     assert steps and all("loss_pcl" not in r and "ema_momentum" not in r for r in steps)
+    # No background map: validated at the best background score of the default sweep.
+    (val,) = _records(run_dir, "val")
+    assert val["rule"] == "best background score" and 0.05 <= val["best_t"] <= 0.95 and 0 < val["miou"] < 1
     # Saved in the published TransCAM layout: the BAO heads are absent, as BAO training expects.
     report = load_weights(Net_tiny(num_classes=num_classes), run_dir / "transcam_0epochs.pth", purpose="transcam")
     assert len(report.missing) == 4
@@ -170,6 +174,8 @@ def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
     (["--eps", "1.5"], "--eps"),
     (["--debug_fault", "nan"], "--debug_fault"),
     (["--method", "cam"], "invalid choice: 'cam'"),
+    (["--val_every", "1", "--val_list", "no_list.txt"], "validation list not found: no_list.txt"),
+    (["--val_scales", "100"], "argument --val_scales: scales must be positive multiples of 16"),
     (["--weights", None], "weights file not found"),
     (["--weights", "", "--method", "transcam"], "give --weights (ImageNet Conformer weights) or, to train from "
                                                 "random initialisation, --from_scratch"),
@@ -197,6 +203,41 @@ def test_resume_refuses_changed_settings(full_run, voc_root, tmp_path, capsys):
     assert not (tmp_path / "bao").exists()
 
 
+def test_refine_is_recorded_and_a_resume_with_the_other_setting_is_refused(full_run, voc_root, tmp_path, capsys):
+    assert json.loads((full_run / "args.json").read_text())["refine"] == "attention"
+    assert torch.load(full_run / "checkpoint.pth", weights_only=True)["args"]["refine"] == "attention"
+    argv = _args(voc_root, tmp_path, "--resume", str(full_run / "checkpoint.pth"), "--refine", "none")
+    code, _, err = call_main("train_bao", argv, capsys)
+    assert_refused(code, err, "--refine attention (now none)")
+    assert not (tmp_path / "bao").exists()
+
+
+def test_checkpoint_from_before_refine_resumes_as_attention(full_run, voc_root, tmp_path, capsys):
+    """A checkpoint written before --refine existed (no such setting saved) was refined by attention."""
+    old = torch.load(full_run / "checkpoint.pth", weights_only=True)
+    del old["args"]["refine"]
+    torch.save(old, tmp_path / "old.pth")
+    base = _args(voc_root, tmp_path, "--resume", str(tmp_path / "old.pth"), "--max_epoches", "2")
+    code, _, err = call_main("train_bao", [*base, "--refine", "none"], capsys)
+    assert_refused(code, err, "--refine attention (now none)")
+    code, out, err = call_main("train_bao", base, capsys)  # all epochs done: resumes and ends at once
+    assert code == 0, err
+
+
+def test_transcam_stage_trains_the_same_weights_without_refinement(voc_root, tmp_path, capsys):
+    """The TransCAM loss reads only the logits, which refinement does not touch: --refine none trains
+    the same weights (the demo's regime without refinement shares the TransCAM stage)."""
+    weights = {}
+    for refine in ("attention", "none"):
+        argv = _args(voc_root, tmp_path / refine, "--method", "transcam", "--from_scratch", "--max_epoches", "1",
+                     "--refine", refine)
+        code, _, err = call_main("train_bao", argv, capsys)
+        assert code == 0, err
+        weights[refine] = tmp_path / refine / "transcam" / "transcam_0epochs.pth"
+    assert json.loads((tmp_path / "none" / "transcam" / "args.json").read_text())["refine"] == "none"
+    assert _same_weights(weights["attention"], weights["none"])
+
+
 def test_resume_refuses_plain_weights(voc_root, tiny_transcam_weights, tmp_path, capsys):
     argv = _args(voc_root, tmp_path, "--resume", str(tiny_transcam_weights))
     code, _, err = call_main("train_bao", argv, capsys)
@@ -215,12 +256,65 @@ def test_resumable_sampler_skips_exactly_the_batches_done():
     assert list(sampler) != order
 
 
+def test_validation_logs_val_miou_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
+                                                                 tmp_path, capsys):
+    val = str(voc_root / "ImageSets/Segmentation/val.txt")
+    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+                                          "--max_epoches", "2", "--val_list", val, "--val_every", "1"))
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "bao"
+    vals = _records(run_dir, "val")
+    assert [(r["epoch"], r["step"], r["images"], r["rule"]) for r in vals] == [
+        (1, 3, 6, "threshold-free"), (2, 6, 6, "threshold-free")]
+    assert all(0 < r["miou"] < 1 for r in vals)
+    assert "validation after epoch 2: " in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb"))
+    tb.Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("val/miou")] == [(r["step"], pytest.approx(r["miou"])) for r in vals]
+    # Validating changes nothing of the training: the run without it ended with the same weights.
+    for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):
+        assert _same_weights(run_dir / name, full_run / name), name
+    # The logged mIoU is that of the saved teacher's threshold-free pseudo-labels, as infer_bao.py
+    # writes them (at the validation's single scale, the crop size) and evaluation_bao.py scores them.
+    common = ["--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json")]
+    code, _, err = call_main("infer_bao", [*common, "--weights", str(run_dir / "bao_1epochs_modelt.pth"), "--arch",
+                                           "tiny", "--scales", "64", "--num_workers", "0", "--device", "cpu",
+                                           "--infer_list", val, "--out_pred", str(tmp_path / "pred")], capsys)
+    assert code == 0, err
+    code, _, err = call_main("evaluation_bao", [*common, "--predict_dir", str(tmp_path / "pred"), "--list", val,
+                                                "--logfile", "", "--no_progress", "--json", str(tmp_path / "e.json")],
+                             capsys)
+    assert code == 0, err
+    # (the training model is not channels_last as inference's is: allow a rounding-flipped pixel)
+    assert vals[1]["miou"] == pytest.approx(json.loads((tmp_path / "e.json").read_text())["result"]["miou"], abs=1e-3)
+
+
+def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_weights, tmp_path):
+    import shutil
+
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_root, root, ignore=shutil.ignore_patterns("SegmentationClass*"))
+    args = _args(root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1", "--val_every", "1",
+                 "--val_list", str(root / "ImageSets/Segmentation/val.txt"))
+    proc = run_cli("train_bao.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "no validation: no image of --val_list" in proc.stdout and "has a ground-truth mask" in proc.stdout
+    assert not _records(tmp_path / "bao", "val") and (tmp_path / "bao" / "bao_0epochs_modelt.pth").is_file()
+
+
 def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, tmp_path, num_classes):
+    # validated every epoch too: each process scores its share of the list, the counts are summed
+    val = str(voc_root / "ImageSets/Segmentation/val.txt")
     proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py",
-                   *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1"),
+                   *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1",
+                          "--val_list", val, "--val_every", "1"),
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "bao"
+    vals = _records(run_dir, "val")
+    assert len(vals) == 1 and vals[0]["images"] == 6 and 0 < vals[0]["miou"] < 1
     ranks = _records(run_dir, "ranks")
     assert len(ranks) == 1 and ranks[0]["world_size"] == 2 and ranks[0]["identical"]
     (student0, teacher0), (student1, teacher1) = ranks[0]["digests"]

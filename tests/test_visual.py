@@ -46,7 +46,7 @@ def test_writes_overlays_and_sheets(voc_root, tiny_bao_weights, tmp_path):
         panels = 4 + len(labels.ids[name])
         f = -(-192 // w)
         rows = -(-panels // 4)
-        assert _size(tmp_path / f"{name}_sheet.png") == (rows * (f * h + TITLE), 4 * f * w)
+        assert _size(tmp_path / f"{name}_sheet.png") == (TITLE + rows * (f * h + TITLE), 4 * f * w)
 
 
 def test_transcam_sheet_without_threshold_has_no_pseudo_label(voc_root, tiny_transcam_weights, tmp_path, capsys):
@@ -60,7 +60,26 @@ def test_transcam_sheet_without_threshold_has_no_pseudo_label(voc_root, tiny_tra
     h, w = _size(voc_root / "JPEGImages" / f"{name}.jpg")
     panels = 2 + n_fg  # image, ground truth, class maps
     f = -(-192 // w)
-    assert _size(tmp_path / f"{name}_sheet.png") == (-(-panels // 4) * (f * h + TITLE), min(panels, 4) * f * w)
+    rows = -(-panels // 4)
+    assert _size(tmp_path / f"{name}_sheet.png") == (TITLE + rows * (f * h + TITLE), min(panels, 4) * f * w)
+
+
+def test_sheet_title_names_the_regime(voc_root, tiny_bao_weights, tmp_path, capsys):
+    from visual_bao import sheet_title
+
+    assert sheet_title("x", "bao", "attention") == "x: BAO maps, attention-refined (published)"
+    assert sheet_title("x", "bao", "none") == "x: BAO maps, without attention refinement (--refine none, ablation)"
+    assert sheet_title("x", "transcam", "none").startswith("x: TransCAM CAMs, without attention refinement")
+    assert sheet_title("x", "cnn", "attention") == "x: CNN CAMs, before attention refinement (--method cnn)"
+    sheets = {}
+    for refine in ("attention", "none"):
+        code, err = _visual(_args(voc_root, tiny_bao_weights, tmp_path / refine, "--names", "synth_000012",
+                                  "--refine", refine), capsys)
+        assert code == 0, err
+        sheets[refine] = np.asarray(Image.open(tmp_path / refine / "synth_000012_sheet.png"))
+    # The same grid under another title strip.
+    assert sheets["attention"].shape == sheets["none"].shape
+    assert not np.array_equal(sheets["attention"][:TITLE], sheets["none"][:TITLE])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -100,3 +119,7 @@ def test_summary_sheet_layout():
     assert sheet.shape == (2 * (10 + TITLE), 3 * 200, 3)
     assert (sheet[TITLE:TITLE + 10, 200:400] == 40).all()  # second panel in place
     assert (sheet[10 + 2 * TITLE:, 400:] == 255).all()  # empty last cell stays white
+    titled = summary_sheet(panels, columns=3, title="what the maps are")
+    assert titled.shape == (TITLE + 2 * (10 + TITLE), 3 * 200, 3)
+    assert np.array_equal(titled[TITLE:], sheet)  # the grid moves down by one title strip
+    assert (titled[:TITLE] < 128).any()  # the title is written

@@ -1,6 +1,7 @@
-"""Dense-CRF refinement of a label map (method spec section 4, step 5), with pydensecrf2.
+"""Dense-CRF refinement with pydensecrf2: of a label map (method spec section 4, step 5), and of
+class probabilities (the segmentation stage, :func:`crf_refine_probs`).
 
-The unary comes from the label map itself: probability ``gt_prob`` for the pixel's label
+For a label map the unary comes from the map itself: probability ``gt_prob`` for the pixel's label
 and ``(1 - gt_prob) / (n_labels - 1)`` for each other label. ``n_labels`` must be the
 dataset's class count (21 for VOC, 81 for COCO), as in the TransCAM code; the published
 BAO script passed 91 for VOC, which lowers the energy of the other labels and changes the
@@ -8,9 +9,11 @@ result.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 GT_PROB = 0.7
 GAUSSIAN_SXY = 3
@@ -48,3 +51,41 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_p
                              compat=BILATERAL_COMPAT)
     q = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(n_labels, h, w)
     return q.argmax(axis=0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Pairwise terms and iterations of a dense CRF on class probabilities.
+
+    The defaults are DeepLab-V2's (the segmentation stage's recipe): Gaussian weight 3,
+    sxy 1; bilateral weight 4, sxy 67, srgb 3; 10 mean-field iterations.
+    """
+
+    gaussian_compat: float = 3.0
+    gaussian_sxy: float = 1.0
+    bilateral_compat: float = 4.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    iterations: int = 10
+
+
+def crf_refine_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Refine class probabilities with a fully connected CRF on the image colours.
+
+    Args:
+        image: (H, W, 3) uint8 RGB original image.
+        probs: (C, H, W) class probabilities (summing to 1 over C).
+        params: the CRF's pairwise terms and iterations.
+    Returns:
+        (C, H, W) float32 refined probabilities.
+    """
+    c, h, w = probs.shape
+    if image.shape != (h, w, 3) or image.dtype != np.uint8:
+        raise ValueError(f"image must be ({h}, {w}, 3) uint8 to match the probabilities, got {image.shape} "
+                         f"{image.dtype}")
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(c, h, w)

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core.errors import UserError, ignore_sigint
+from core.errors import UserError, quiet_loader_worker
 from core.fileio import atomic_path
 from data.datasets import CollateOrError, ErrorsAsItems, raise_batch_error
 from network.checkpoint import safe_load
@@ -86,11 +86,19 @@ class Task:
             (the model, DDP-wrapped under torchrun); scalar tensors, ``"loss"`` backpropagated,
             the others (named ``loss_*``) logged.
         modules: name -> module saved in (and restored from) the checkpoint.
+        before_step: called before every step with the position of the step about to run
+            (e.g. to set a scheduled learning rate, which the step's log record then shows).
         after_step: called after every optimizer step with the position of the step just
             done (``step`` still counting it as not done); returns values to log (None skipped).
         save_epoch: called on rank 0 and the others after each finished epoch with its 0-based
             index; writes the per-epoch files (on rank 0) and returns their names.
         start_epoch: called with the 0-based epoch before it runs (e.g. to reseed augmentation).
+        validate: called on every rank after each finished epoch, once its files and the
+            checkpoint are saved, with its 0-based index (not when a stop was requested);
+            returns values to log as a ``"val"`` record, floats also as TensorBoard scalars
+            ``val/<name>`` (counts and words only in the record), or None when it did not
+            validate this epoch. It must leave the random state as it found it, so that
+            validating does not change the training.
         checkpoint_meta: extra entries of the checkpoint (settings, data identity).
     """
 
@@ -98,9 +106,11 @@ class Task:
     optimizer: torch.optim.Optimizer
     step: Callable[["Engine", dict[str, Any]], dict[str, torch.Tensor]]
     modules: dict[str, nn.Module]
+    before_step: Callable[[Position], None] | None = None
     after_step: Callable[[Position], dict[str, float | None]] | None = None
     save_epoch: Callable[[int], list[str]] | None = None
     start_epoch: Callable[[int], None] | None = None
+    validate: Callable[[int], dict[str, Any] | None] | None = None
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +156,8 @@ class Engine:
         global_batch: images per step over all ranks (for throughput).
         max_epochs: epochs of the run.
         max_steps: stop after this many steps in total (a resumable stop), or None.
+        total_steps: the schedule's length for iteration-based schedules: the run is complete
+            after this many steps, even inside an epoch (which then counts as finished), or None.
         log_every: log every this many steps (and at every epoch end).
         amp: autocast dtype or None; fp16 turns the gradient scaler on.
         hints: the advice of the engine's messages.
@@ -155,13 +167,14 @@ class Engine:
     def __init__(self, task: Task, rt: Runtime, run_dir: str | os.PathLike, log: RunLog, loader, sampler,
                  global_batch: int, max_epochs: int, max_steps: int | None = None, log_every: int = 20,
                  amp: torch.dtype | None = None, hints: Hints | None = None,
-                 fault: tuple[str, int] | None = None):
+                 fault: tuple[str, int] | None = None, total_steps: int | None = None):
         self.task, self.rt, self.log = task, rt, log
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / "checkpoint.pth"
         self.loader, self.sampler = loader, sampler
         self.iters_per_epoch = len(loader)
         self.global_batch, self.max_epochs, self.max_steps = global_batch, max_epochs, max_steps
+        self.total_steps = total_steps
         self.log_every, self.amp, self.fault = log_every, amp, fault
         self.hints = hints or Hints()
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=amp == torch.float16)
@@ -213,25 +226,45 @@ class Engine:
     def run(self) -> None:
         """Train to ``max_epochs`` (or ``max_steps``); a stop request raises KeyboardInterrupt after saving."""
         with StopRequest() as self.stop:
-            while self.pos.epoch < self.max_epochs and not self._max_steps_reached():
+            while not self.complete() and not self._max_steps_reached():
                 if self._run_epoch():
                     files = self.task.save_epoch(self.pos.epoch) if self.task.save_epoch else []
                     self.pos = Position(self.pos.epoch + 1, 0, self.pos.global_step)
                     self.save_checkpoint()
                     self.log.record("saved", {"epoch": self.pos.epoch, "files": files + [self.checkpoint_path.name]},
                                     step=self.pos.global_step)
+                    if self.task.validate is not None and not self.stopping:
+                        self._validate(self.pos.epoch - 1)
                 else:  # stopped mid-epoch by a signal or max_steps
                     self.save_checkpoint()
-                if self.stopping and self.pos.epoch < self.max_epochs:
+                if self.stopping and not self.complete():
                     self.log.message(f"stopped at {self.where(self.pos)}: resumable checkpoint "
                                      f"{self.checkpoint_path}; {self.hints.resume}")
                     barrier()
                     raise KeyboardInterrupt
-        if self._max_steps_reached() and self.pos.epoch < self.max_epochs:
+        if self._max_steps_reached() and not self.complete():
             self.log.message(f"step limit {self.max_steps} reached: resumable checkpoint {self.checkpoint_path}")
         self._check_ranks_agree()
         barrier()
         self.log.message(f"done: {self.pos.global_step} steps; outputs in {self.run_dir}")
+
+    def complete(self) -> bool:
+        """True once the run has done all its epochs (or its ``total_steps``)."""
+        return self.pos.epoch >= self.max_epochs or self._schedule_done()
+
+    def _schedule_done(self) -> bool:
+        return self.total_steps is not None and self.pos.global_step >= self.total_steps
+
+    def _validate(self, epoch: int) -> None:
+        """Run the task's validation of the finished ``epoch`` (0-based) and log what it returns."""
+        values = self.task.validate(epoch)
+        if values:
+            scalars = {f"val/{k}": v for k, v in values.items() if isinstance(v, float)}
+            self.log.record("val", {"epoch": epoch + 1, **values}, step=self.pos.global_step, scalars=scalars)
+            if self.rt.is_main:  # the record goes to the files only; the result is worth a line on screen
+                tqdm.write(f"validation after epoch {epoch + 1}: "
+                           + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in values.items()))
 
     def _max_steps_reached(self) -> bool:
         return self.max_steps is not None and self.pos.global_step >= self.max_steps
@@ -264,7 +297,7 @@ class Engine:
                 tic = now
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.1f}")
                 bar.update(1)
-                done_epoch = self.pos.step == self.iters_per_epoch
+                done_epoch = self.pos.step == self.iters_per_epoch or self._schedule_done()
                 # The first step is always logged, so that even a one-step run leaves a record.
                 if self.pos.global_step % self.log_every == 0 or done_epoch or steps == 1:
                     throughput = self.global_batch * (self.pos.global_step - logged_at) / max(now - last_log, 1e-9)
@@ -276,9 +309,9 @@ class Engine:
                     announced = True
                 # The vote is summed over ranks: any rank's request stops all of them after the same step.
                 self.stopping = values["stop"] > 0
-                if self.stopping or self._max_steps_reached():
+                if self.stopping or self._max_steps_reached() or self._schedule_done():
                     break
-        finished = self.pos.step == self.iters_per_epoch
+        finished = self.pos.step == self.iters_per_epoch or self._schedule_done()
         if finished:
             means = {k: v / steps for k, v in sums.items()}
             self.log.record("epoch", {"epoch": epoch + 1, "steps": steps, **means}, step=self.pos.global_step)
@@ -291,6 +324,8 @@ class Engine:
         try:
             if fault == "oom":
                 raise torch.OutOfMemoryError("simulated out-of-memory error (fault injection)")
+            if self.task.before_step is not None:
+                self.task.before_step(self.pos)
             losses = self.task.step(self, batch)
             if fault == "nan":
                 losses = {k: v * float("nan") for k, v in losses.items()}
@@ -374,7 +409,7 @@ def make_loader(dataset, collate, rt: Runtime, per_rank_batch: int, num_workers:
     sampler = ResumableSampler(dataset, rt.world_size, rt.rank, seed)
     loader = DataLoader(ErrorsAsItems(dataset), collate_fn=CollateOrError(collate), batch_size=per_rank_batch,
                         sampler=sampler, num_workers=num_workers, pin_memory=rt.device.type == "cuda",
-                        drop_last=True, worker_init_fn=ignore_sigint,
+                        drop_last=True, worker_init_fn=quiet_loader_worker,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 

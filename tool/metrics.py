@@ -15,6 +15,10 @@ The threshold sweep (CAM files): at background score t, a pixel's label is the a
 foreground score and c its class, the pixel is c for every t < m and background otherwise.
 So one pass counts pixels by (number of thresholds below m, gt, c), and cumulative sums
 over that first axis give the confusion matrix of every threshold at once.
+
+At one background score, :func:`write_threshold_labels` also writes those labels as PNGs
+(optionally refined by the dense CRF of :mod:`tool.crf`): the published way of making
+threshold-based pseudo-labels from CAM files.
 """
 from __future__ import annotations
 
@@ -25,18 +29,23 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from core.errors import UserError
-from core.palette import IGNORE_INDEX, read_label_png
+from core.fileio import remove_temporaries
+from core.palette import IGNORE_INDEX, read_label_png, save_label_png
 from data.camio import CAM_SUFFIX, load_cams
 from data.classes import COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, ClassSet
+from data.images import read_image
 from tool.labelrule import with_absent_classes
 
 MAX_CLASSES = 255  # ids are stored in uint8 label maps and 255 is the ignore value
+# The background scores swept by default: (start, stop included, step).
+DEFAULT_SWEEP = (0.05, 0.95, 0.01)
+IMAGE_SUFFIX = ".jpg"  # images read for the CRF: <image folder>/<name>.jpg, as published
 _SCORE_KEYS = ("iou", "fp", "fn", "precision", "recall")
 
 # The ``about`` of the UserErrors raised here -> what it is about (entry scripts add their flags).
@@ -51,6 +60,7 @@ ABOUT = {
     "coco_contiguous_ids": "contiguous COCO ids evaluated as raw COCO category ids",
     "coco_raw_ids": "raw COCO category ids evaluated as contiguous COCO ids",
     "background_map": "the threshold-free argmax got maps without a background map",
+    "images": "listed images (read by the CRF) are missing or do not match their CAM files",
 }
 
 
@@ -212,6 +222,23 @@ def argmax_labels(keys: np.ndarray, cams: np.ndarray, num_classes: int, source: 
     return with_absent_classes(keys[best], score, keys, num_classes).reshape(cams.shape[1:])
 
 
+def threshold_labels(keys: np.ndarray, cams: np.ndarray, t: float) -> np.ndarray:
+    """Labels (H, W) int64 at background score ``t``: the argmax over [t, foreground maps],
+    ties going to background, then to the lower class id.
+
+    keys (K,) class ids, cams (K, H, W) float32; a learned background map (key 0) is ignored,
+    as in the sweep. Equals :func:`tool.cam.pseudo_labels` with ``t`` (what ``infer_bao.py
+    --t`` writes) on the same maps; numpy, so that evaluation does not need torch.
+    """
+    fg = keys > 0
+    fg_keys = keys[fg]
+    if fg_keys.size == 0:
+        return np.zeros(cams.shape[1:], np.int64)
+    best, score = _argmax0(cams[fg].reshape(fg_keys.size, -1))
+    # t compared in float32, as the background channel pseudo_labels stacks onto float32 maps
+    return np.where(score > np.float32(t), fg_keys[best], 0).reshape(cams.shape[1:])
+
+
 @functools.lru_cache(maxsize=8)
 def _bucket_counts(threshold_bytes: bytes) -> np.ndarray:
     """(65536,) intp lookup table over the float32 values sharing their top 16 bits (a
@@ -308,7 +335,7 @@ class _Job:
     bg_from_file: bool
 
 
-def _read_gt(job: _Job, name: str) -> tuple[np.ndarray, str]:
+def _read_gt(job: _Job | _LabelJob, name: str) -> tuple[np.ndarray, str]:
     path = os.path.join(job.gt_dir, f"{name}.png")
     return read_label_png(path), path
 
@@ -388,9 +415,10 @@ def _chunks(names: Sequence[str], workers: int) -> list[list[str]]:
     return [list(names[i:i + size]) for i in range(0, len(names), size)]
 
 
-def _run(job: _Job, names: Sequence[str], workers: int | None, progress: bool,
-         desc: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Score ``names`` in ``workers`` processes (1: in this process) and sum the chunk results."""
+def _run(job: _Job | _LabelJob, names: Sequence[str], workers: int | None, progress: bool, desc: str,
+         work: Callable[[tuple], tuple] = _score_chunk) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Run ``work`` on chunks of ``names`` with ``job`` in ``workers`` processes (1: in this
+    process) and sum the chunk results (pairs of arrays or None)."""
     if not names:
         raise UserError("no images to evaluate: the list is empty")
     workers = default_workers() if workers is None else max(1, int(workers))
@@ -398,20 +426,21 @@ def _run(job: _Job, names: Sequence[str], workers: int | None, progress: bool,
     workers = min(workers, len(chunks))
     total: list[np.ndarray | None] = [None, None]
     with tqdm(total=len(names), desc=desc, unit="img", disable=not progress) as bar:
-        for size, result in zip(map(len, chunks), _map_chunks(job, chunks, workers)):
+        for size, result in zip(map(len, chunks), _map_chunks(job, chunks, workers, work)):
             total = [r if t is None else (t if r is None else t + r) for t, r in zip(total, result)]
             bar.update(size)
     return total[0], total[1]
 
 
-def _map_chunks(job: _Job, chunks: list[list[str]], workers: int) -> Iterator[tuple]:
+def _map_chunks(job: _Job | _LabelJob, chunks: list[list[str]], workers: int,
+                work: Callable[[tuple], tuple]) -> Iterator[tuple]:
     tasks = [(job, chunk) for chunk in chunks]
     if workers == 1:
-        yield from map(_score_chunk, tasks)
+        yield from map(work, tasks)
         return
     pool = ProcessPoolExecutor(max_workers=workers)
     try:
-        yield from pool.map(_score_chunk, tasks)
+        yield from pool.map(work, tasks)
     finally:
         # On an error (e.g. a UserError from one file) do not read the remaining chunks.
         pool.shutdown(wait=True, cancel_futures=True)
@@ -445,6 +474,76 @@ def evaluate_cams(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str 
     job = _Job(str(cam_dir), str(gt_dir), classes, thresholds, bg_from_file)
     bins, free = _run(job, names, workers, progress, "evaluate")
     return confusions_from_bins(bins), free
+
+
+@dataclass(frozen=True)
+class _LabelJob:
+    """What a worker needs to write the labels of a chunk of CAM files at one background score."""
+
+    cam_dir: str
+    gt_dir: str
+    classes: ClassSet
+    threshold: float
+    label_dir: str | None  # the thresholded labels; None: not written
+    image_dir: str | None  # images for the CRF; None: no CRF
+    crf_dir: str | None  # the CRF-refined labels; None: not written (but scored)
+
+
+def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, None]:
+    """Worker: write the chunk's labels (and CRF labels); return the CRF labels' confusion (C, C) or None."""
+    job, names = args
+    c = job.classes.num_classes
+    crf_conf = None
+    if job.image_dir is not None:
+        from tool.crf import crf_refine_labels  # pydensecrf is imported only where the CRF runs
+
+        crf_conf = np.zeros((c, c), np.int64)
+    for name in names:
+        cam_path = os.path.join(job.cam_dir, f"{name}{CAM_SUFFIX}")
+        keys, cams = load_cams(cam_path)
+        check_ids(keys, job.classes, f"{cam_path} (its 'keys')", allow_ignore=False)
+        label = threshold_labels(keys, cams, job.threshold).astype(np.uint8)
+        if job.label_dir is not None:
+            save_label_png(os.path.join(job.label_dir, f"{name}.png"), label)
+        if crf_conf is None:
+            continue
+        image_path = os.path.join(job.image_dir, f"{name}{IMAGE_SUFFIX}")
+        image = read_image(image_path)
+        if image.shape[:2] != label.shape:
+            raise UserError(f"{image_path} has size {_size(image.shape)} but {cam_path} has maps of size "
+                            f"{_size(label.shape)}; the images must be the originals the maps were made from",
+                            about="images")
+        refined = crf_refine_labels(image, label, c)
+        if job.crf_dir is not None:
+            save_label_png(os.path.join(job.crf_dir, f"{name}.png"), refined)
+        gt, gt_path = _read_gt(job, name)
+        crf_conf += confusion(gt, refined, job.classes, gt_path, f"the CRF labels of {cam_path}")
+    return crf_conf, None
+
+
+def write_threshold_labels(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str | os.PathLike,
+                           classes: ClassSet, t: float, label_dir: str | os.PathLike | None,
+                           image_dir: str | os.PathLike | None = None, crf_dir: str | os.PathLike | None = None,
+                           workers: int | None = None, progress: bool = True) -> np.ndarray | None:
+    """Write the labels of the CAM files ``<cam_dir>/<name>.npz`` at background score ``t``.
+
+    Each label map (:func:`threshold_labels`) goes to ``<label_dir>/<name>.png`` (palette PNG,
+    atomically) unless ``label_dir`` is None. With ``image_dir``, the label map is also refined
+    by the dense CRF (:mod:`tool.crf`, the class count of ``classes``) on the image
+    ``<image_dir>/<name>.jpg``, written to ``<crf_dir>/<name>.png`` unless ``crf_dir`` is None,
+    and scored against ``<gt_dir>/<name>.png``: returns that confusion matrix (C, C), else None.
+    Every listed file is checked to exist before any is written.
+    """
+    _check_inputs(names, cam_dir, gt_dir, "CAM", CAM_SUFFIX, {})
+    if image_dir is not None:
+        _check_folder(image_dir, "image", "images")
+        _check_files(names, image_dir, IMAGE_SUFFIX, "images", "images")
+    for folder in (label_dir, crf_dir):
+        if folder is not None:
+            remove_temporaries(folder, ".png", set(names))  # of an interrupted run
+    job = _LabelJob(str(cam_dir), str(gt_dir), classes, float(t), None if label_dir is None else str(label_dir),
+                    None if image_dir is None else str(image_dir), None if crf_dir is None else str(crf_dir))
+    return _run(job, names, workers, progress, "labels", _label_chunk)[0]
 
 
 def read_mask_convention(gt_dir: str | os.PathLike) -> dict | None:

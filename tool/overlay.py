@@ -40,7 +40,8 @@ def colorize_labels(label: np.ndarray) -> np.ndarray:
     return PALETTE[np.asarray(label, dtype=np.uint8)]
 
 
-def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_width: int = 192) -> np.ndarray:
+def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_width: int = 192,
+                  title: str | None = None) -> np.ndarray:
     """Tile titled panels of one image into a grid.
 
     Args:
@@ -48,9 +49,10 @@ def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_wi
         columns: panels per row.
         min_width: panels narrower than this are enlarged by an integer factor (nearest
             neighbour, so label maps keep their exact colours) to leave room for titles.
+        title: a line over the whole sheet (what the maps are), or None for none.
     Returns:
-        (rows * (f * H + title), min(n, columns) * f * W, 3) uint8 RGB with f the
-        enlargement factor, white where no panel is.
+        (t + rows * (f * H + title), min(n, columns) * f * W, 3) uint8 RGB with f the
+        enlargement factor and t the title strip (0 without ``title``), white where no panel is.
     """
     if not panels:
         raise ValueError("a summary sheet needs at least one panel")
@@ -60,14 +62,18 @@ def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_wi
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     cell_h = h + _TITLE_HEIGHT
-    sheet = np.full((rows * cell_h, columns * w, 3), 255, np.uint8)
+    top = _TITLE_HEIGHT if title is not None else 0
+    sheet = np.full((top + rows * cell_h, columns * w, 3), 255, np.uint8)
     scale = 0.45
+    if title is not None:
+        cv2.putText(sheet, _fit(title, columns * w, scale), (3, _TITLE_HEIGHT - 7), cv2.FONT_HERSHEY_SIMPLEX,
+                    scale, (0, 0, 0), 1, cv2.LINE_AA)
     for i, (title, panel) in enumerate(panels):
         if panel.shape[:2] != (src_h, src_w):
             raise ValueError(f"panel {title!r} is {panel.shape[:2]}, expected {(src_h, src_w)}")
         if factor > 1:
             panel = cv2.resize(panel, (w, h), interpolation=cv2.INTER_NEAREST)
-        y, x = (i // columns) * cell_h, (i % columns) * w
+        y, x = top + (i // columns) * cell_h, (i % columns) * w
         sheet[y + _TITLE_HEIGHT:y + cell_h, x:x + w] = panel
         cv2.putText(sheet, _fit(title, w, scale), (x + 3, y + _TITLE_HEIGHT - 7), cv2.FONT_HERSHEY_SIMPLEX,
                     scale, (0, 0, 0), 1, cv2.LINE_AA)

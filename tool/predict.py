@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import quiet_loader_worker
 from data.datasets import CollateOrError, ErrorsAsItems, collate_inference, raise_batch_error
 from network.checkpoint import LoadReport, load_weights
 from network.factory import build_network
@@ -34,13 +35,15 @@ DEFAULT_FORWARD_PIXELS = 2 * 768 * 768
 
 
 def load_model(network: str, arch: str, weights: str, num_classes: int, method: str,
-               device: torch.device) -> tuple[nn.Module, LoadReport]:
+               device: torch.device, refine: str = "attention") -> tuple[nn.Module, LoadReport]:
     """Build ``arch`` for ``num_classes`` classes, load ``weights`` for ``method``, eval mode on ``device``.
 
     ``method`` "bao" needs the BAO heads in the checkpoint; "transcam" and "cnn" accept TransCAM
-    weights (which lack them). Wrong files raise :class:`core.errors.UserError`.
+    weights (which lack them). ``refine`` is the model option of
+    :class:`network.conformer.Conformer` ("none": maps without attention refinement). Wrong
+    files raise :class:`core.errors.UserError`.
     """
-    model = build_network(network, arch, num_classes)
+    model = build_network(network, arch, num_classes, refine=refine)
     report = load_weights(model, weights, purpose=WEIGHT_PURPOSE[method])
     # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (GPU); equal up to float rounding.
     model = model.eval().to(device=device, memory_format=torch.channels_last)
@@ -53,10 +56,12 @@ def iterate_batches(dataset: Dataset, batch_size: int, num_workers: int,
 
     A :class:`UserError` raised while loading an image (a corrupt file) is re-raised here
     with its own message; through a DataLoader worker it would otherwise arrive wrapped in
-    the worker's traceback text.
+    the worker's traceback text. Workers leave Ctrl-C to the main process, which stops
+    cleanly (:func:`core.errors.quiet_loader_worker`).
     """
     loader = DataLoader(ErrorsAsItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=CollateOrError(collate_inference), pin_memory=device.type == "cuda")
+                        collate_fn=CollateOrError(collate_inference), pin_memory=device.type == "cuda",
+                        worker_init_fn=quiet_loader_worker)
     for batch in loader:
         raise_batch_error(batch)
         yield batch

@@ -1,0 +1,191 @@
+"""Segment images with a model trained by train_seg.py: multi-scale, flipped, optionally CRF-refined.
+
+VOC val, scored with evaluation_bao.py::
+
+    python infer_seg.py --weights runs/deeplabv2/deeplabv2_final.pth --infer_list voc12/val.txt \\
+        --out_pred out/seg_val --out_crf out/seg_val_crf
+    python evaluation_bao.py --predict_dir out/seg_val_crf --list voc12/val.txt
+
+VOC test, for the evaluation server (``--voc12_root`` the test set's VOC2012 folder)::
+
+    python infer_seg.py --weights ... --infer_list voc12/test.txt --out_server out/voc_test --server_labels crf
+
+writes ``out/voc_test/results/VOC2012/Segmentation/comp6_test_cls/<name>.png`` and, once every
+image of the list is there, ``out/voc_test/results.tar.gz`` to upload.
+
+COCO val: ``--dataset coco --coco_root COCO`` (default list ``coco14/val_labelled.txt``, the
+40,137 val images with a labelled class; ``coco14/val.txt`` holds all 40,504), scored with
+``evaluation_bao.py --predict_dir ... --gt_dir COCO/SegmentationClass --list coco14/val_labelled.txt``.
+
+Per image: class probabilities averaged over ``--scales`` (factors of the original size) and
+their flips; ``--out_pred``: argmax as a palette PNG at the original resolution; ``--out_crf``:
+the argmax after a dense CRF on those probabilities (DeepLab-V2's parameters unless changed).
+Images whose requested outputs exist are skipped (resume) unless ``--overwrite``; every file
+is written atomically. Under ``torchrun`` the list is sharded over the processes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_dataset_args, add_device_args,
+                      add_segmentation_model_args, dataset_from_args, non_negative_int, run_cli)
+from core.errors import UserError, quiet_loader_worker
+from core.fileio import prepare_output_dir, remove_temporaries
+from core.palette import save_label_png
+from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
+from data.labels import read_list
+from data.layout import REPO_ROOT
+from network.checkpoint import require_file
+from network.deeplab import build_segmentation_model, load_segmentation_weights
+from tool.crf import CRFParams, crf_refine_probs
+from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
+from tool.segmentation import DEFAULT_SEG_SCALES, VOC_SERVER_DIR, multiscale_probs, write_server_archive
+
+# COCO val: the images with at least one labelled class (40,137), what WSSS papers score on.
+DEFAULT_INFER_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val_labelled.txt"}
+LABEL_KINDS = ("pred", "crf")
+
+
+def parse_factors(text: str) -> tuple[float, ...]:
+    """argparse type for ``--scales``: comma-separated positive factors, e.g. ``0.5,1.0,1.5``."""
+    try:
+        factors = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not factors or any(not f > 0 for f in factors):
+        raise argparse.ArgumentTypeError(f"scales must be positive factors, got {text!r}")
+    return factors
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
+    parser.add_argument("--weights", required=True,
+                        help="segmentation weights written by train_seg.py (<session>_final.pth, or a run's "
+                             "checkpoint.pth)")
+    # No --bn: in eval mode frozen and trained batch norm compute the same, and either's weights load.
+    add_segmentation_model_args(parser, batch_norm=False)
+    parser.add_argument("--infer_list", default=None,
+                        help="images to segment (default: voc12/val.txt for voc, coco14/val_labelled.txt for coco: "
+                             "the val images with a labelled class, written by coco14.prepare_coco)")
+    parser.add_argument("--out_pred", default=None, help="folder for the label PNGs (argmax of the probabilities)")
+    parser.add_argument("--out_crf", default=None, help="folder for the label PNGs after the dense CRF")
+    parser.add_argument("--out_server", default=None,
+                        help="folder receiving the VOC evaluation server layout "
+                             f"({VOC_SERVER_DIR}/<name>.png) and, when complete, results.tar.gz")
+    parser.add_argument("--server_labels", choices=LABEL_KINDS, default="crf",
+                        help="which labels --out_server holds: pred (no CRF) or crf")
+    parser.add_argument("--scales", type=parse_factors, default=DEFAULT_SEG_SCALES,
+                        help="rescaling factors of the original image, comma-separated "
+                             f"(default: {','.join(map(str, DEFAULT_SEG_SCALES))})")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the horizontally flipped image at each scale")
+    crf = CRFParams()
+    parser.add_argument("--crf_iters", type=non_negative_int, default=crf.iterations,
+                        help="mean-field iterations of the CRF (DeepLab-V2: 10)")
+    parser.add_argument("--crf_gaussian", type=float, nargs=2, default=[crf.gaussian_compat, crf.gaussian_sxy],
+                        metavar=("WEIGHT", "SXY"), help="Gaussian pairwise term (DeepLab-V2: 3 1)")
+    parser.add_argument("--crf_bilateral", type=float, nargs=3,
+                        default=[crf.bilateral_compat, crf.bilateral_sxy, crf.bilateral_srgb],
+                        metavar=("WEIGHT", "SXY", "SRGB"), help="bilateral pairwise term (DeepLab-V2: 4 67 3)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=2,
+                        help="data-loading processes reading images (0: in the main process)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute images whose outputs already exist (default: skip them)")
+    add_device_args(parser)
+    add_dataset_args(parser)
+    return parser
+
+
+def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """Requested outputs ('pred', 'crf', 'server') -> the folder their PNGs go to."""
+    outputs = {}
+    if args.out_pred:
+        outputs["pred"] = Path(args.out_pred)
+    if args.out_crf:
+        outputs["crf"] = Path(args.out_crf)
+    if args.out_server:
+        outputs["server"] = Path(args.out_server) / VOC_SERVER_DIR
+    if not outputs:
+        raise UserError("nothing to write: give --out_pred, --out_crf and/or --out_server")
+    return outputs
+
+
+def main(args: argparse.Namespace) -> None:
+    outputs = output_dirs(args)
+    runtime = setup_distributed(args.device)
+    try:
+        _run(args, outputs, runtime)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
+    spec = dataset_from_args(args)
+    args.infer_list = str(args.infer_list or DEFAULT_INFER_LISTS[args.dataset])
+    names = read_list(args.infer_list)
+    spec.layout.check(names, source=args.infer_list)
+    mine = names[runtime.rank::runtime.world_size]
+    amp = amp_dtype(args.amp, runtime.device)
+    require_file(args.weights, "weights file")
+    # Frozen batch norm: in eval mode it computes what trained batch norm does, and loads either.
+    model = build_segmentation_model(args.model, args.backbone, spec.num_classes, "frozen")
+    report = load_segmentation_weights(model, args.weights)
+    model.eval().to(runtime.device)
+    crf = CRFParams(gaussian_compat=args.crf_gaussian[0], gaussian_sxy=args.crf_gaussian[1],
+                    bilateral_compat=args.crf_bilateral[0], bilateral_sxy=args.crf_bilateral[1],
+                    bilateral_srgb=args.crf_bilateral[2], iterations=args.crf_iters)
+    for folder in outputs.values():
+        prepare_output_dir(folder)
+    barrier()
+    for folder in outputs.values():
+        remove_temporaries(folder, ".png", set(mine))
+    todo = [n for n in mine if args.overwrite or not all((f / f"{n}.png").is_file() for f in outputs.values())]
+    if runtime.is_main:
+        print(f"weights {args.weights}: {report.summary()}")
+        shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""
+        print(f"{len(names)} images in {args.infer_list}{shard}: {len(mine) - len(todo)} already done (skipped), "
+              f"{len(todo)} to do -> {', '.join(str(f) for f in outputs.values())}")
+    if todo:
+        loader = DataLoader(ErrorsAsItems(ImageDataset(spec.layout, todo, args.infer_list)), batch_size=1,
+                            num_workers=args.num_workers, collate_fn=CollateOrError(collate_images),
+                            worker_init_fn=quiet_loader_worker)
+        with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar:
+            for batch in loader:
+                raise_batch_error(batch)
+                name, image = batch["names"][0], batch["images"][0]
+                probs = multiscale_probs(model, image, args.scales, args.flip, runtime.device, amp)
+                _write_outputs(name, image, probs.cpu().numpy(), outputs, args.server_labels, crf)
+                bar.update(1)
+    barrier()
+    if runtime.is_main:
+        print(f"done: {len(todo)} images written by rank 0")
+        if "server" in outputs:
+            missing = [n for n in names if not (outputs["server"] / f"{n}.png").is_file()]
+            if missing:
+                print(f"{len(missing)} images of the list are not in the server layout yet; no archive written")
+            else:
+                print(f"server archive: {write_server_archive(args.out_server, names)}")
+
+
+def _write_outputs(name: str, image: np.ndarray, probs: np.ndarray, outputs: dict[str, Path], server_labels: str,
+                   crf: CRFParams) -> None:
+    """Write the requested PNGs of one image: image (H, W, 3) uint8, probs (C, H, W)."""
+    labels = {}
+    if "pred" in outputs or ("server" in outputs and server_labels == "pred"):
+        labels["pred"] = probs.argmax(0).astype(np.uint8)
+    if "crf" in outputs or ("server" in outputs and server_labels == "crf"):
+        labels["crf"] = crf_refine_probs(image, probs, crf).argmax(0).astype(np.uint8)
+    for kind in ("pred", "crf"):
+        if kind in outputs:
+            save_label_png(outputs[kind] / f"{name}.png", labels[kind])
+    if "server" in outputs:
+        save_label_png(outputs["server"] / f"{name}.png", labels[server_labels])
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

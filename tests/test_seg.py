@@ -1,0 +1,339 @@
+"""The segmentation stage: models, backbone loading, schedule, frozen batch norm, multi-scale
+inference, the server layout, and train_seg.py / infer_seg.py end to end on the generated dataset."""
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from core.errors import UserError
+from core.palette import read_label_png, save_label_png
+from data.transforms import scaled_input
+from network.deeplab import (ASPP_V2_DILATIONS, build_segmentation_model, head_and_backbone_parameters,
+                             load_backbone_weights, load_segmentation_weights)
+from tests.helpers import assert_refused, call_main, run_cli
+from tool.engine import state_digest
+from tool.segmentation import VOC_SERVER_DIR, multiscale_probs, poly_lr, segmentation_loss, set_poly_lr
+
+
+# ----------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("backbone", ["tiny", "resnet101"])
+def test_deeplabv2_output_stride_8(backbone):
+    model = build_segmentation_model("deeplabv2", backbone, 5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 41, 56))
+    assert out.shape == (2, 5, 6, 7)  # ceil(41 / 8), ceil(56 / 8)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet101"])
+def test_deeplabv3_returns_logits_at_the_input_size(backbone):
+    model = build_segmentation_model("deeplabv3", backbone, 4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 40, 48))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 40, 48)
+    if backbone == "resnet101":  # torchvision's own DeepLab-V3 names (without the auxiliary head)
+        reference = torchvision.models.segmentation.deeplabv3_resnet101(weights=None, weights_backbone=None,
+                                                                       num_classes=4, aux_loss=False)
+        assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def test_aspp_v2_dilations_and_sum():
+    model = build_segmentation_model("deeplabv2", "tiny", 3).eval()
+    assert ASPP_V2_DILATIONS == (6, 12, 18, 24)
+    assert [c.dilation for c in model.aspp] == [(d, d) for d in (6, 12, 18, 24)]
+    assert [c.padding for c in model.aspp] == [(d, d) for d in (6, 12, 18, 24)]
+    assert all(c.kernel_size == (3, 3) and c.out_channels == 3 for c in model.aspp)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.backbone(x)["out"]
+        expected = sum(F.conv2d(feats, c.weight, c.bias, padding=d, dilation=d)
+                       for c, d in zip(model.aspp, (6, 12, 18, 24)))
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_resnet101_backbone_loads_a_torchvision_state_dict(tmp_path):
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet101()
+    with torch.no_grad():  # distinct, non-default statistics, so that loading them is visible
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "resnet101.pth"
+    torch.save({"module." + k: v for k, v in reference.state_dict().items()}, path)  # a DDP-style file
+    for bn in ("frozen", "train"):
+        model = build_segmentation_model("deeplabv2", "resnet101", 21, bn)
+        head_before = {k: v.clone() for k, v in model.aspp.state_dict().items()}
+        report = load_backbone_weights(model, path, "resnet101")
+        assert report.dropped == ["fc.bias", "fc.weight"]
+        own = model.backbone.state_dict()
+        ref = reference.state_dict()
+        assert {k for k in ref if not k.startswith("fc.") and not k.endswith("num_batches_tracked")} == {
+            k for k in own if not k.endswith("num_batches_tracked")}
+        for k, v in own.items():
+            if not k.endswith("num_batches_tracked"):
+                assert torch.equal(v, ref[k]), k
+        assert all(torch.equal(v, head_before[k]) for k, v in model.aspp.state_dict().items())
+
+
+def test_backbone_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    model = build_segmentation_model("deeplabv2", "resnet101", 21)
+    with pytest.raises(UserError, match="does not fit the resnet101 backbone"):
+        load_backbone_weights(model, path, "resnet101")
+    whole = tmp_path / "seg.pth"
+    torch.save(build_segmentation_model("deeplabv3", "tiny", 21).state_dict(), whole)
+    with pytest.raises(UserError, match="whole segmentation model"):
+        load_backbone_weights(build_segmentation_model("deeplabv3", "tiny", 21), whole, "tiny")
+
+
+def test_segmentation_weights_move_between_batch_norm_modes(tmp_path):
+    trained = build_segmentation_model("deeplabv2", "tiny", 6, "train")
+    with torch.no_grad():
+        for m in trained.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    path = tmp_path / "w.pth"
+    torch.save(trained.state_dict(), path)
+    frozen = build_segmentation_model("deeplabv2", "tiny", 6, "frozen")
+    load_segmentation_weights(frozen, path)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(trained.eval()(x), frozen.eval()(x), atol=1e-5)
+    with pytest.raises(UserError, match="trained for 6 classes, the dataset has 7"):
+        load_segmentation_weights(build_segmentation_model("deeplabv2", "tiny", 7), path)
+    with pytest.raises(UserError, match="does not fit this segmentation model"):
+        load_segmentation_weights(build_segmentation_model("deeplabv3", "tiny", 6), path)
+
+
+# --------------------------------------------------------------------------- training parts
+def test_poly_schedule_and_head_rate_by_hand():
+    assert poly_lr(2.5e-4, 0, 20000) == 2.5e-4
+    assert poly_lr(2.5e-4, 10000, 20000) == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+    assert poly_lr(2.5e-4, 15000, 20000, 0.9) == pytest.approx(2.5e-4 * 0.25 ** 0.9)
+    assert poly_lr(1.0, 20000, 20000) == 0.0
+    model = build_segmentation_model("deeplabv2", "tiny", 3)
+    backbone, head = head_and_backbone_parameters(model)
+    assert {id(p) for p in head} == {id(p) for p in model.aspp.parameters()}
+    assert len(backbone) + len(head) == len([p for p in model.parameters() if p.requires_grad])
+    opt = torch.optim.SGD([{"params": backbone}, {"params": head}], lr=1.0)
+    lrs = set_poly_lr(opt, [2.5e-4, 2.5e-3], 5, 10, 0.9)
+    assert lrs == pytest.approx([2.5e-4 * 0.5 ** 0.9, 2.5e-3 * 0.5 ** 0.9])
+    assert [g["lr"] for g in opt.param_groups] == lrs
+
+
+def test_loss_ignores_255_and_is_zero_without_labelled_pixels():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]], requires_grad=True)  # (1, 2, 1, 2)
+    labels = torch.tensor([[[0, 255]]])
+    expected = -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    assert torch.allclose(segmentation_loss(logits, labels), expected)
+    empty = segmentation_loss(logits, torch.full((1, 1, 2), 255))
+    assert empty.item() == 0.0 and torch.isfinite(empty)
+    empty.backward()
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_frozen_batch_norm_is_unchanged_by_a_training_step():
+    torch.manual_seed(0)
+    model = build_segmentation_model("deeplabv2", "tiny", 4, "frozen").train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    params = {k: p.clone() for k, p in model.named_parameters()}
+    assert buffers and all("running" in k or k.endswith(("weight", "bias")) for k in buffers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = segmentation_loss(model(torch.randn(2, 3, 48, 48)), torch.randint(0, 4, (2, 48, 48)))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    opt.step()
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(not torch.equal(p, params[k]) for k, p in model.named_parameters())
+    # the trained mode does update its statistics: the frozen one is a choice, not an accident
+    trained = build_segmentation_model("deeplabv2", "tiny", 4, "train").train()
+    before = trained.backbone.bn1.running_mean.clone()
+    trained(torch.randn(2, 3, 48, 48))
+    assert not torch.equal(before, trained.backbone.bn1.running_mean)
+
+
+# -------------------------------------------------------------------------------- inference
+class _Toy(nn.Module):
+    """Logits at half resolution that depend on the position, so that flips matter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(x, 2)
+        ramp = torch.linspace(0, 1, pooled.shape[-1])
+        return torch.stack([pooled[:, 0] + ramp, pooled[:, 1] - ramp, 0.5 * pooled[:, 2]], 1)
+
+
+def test_multiscale_flip_probabilities_equal_a_hand_computed_average():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    model = _Toy()
+    got = multiscale_probs(model, image, scales=(1.0, 2.0), flip=True)
+    views = []
+    for scale in (1.0, 2.0):
+        x = scaled_input(image, scale)[None]
+        for flipped in (False, True):
+            inp = x.flip(-1) if flipped else x
+            logits = F.interpolate(model(inp), size=(10, 14), mode="bilinear", align_corners=False)
+            p = logits.softmax(1)[0]
+            views.append(p.flip(-1) if flipped else p)
+    expected = sum(views) / 4
+    assert got.shape == (3, 10, 14)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.sum(0), torch.ones(10, 14), atol=1e-5)
+    single = multiscale_probs(model, image, scales=(1.0,), flip=False)
+    assert not torch.allclose(single, expected, atol=1e-3)  # the other views did count
+
+
+# ------------------------------------------------------------------------- CLI end to end
+def _data(voc_root: Path) -> list[str]:
+    return ["--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json")]
+
+
+def _train(voc_root: Path, save_dir: Path, session: str, *extra: str, label_dir: Path | None = None) -> list[str]:
+    return ["train_seg.py", *_data(voc_root), "--label_dir", str(label_dir or voc_root / "SegmentationClass"),
+            "--train_list", str(voc_root / "ImageSets/Segmentation/train.txt"), "--backbone", "tiny",
+            "--bn", "train", "--from_scratch", "--crop_size", "48", "--batch_size", "4", "--max_iters", "5",
+            "--lr", "0.01", "--num_workers", "0", "--save_dir", str(save_dir), "--session_name", session,
+            "--log_every", "1", *extra]
+
+
+def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, tmp_path):
+    ok = run_cli(*_train(voc_root, tmp_path, "full"))
+    assert ok.returncode == 0, ok.stderr
+    full = torch.load(tmp_path / "full" / "full_final.pth", weights_only=True)
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    # 12 images, batch 4: 3 steps per epoch, 5 steps in 2 epochs (the second one cut by the schedule)
+    assert ckpt["position"] == {"epoch": 2, "step": 0, "global_step": 5}
+    lrs = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]  # those of the last step, 4 of 0..4
+    assert lrs == pytest.approx([0.01 * (1 - 4 / 5) ** 0.9, 0.1 * (1 - 4 / 5) ** 0.9])
+    records = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    step_lrs = {r["step"]: r["lr"] for r in records if r["event"] == "step"}
+    assert step_lrs[1] == pytest.approx(0.01)  # step 1 (iteration 0) runs at the base rate
+    assert step_lrs[3] == pytest.approx(0.01 * (1 - 2 / 5) ** 0.9)
+
+    stopped = run_cli(*_train(voc_root, tmp_path, "cut", "--max_steps", "2"))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (tmp_path / "cut" / "cut_final.pth").exists()
+    mid = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
+    assert mid["position"] == {"epoch": 0, "step": 2, "global_step": 2}
+    resumed = run_cli(*_train(voc_root, tmp_path, "cut", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    cut = torch.load(tmp_path / "cut" / "cut_final.pth", weights_only=True)
+    assert full.keys() == cut.keys()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    changed = run_cli(*_train(voc_root, tmp_path, "cut", "--resume", "auto", "--crop_size", "64"))
+    assert changed.returncode == 2 and "--crop_size 48 (now 64)" in changed.stderr
+
+
+def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_path):
+    ok = run_cli(*_train(voc_root, tmp_path, "m"))
+    assert ok.returncode == 0, ok.stderr
+    names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
+    out = {k: tmp_path / k for k in ("pred", "crf", "server")}
+    infer = ["infer_seg.py", *_data(voc_root), "--weights", str(tmp_path / "m" / "m_final.pth"), "--backbone", "tiny",
+             "--infer_list", str(voc_root / "ImageSets/Segmentation/val.txt"), "--scales", "0.5,1.0",
+             "--num_workers", "0", "--out_pred", str(out["pred"]), "--out_crf", str(out["crf"]),
+             "--out_server", str(out["server"]), "--server_labels", "pred"]
+    done = run_cli(*infer)
+    assert done.returncode == 0, done.stderr
+    for name in names:
+        size = Image.open(voc_root / "JPEGImages" / f"{name}.jpg").size
+        for kind in ("pred", "crf"):
+            with Image.open(out[kind] / f"{name}.png") as img:
+                assert img.mode == "P" and img.size == size
+        server = out["server"] / VOC_SERVER_DIR / f"{name}.png"
+        assert np.array_equal(read_label_png(server), read_label_png(out["pred"] / f"{name}.png"))
+    with tarfile.open(out["server"] / "results.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(f"results/VOC2012/Segmentation/comp6_test_cls/{n}.png" for n in names)
+    again = run_cli(*infer)
+    assert again.returncode == 0 and f"{len(names)} already done (skipped), 0 to do" in again.stdout
+    evaluated = run_cli("evaluation_bao.py", "--predict_dir", str(out["crf"]), "--gt_dir",
+                        str(voc_root / "SegmentationClass"), "--list", str(voc_root / "ImageSets/Segmentation/val.txt"),
+                        "--label_file", str(voc_root / "cls_labels.json"), "--logfile", str(tmp_path / "log.txt"))
+    assert evaluated.returncode == 0 and "mIoU" in evaluated.stdout
+
+
+# ---------------------------------------------------------------------------- bad inputs
+@pytest.fixture()
+def label_copy(voc_root, tmp_path) -> Path:
+    folder = tmp_path / "labels"
+    shutil.copytree(voc_root / "SegmentationClass", folder)
+    return folder
+
+
+def _first_train_name(voc_root: Path) -> str:
+    return (voc_root / "ImageSets/Segmentation/train.txt").read_text().split()[0]
+
+
+def test_missing_pseudo_label_is_refused(voc_root, tmp_path, label_copy, capsys):
+    (label_copy / f"{_first_train_name(voc_root)}.png").unlink()
+    code, _, err = call_main("train_seg", _train(voc_root, tmp_path / "runs", "x", label_dir=label_copy)[1:], capsys)
+    assert_refused(code, err, "have no label map in", _first_train_name(voc_root))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_label_of_another_size_is_refused(voc_root, tmp_path, label_copy, capsys):
+    name = _first_train_name(voc_root)
+    save_label_png(label_copy / f"{name}.png", np.zeros((7, 9), np.uint8))
+    code, _, err = call_main("train_seg", _train(voc_root, tmp_path / "runs", "x", label_dir=label_copy)[1:], capsys)
+    assert_refused(code, err, f"{name}.png is 9x7", "does not belong to this image")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_label_ids_outside_the_classes_are_refused(voc_root, tmp_path, label_copy, num_classes, capsys):
+    name = _first_train_name(voc_root)
+    label = read_label_png(label_copy / f"{name}.png")
+    label[0, 0] = num_classes  # one id past the last class; 255 stays allowed
+    save_label_png(label_copy / f"{name}.png", label)
+    code, _, err = call_main("train_seg", _train(voc_root, tmp_path / "runs", "x", label_dir=label_copy)[1:], capsys)
+    assert_refused(code, err, f"holds class id {num_classes}, outside 0..{num_classes - 1}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_colour_png_labels_are_refused(voc_root, tmp_path, label_copy, capsys):
+    name = _first_train_name(voc_root)
+    with Image.open(label_copy / f"{name}.png") as img:
+        img.convert("RGB").save(label_copy / f"{name}.png")
+    code, _, err = call_main("train_seg", _train(voc_root, tmp_path / "runs", "x", label_dir=label_copy)[1:], capsys)
+    assert_refused(code, err, "is a RGB image", "not colours")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_backbone_file_of_another_architecture_is_refused(voc_root, tmp_path, tiny_bao_weights, capsys):
+    argv = [a for a in _train(voc_root, tmp_path / "runs", "x")[1:] if a != "--from_scratch"]
+    code, _, err = call_main("train_seg", [*argv, "--backbone_weights", str(tiny_bao_weights)], capsys)
+    assert_refused(code, err, "does not fit the tiny backbone", "--backbone_weights")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_inference_with_weights_of_another_model_is_refused(voc_root, tmp_path, tiny_bao_weights, capsys):
+    argv = ["--weights", str(tiny_bao_weights), "--backbone", "tiny", *_data(voc_root), "--infer_list",
+            str(voc_root / "ImageSets/Segmentation/val.txt"), "--out_pred", str(tmp_path / "pred"),
+            "--num_workers", "0"]
+    code, _, err = call_main("infer_seg", argv, capsys)
+    assert_refused(code, err, "does not fit this segmentation model", "--model and --backbone")
+    assert not (tmp_path / "pred").exists()
+
+
+def test_torchrun_two_processes_end_identical(voc_root, tmp_path, num_classes):
+    """DDP over two processes (gloo): both ranks end with the saved weights, trained batch norm included."""
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   *_train(voc_root, tmp_path, "ddp", "--max_iters", "3"), env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x2" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    ranks = [r for r in records if r["event"] == "ranks"]
+    assert len(ranks) == 1 and ranks[0]["world_size"] == 2 and ranks[0]["identical"]
+    model = build_segmentation_model("deeplabv2", "tiny", num_classes, "train")
+    load_segmentation_weights(model, tmp_path / "ddp" / "ddp_final.pth")
+    assert state_digest(model) == ranks[0]["digests"][0][0]

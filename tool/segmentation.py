@@ -1,0 +1,113 @@
+"""The segmentation stage: the loss and learning-rate schedule of its training, its
+multi-scale inference, and the VOC evaluation server's layout.
+
+Training follows the usual WSSS DeepLab recipe: cross-entropy on logits upsampled to the
+crop (255 ignored), SGD whose learning rate decays along a polynomial of the iteration,
+the head at 10x the backbone's rate. Inference averages the softmax probabilities over
+rescaled and flipped copies of the image, each upsampled to the original size.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.fileio import atomic_path
+from core.palette import IGNORE_INDEX
+from data.transforms import scaled_input
+from tool.device import autocast
+
+DEFAULT_SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+# Where the VOC evaluation server expects the test-set PNGs of competition 6 (segmentation,
+# trained on other data than the VOC pixel labels), inside the archive.
+VOC_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+SERVER_ARCHIVE = "results.tar.gz"
+
+
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9) -> float:
+    """``base_lr * (1 - iteration / max_iters) ** power``: the rate of (0-based) ``iteration``."""
+    return base_lr * (1.0 - min(iteration, max_iters) / max_iters) ** power
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lrs: Iterable[float], iteration: int, max_iters: int,
+                power: float = 0.9) -> list[float]:
+    """Set each parameter group's rate for ``iteration`` from its base rate; returns the rates."""
+    lrs = [poly_lr(base, iteration, max_iters, power) for base in base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    return lrs
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits upsampled to the labels' size, averaged over labelled pixels.
+
+    Args:
+        logits: (B, C, h, w) class scores at any resolution.
+        labels: (B, H, W) int64 class ids, 255 ignored.
+    Returns:
+        A scalar float32 tensor; 0 (with a gradient) when every pixel is ignored, where the
+        plain mean would be NaN.
+    """
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def multiscale_probs(model: nn.Module, image: np.ndarray, scales: tuple[float, ...] = DEFAULT_SEG_SCALES,
+                     flip: bool = True, device: torch.device | str = "cpu",
+                     amp: torch.dtype | None = None) -> torch.Tensor:
+    """Class probabilities of one image, averaged over scales and flips.
+
+    For each scale the image is resized by that factor (bilinear), run plain and flipped as
+    one batch, the logits upsampled to the original size (bilinear), turned into
+    probabilities (softmax over classes), the flipped ones flipped back; the result is the
+    mean over all ``len(scales) * (1 + flip)`` views.
+
+    Args:
+        model: eval-mode segmentation model, (B, 3, h, w) -> (B, C, h', w') logits.
+        image: (H, W, 3) uint8 RGB.
+    Returns:
+        (C, H, W) float32 probabilities on ``device``.
+    """
+    h, w = image.shape[:2]
+    total = None
+    views = 0
+    for scale in scales:
+        x = scaled_input(image, scale).to(device)[None]
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        with autocast(torch.device(device), amp):
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(1)
+        if flip:
+            probs = torch.stack([probs[0], probs[1].flip(-1)])
+        part = probs.sum(0)
+        total = part if total is None else total + part
+        views += probs.shape[0]
+    return total / views
+
+
+def server_png_path(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where ``name``'s PNG goes in the VOC server layout under ``out_dir``."""
+    return Path(out_dir) / VOC_SERVER_DIR / f"{name}.png"
+
+
+def write_server_archive(out_dir: str | os.PathLike, names: list[str]) -> Path:
+    """Archive ``<out_dir>/results/`` (the PNGs of ``names``) as ``<out_dir>/results.tar.gz``,
+    atomically; upload that file to the VOC evaluation server."""
+    out = Path(out_dir)
+    archive = out / SERVER_ARCHIVE
+    with atomic_path(archive) as tmp:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for name in names:
+                tar.add(server_png_path(out, name), arcname=str(VOC_SERVER_DIR / f"{name}.png"))
+    return archive

@@ -1,0 +1,216 @@
+"""Train a segmentation model on pseudo-labels: the last stage of the WSSS protocol.
+
+The pseudo-labels of the segmentation training list come first (BAO, threshold-free)::
+
+    python infer_bao.py --weights bao.pth --infer_list voc12/train_aug.txt --out_pred out/pseudo_train_aug
+
+then DeepLab-V2 (ResNet-101, ImageNet initialisation) on them, the usual WSSS recipe::
+
+    python train_seg.py --label_dir out/pseudo_train_aug --backbone_weights resnet101-63fe2227.pth \\
+        --voc12_root VOCdevkit/VOC2012
+
+Several GPUs: ``torchrun --nproc_per_node GPUS train_seg.py ...`` (``--batch_size`` stays the
+global batch). The run directory ``<save_dir>/<session_name>/`` receives ``args.json``,
+``log.txt``, ``log.jsonl``, TensorBoard scalars, a resumable ``checkpoint.pth`` after every
+epoch and at every stop (Ctrl-C stops after the current step; ``--resume auto`` continues
+exactly there), and, once all ``--max_iters`` iterations are done, the plain weights
+``{session}_final.pth`` that infer_seg.py reads.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from apps.cli import (RESUME_HINT, DefaultsHelpFormatter, add_dataset_args, add_segmentation_model_args,
+                      add_training_args, args_dict, changed_on_resume, check_resumable, dataset_from_args,
+                      prepare_training_run, run_cli, run_training, write_args_json)
+from core.errors import UserError
+from data.datasets import PseudoLabelDataset
+from data.labels import read_list
+from data.layout import REPO_ROOT
+from data.transforms import SegAugment
+from network.deeplab import DEFAULT_BN, build_segmentation_model, head_and_backbone_parameters, load_backbone_weights
+from tool.device import Runtime, amp_dtype, autocast
+from tool.engine import (Engine, Hints, Position, Task, cpu_state, load_checkpoint, make_loader, save_weights,
+                         seed_everything)
+from tool.segmentation import segmentation_loss, set_poly_lr
+from tool.train_log import RunLog
+
+DEFAULT_TRAIN_LISTS = {"voc": REPO_ROOT / "voc12" / "train_aug.txt", "coco": REPO_ROOT / "coco14" / "train.txt"}
+# Flags that define the optimisation: a resumed run must keep them.
+RUN_DEFINING = ("model", "backbone", "bn", "batch_size", "max_iters", "wt_dec", "momentum", "head_lr_mult",
+                "poly_power", "crop_size", "scale_range", "flip", "seed", "dataset")
+ADJUSTABLE_ON_RESUME = ("lr",)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a segmentation model (DeepLab-V2 or V3) on pseudo-label PNGs, with the common WSSS "
+                    "recipe as defaults.", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--label_dir", required=True,
+                        help="folder of <name>.png label maps for every name of --train_list: class ids "
+                             "(palette or grayscale PNGs, 255 ignored), e.g. infer_bao.py --out_pred; "
+                             "ground-truth masks give the fully supervised upper bound")
+    parser.add_argument("--train_list", default=None,
+                        help="training images (default: voc12/train_aug.txt for voc, coco14/train.txt for coco)")
+    add_segmentation_model_args(parser)
+    parser.add_argument("--backbone_weights", default=None,
+                        help="ImageNet weights of the backbone, a state_dict in torchvision's layout (for "
+                             "resnet101: torchvision's resnet101 ImageNet file); its classifier fc.* is dropped")
+    parser.add_argument("--from_scratch", action="store_true",
+                        help="start the backbone from random initialisation instead of --backbone_weights")
+    add_training_args(parser, default_batch=10, epochs_help=None)
+    parser.add_argument("--max_iters", type=int, default=20000,
+                        help="length of the schedule in optimisation steps; the poly decay reaches 0 there")
+    parser.add_argument("--lr", type=float, default=2.5e-4, help="base SGD learning rate of the backbone")
+    parser.add_argument("--head_lr_mult", type=float, default=10.0, help="learning-rate factor of the head")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--wt_dec", type=float, default=5e-4, help="SGD weight decay")
+    parser.add_argument("--poly_power", type=float, default=0.9,
+                        help="power of the poly decay: lr * (1 - iter / max_iters) ** power")
+    parser.add_argument("--crop_size", type=int, default=321, help="side of the square training crops")
+    parser.add_argument("--scale_range", type=float, nargs=2, default=[0.5, 1.5], metavar=("LO", "HI"),
+                        help="random rescaling factor of image and label before cropping")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random horizontal flips")
+    add_dataset_args(parser)
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject impossible flags and settle the run directory, before anything is built or written."""
+    if args.max_iters < 1:
+        raise UserError(f"--max_iters must be at least 1, got {args.max_iters}")
+    if args.crop_size < 8:
+        raise UserError(f"--crop_size must be at least 8 (the output stride), got {args.crop_size}")
+    lo, hi = args.scale_range
+    if not 0 < lo <= hi:
+        raise UserError(f"--scale_range needs 0 < LO <= HI, got {lo} {hi}")
+    for flag in ("lr", "head_lr_mult"):
+        if not getattr(args, flag) > 0 or not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
+    for flag in ("wt_dec", "poly_power"):
+        if not getattr(args, flag) >= 0 or not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag} must be zero or positive, got {getattr(args, flag)}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise UserError(f"--momentum must lie in [0, 1), got {args.momentum}")
+    args.bn = args.bn or DEFAULT_BN[args.model]
+    args.session_name = args.session_name or args.model
+    args.train_list = str(args.train_list or DEFAULT_TRAIN_LISTS[args.dataset])
+    if not Path(args.train_list).is_file():
+        raise UserError(f"train list not found: {args.train_list}; pass --train_list")
+    new_run = prepare_training_run(args, int(os.environ.get("WORLD_SIZE", "1")), weights_flag="backbone_weights")
+    if new_run and not args.backbone_weights and not args.from_scratch:
+        raise UserError("give --backbone_weights (ImageNet weights of the backbone) or, to train from random "
+                        "initialisation, --from_scratch")
+
+
+class SegTraining:
+    """One rank of a segmentation training run: data, model, SGD with the poly schedule, and the
+    step the engine runs."""
+
+    def __init__(self, args: argparse.Namespace, rt: Runtime):
+        self.args, self.rt = args, rt
+        self.amp = amp_dtype(args.amp, rt.device)
+        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        spec = dataset_from_args(args)
+        names = read_list(args.train_list)
+        self.data_id = {"num_images": len(names), "num_classes": spec.num_classes,
+                        "names_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()}
+        if checkpoint is not None:
+            check_resumable(checkpoint, args, RUN_DEFINING, self.data_id)
+        # Checks every image and label map (presence, mode, size) before anything is built.
+        self.dataset = PseudoLabelDataset(
+            spec.layout, names, args.label_dir, spec.num_classes,
+            SegAugment(args.crop_size, tuple(args.scale_range), args.flip), seed=args.seed, source=args.train_list)
+        per_rank_batch = args.batch_size // rt.world_size
+        loader, sampler = make_loader(self.dataset, default_collate, rt, per_rank_batch, args.num_workers, args.seed)
+        if len(loader) == 0:
+            raise UserError(f"{args.train_list} has {len(names)} images, fewer than one batch per process "
+                            f"({per_rank_batch}); lower --batch_size")
+
+        seed_everything(args.seed)
+        self.model = build_segmentation_model(args.model, args.backbone, spec.num_classes, args.bn)
+        report = None
+        if checkpoint is None and args.backbone_weights:
+            report = load_backbone_weights(self.model, args.backbone_weights, args.backbone)
+        self.log = RunLog(args.run_dir, args.tblog_dir, enabled=rt.is_main)
+        if report is not None:
+            self.log.message(f"backbone weights {args.backbone_weights}: {report.summary()}")
+        self.model.to(rt.device).train()
+        backbone, head = head_and_backbone_parameters(self.model)
+        self.base_lrs = [args.lr, args.lr * args.head_lr_mult]
+        optimizer = torch.optim.SGD([{"params": backbone, "lr": self.base_lrs[0]},
+                                     {"params": head, "lr": self.base_lrs[1]}],
+                                    lr=args.lr, momentum=args.momentum, weight_decay=args.wt_dec)
+        task = Task(model=self.model, optimizer=optimizer, step=self._step, modules={"model": self.model},
+                    before_step=self._schedule, save_epoch=self._save_final, start_epoch=self.dataset.set_epoch,
+                    checkpoint_meta={"args": args_dict(args), "data": self.data_id})
+        epochs = math.ceil(args.max_iters / len(loader))
+        self.engine = Engine(task, rt, args.run_dir, self.log, loader, sampler, args.batch_size, epochs,
+                             args.max_steps, args.log_every, self.amp, self._hints(per_rank_batch), args.debug_fault,
+                             total_steps=args.max_iters)
+        if checkpoint is not None:
+            self.engine.restore(checkpoint, args.resume, args.seed)
+            adjusted = changed_on_resume(checkpoint, args, ADJUSTABLE_ON_RESUME)
+            if adjusted:
+                self.log.message(f"changed on resume: {adjusted}")
+            self.log.record("resume", {"checkpoint": args.resume, "iter": self.engine.pos.global_step,
+                                       "args": args_dict(args)}, step=self.engine.pos.global_step)
+        else:
+            seed_everything(args.seed + rt.rank)
+
+    def _hints(self, per_rank_batch: int) -> Hints:
+        args = self.args
+        oom = (f" at --batch_size {args.batch_size} (per process {per_rank_batch}) and --crop_size "
+               f"{args.crop_size}: start a new run with a lower --batch_size or --crop_size"
+               + (", or use --amp bf16" if self.rt.device.type == "cuda" and self.amp is None else ""))
+        return Hints(resume=RESUME_HINT, out_of_memory=oom, non_finite="lower --lr")
+
+    def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["img"].to(self.rt.device, non_blocking=True)
+        labels = batch["label"].to(self.rt.device, non_blocking=True)
+        with autocast(self.rt.device, self.amp):
+            logits = engine.wrapped(images)
+        return {"loss": segmentation_loss(logits, labels)}
+
+    def _schedule(self, pos: Position) -> None:
+        """Before step ``pos.global_step`` (0-based): its poly rates (1x backbone, 10x head)."""
+        set_poly_lr(self.engine.task.optimizer, self.base_lrs, pos.global_step, self.args.max_iters,
+                    self.args.poly_power)
+
+    def _save_final(self, epoch: int) -> list[str]:
+        """After an epoch: the plain weights once the schedule is complete (rank 0 writes)."""
+        if self.engine.pos.global_step < self.args.max_iters:
+            return []
+        name = f"{self.args.session_name}_final.pth"
+        if self.rt.is_main:
+            save_weights(Path(self.args.run_dir) / name, cpu_state(self.model))
+        return [name]
+
+    def run(self) -> None:
+        args = self.args
+        if self.rt.is_main and not args.resume:
+            write_args_json(args)
+        self.log.message(
+            f"segmentation training ({args.model}, {args.backbone}, batch norm {args.bn}) on {self.rt.device} "
+            f"x{self.rt.world_size} (amp {self.amp or 'off'}): {len(self.dataset)} images with labels from "
+            f"{args.label_dir}, {args.max_iters} iterations ({self.engine.iters_per_epoch} per epoch), run "
+            f"directory {args.run_dir}")
+        self.engine.run()
+
+
+def main(args: argparse.Namespace) -> None:
+    validate_args(args)
+    run_training(SegTraining, args)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
