@@ -272,6 +272,30 @@ def test_refine_none_writes_the_maps_of_the_unrefined_heads(voc_root, tiny_bao_w
     assert differs >= len(names) // 2  # the refined maps would fail the comparison above
 
 
+def test_background_diagnostic_scores_the_published_labels_as_written(bao_run, voc_root, tiny_bao_weights, capsys):
+    """apps/background_diag.py's "published" background is BAO's own rule: its mIoU is that of the PNGs
+    infer_bao.py wrote (same weights, scales and masks)."""
+    from apps.background_diag import BACKGROUNDS, get_args_parser, main
+    from data.classes import ClassSet
+    from data.datasets import read_mask
+    from data.layout import load_dataset
+    from tool.metrics import confusion, scores
+
+    spec = load_dataset("voc", voc_root, label_file=voc_root / "cls_labels.json")
+    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
+    classes = ClassSet(spec.class_names)
+    conf = sum(confusion(read_mask(spec.layout, n), read_label_png(bao_run / "pred" / f"{n}.png"), classes)
+               for n in names)
+    args = get_args_parser().parse_args([
+        "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"), "--weights",
+        str(tiny_bao_weights), "--arch", "tiny", "--list", str(voc_root / "ImageSets/Segmentation/train.txt"),
+        "--scales", "32,64", "--device", "cpu"])
+    result = main(args)
+    assert set(BACKGROUNDS) == {"published", "softmax", "centred"} <= result.keys()
+    assert result["published"]["miou"] == pytest.approx(scores(conf, classes)["miou"], abs=1e-12)
+    assert "background softmax" in capsys.readouterr().out
+
+
 def _bad_files(tmp_path: Path, voc_root: Path, num_classes: int) -> dict[str, Path]:
     from network.conformer_CAM import Net_tiny
 
