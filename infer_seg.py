@@ -40,7 +40,6 @@ from core.palette import save_label_png
 from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
 from data.labels import read_list
 from data.layout import REPO_ROOT
-from network.checkpoint import require_file
 from network.deeplab import build_segmentation_model, load_segmentation_weights
 from tool.crf import CRFParams, crf_refine_probs
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
@@ -131,7 +130,6 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     spec.layout.check(names, source=args.infer_list)
     mine = names[runtime.rank::runtime.world_size]
     amp = amp_dtype(args.amp, runtime.device)
-    require_file(args.weights, "weights file")
     # Frozen batch norm: in eval mode it computes what trained batch norm does, and loads either.
     model = build_segmentation_model(args.model, args.backbone, spec.num_classes, "frozen")
     report = load_segmentation_weights(model, args.weights)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from apps.cli import run_cli
 from apps.report import RESULTS_FILE, machine_line, write_section
+from bench.bench_train import rss_mib
 from data.transforms import scaled_input
 from network.deeplab import build_segmentation_model
 from tool.segmentation import DEFAULT_SEG_SCALES, multiscale_probs, segmentation_loss
@@ -60,11 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return parser
-
-
-def _rss_mib() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _per_view_probs(model, image: np.ndarray, scales) -> torch.Tensor:
@@ -92,7 +88,7 @@ def _variant(args: argparse.Namespace) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
         x = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size)
         y = torch.randint(0, NUM_CLASSES, (args.batch_size, args.crop_size, args.crop_size))
-        baseline = _rss_mib()
+        baseline = rss_mib()
         for i in range(args.steps + 1):  # the first step is a warm-up
             tic = time.perf_counter()
             loss = segmentation_loss(model(x), y)
@@ -105,7 +101,7 @@ def _variant(args: argparse.Namespace) -> None:
         model.eval()
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-        baseline = _rss_mib()
+        baseline = rss_mib()
         with torch.no_grad():
             for i in range(args.images + 1):
                 tic = time.perf_counter()

@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     """Current resident set size of this process, MiB."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -112,7 +112,7 @@ def _variant(args: argparse.Namespace) -> None:
     paths = sorted(Path(args.images_dir).glob("*.jpg"))[:args.batch_size] if args.images_dir else []
     if published:
         torch.autograd.set_detect_anomaly(True)
-    baseline = _rss_mib()
+    baseline = rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -50,6 +50,28 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
+    def compare(self, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                optional: tuple[str, ...] = ()) -> None:
+        """Fill :attr:`missing`, :attr:`unexpected` and :attr:`mismatched` of ``state`` against a
+        model's ``own`` state_dict; keys ending with one of ``optional`` may be absent on either side."""
+        self.missing = [k for k in own if k not in state and not k.endswith(optional)]
+        self.unexpected = sorted(k for k in state if k not in own and not k.endswith(optional))
+        self.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                           if k in own and v.shape != own[k].shape]
+
+    def differences(self, missing: list[str] | None = None) -> str:
+        """What does not fit, in words; ``missing`` replaces :attr:`missing` (e.g. without allowed keys)."""
+        missing = self.missing if missing is None else missing
+        detail = []
+        if self.mismatched:
+            k, got, want = self.mismatched[0]
+            detail.append(f"{len(self.mismatched)} tensors of another shape (first: {k} {list(got)} vs {list(want)})")
+        if missing:
+            detail.append(f"{len(missing)} missing (first: {missing[0]})")
+        if self.unexpected:
+            detail.append(f"{len(self.unexpected)} unexpected (first: {self.unexpected[0]})")
+        return "; ".join(detail)
+
     def summary(self) -> str:
         """Human-readable one-paragraph report."""
         parts = [f"loaded {self.loaded} tensors"]
@@ -167,10 +189,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_HEADS)}
 
     own = model.state_dict()
-    report.unexpected = sorted(k for k in state if k not in own)
-    report.missing = [k for k in own if k not in state]
-    report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                         if k in own and v.shape != own[k].shape]
+    report.compare(state, own)
     _check(report, purpose, name, state, model)
 
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
@@ -200,16 +219,8 @@ def _check(report: LoadReport, purpose: str, name: str, state: Mapping[str, torc
             f"({k} has shape {list(got)}, the model needs {list(want)}); use the label file (and dataset) the "
             "weights were trained with", about="classes")
     if report.mismatched or missing or report.unexpected:
-        detail = []
-        if report.mismatched:
-            k, got, want = report.mismatched[0]
-            detail.append(f"{len(report.mismatched)} tensors of another shape (first: {k} {list(got)} vs {list(want)})")
-        if missing:
-            detail.append(f"{len(missing)} missing (first: {missing[0]})")
-        if report.unexpected:
-            detail.append(f"{len(report.unexpected)} unexpected (first: {report.unexpected[0]})")
         raise UserError(
-            f"{name} does not fit this model ({'; '.join(detail)}); check the model size (published weights "
+            f"{name} does not fit this model ({report.differences(missing)}); check the model size (published weights "
             "are 'sm') and that the file is a Conformer TransCAM/BAO checkpoint", about="arch")
 
 

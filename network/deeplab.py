@@ -225,9 +225,9 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, backbone: s
             "not use; give an ImageNet classification state_dict", about="backbone_weights")
     report = LoadReport(dropped=sorted(k for k in state if k.startswith(CLASSIFIER_KEYS)))
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_KEYS)}
-    _compare(report, state, model.backbone.state_dict())
+    report.compare(state, model.backbone.state_dict(), optional=(_BN_COUNTER,))
     if report.missing or report.unexpected or report.mismatched:
-        raise UserError(f"{path} does not fit the {backbone} backbone ({_differences(report)}); it must be an "
+        raise UserError(f"{path} does not fit the {backbone} backbone ({report.differences()}); it must be an "
                         f"ImageNet {backbone} state_dict in torchvision's layout", about="backbone_weights")
     _load(model.backbone, state)
     report.loaded = len(state)
@@ -242,42 +242,22 @@ def load_segmentation_weights(model: nn.Module, path: str | os.PathLike) -> Load
     """
     state = read_state_dict(path)
     report = LoadReport()
-    own = model.state_dict()
-    _compare(report, state, own)
+    report.compare(state, model.state_dict(), optional=(_BN_COUNTER,))
     if report.missing or report.unexpected or report.mismatched:
         heads = [m for m in report.mismatched if not m[0].startswith("backbone.")]
         if heads and len(heads) == len(report.mismatched) and not report.missing and not report.unexpected:
             key, got, want = heads[0]
             raise UserError(f"{path} was trained for {got[0]} classes, the dataset has {want[0]} ({key}); "
                             "use the label file (and dataset) the model was trained with", about="classes")
-        raise UserError(f"{path} does not fit this segmentation model ({_differences(report)})",
+        raise UserError(f"{path} does not fit this segmentation model ({report.differences()})",
                         about="seg_arch")
     _load(model, state)
     report.loaded = len(state)
     return report
 
 
-def _compare(report: LoadReport, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
-    """Fill the report's missing / unexpected / mismatched keys, batch-norm counters aside."""
-    report.missing = [k for k in own if k not in state and not k.endswith(_BN_COUNTER)]
-    report.unexpected = sorted(k for k in state if k not in own and not k.endswith(_BN_COUNTER))
-    report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                         if k in own and v.shape != own[k].shape]
-
-
 def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` (checked by :func:`_compare`); counters absent on either side are skipped."""
+    """Load ``state`` (checked by :meth:`LoadReport.compare`); counters absent on either side are skipped."""
     own = module.state_dict()
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
-
-def _differences(report: LoadReport) -> str:
-    parts = []
-    if report.missing:
-        parts.append(f"{len(report.missing)} missing, first {report.missing[0]}")
-    if report.unexpected:
-        parts.append(f"{len(report.unexpected)} unexpected, first {report.unexpected[0]}")
-    if report.mismatched:
-        key, got, want = report.mismatched[0]
-        parts.append(f"{len(report.mismatched)} of another shape, first {key} {list(got)} vs {list(want)}")
-    return "; ".join(parts)
