@@ -408,7 +408,7 @@ def run_training(build, args: argparse.Namespace) -> None:
     ``engine``; a user error during training is recorded in the run's log before it ends the
     script, and the log is closed and the process group left whatever happens.
     """
-    from tool.device import cleanup_distributed, setup_distributed
+    from tool.device import barrier, cleanup_distributed, setup_distributed
 
     rt = setup_distributed(args.device)
     try:
@@ -420,5 +420,8 @@ def run_training(build, args: argparse.Namespace) -> None:
             raise
         finally:
             training.log.close()
+        # Leave together: a rank tearing the process group down while another still writes its
+        # files and logs made gloo abort the early rank at exit ("terminate called ...").
+        barrier()
     finally:
         cleanup_distributed()
