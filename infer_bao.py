@@ -31,16 +31,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.cli import add_prediction_args, check_threshold, dataset_from_args, run_cli
+from apps.cli import add_crf_workers_arg, add_prediction_args, check_threshold, dataset_from_args, run_cli
 from core.errors import UserError
 from core.fileio import prepare_output_dir, remove_temporaries
 from core.palette import save_label_png
+from core.workers import TaskPool, default_workers
 from data.camio import CAM_SUFFIX, save_cams
 from data.datasets import InferenceDataset
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS
 from tool.cam import pseudo_labels
-from tool.crf import crf_refine_labels
+from tool.crf import write_crf_png
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
 from tool.predict import MultiScalePredictor, iterate_batches, load_model
 
@@ -64,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "data.camio format; BAO includes the background map as key 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs already exist (default: skip them)")
+    add_crf_workers_arg(parser)
     add_prediction_args(parser)
     return parser
 
@@ -121,32 +123,38 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
                                    return_image="out_crf" in outputs)
         predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
-        with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar:
+        # The CRF (seconds per image on one core) runs in worker processes while the model goes on.
+        workers = 0 if "out_crf" not in outputs else (
+            default_workers(runtime.world_size) if args.crf_workers is None else args.crf_workers)
+        with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar, \
+                TaskPool(workers) as pool:
             for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
                 images = batch.get("images", [None] * len(batch["names"]))
                 for name, image, (keys, maps) in zip(batch["names"], images, predictor(batch)):
-                    _write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes)
-                bar.update(len(batch["names"]))
+                    bar.update(_write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes, pool))
+            bar.update(pool.drain())
     barrier()
     if runtime.is_main:
         print(f"done: {len(todo)} images written by rank 0")
 
 
 def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps: torch.Tensor,
-                   outputs: dict[str, Path], t: float | None, num_classes: int) -> None:
-    """Write the requested files of one image.
+                   outputs: dict[str, Path], t: float | None, num_classes: int, pool: TaskPool) -> int:
+    """Write the requested files of one image, each atomically; the CRF's goes to ``pool``.
 
     image (H, W, 3) uint8 (needed for the CRF), keys (K',) int64 class ids, maps (K', H, W)
-    normalised; the files go in last-written order pred, crf, cam, each atomically.
+    normalised. An image counts as done once all its files exist, whichever comes last.
+    Returns the images ``pool`` finished meanwhile (for the progress bar).
     """
     if "out_pred" in outputs or "out_crf" in outputs:
         label = pseudo_labels(maps, keys, t, num_classes).cpu().numpy().astype(np.uint8)
         if "out_pred" in outputs:
             save_label_png(outputs["out_pred"] / f"{name}.png", label)
-        if "out_crf" in outputs:
-            save_label_png(outputs["out_crf"] / f"{name}.png", crf_refine_labels(image, label, num_classes))
     if "out_cam" in outputs:
         save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy(), half=True)
+    if "out_crf" not in outputs:
+        return 1
+    return pool.submit(write_crf_png, outputs["out_crf"] / f"{name}.png", image, label, num_classes)
 
 
 if __name__ == "__main__":

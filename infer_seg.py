@@ -28,22 +28,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_dataset_args, add_device_args,
+from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_workers_arg, add_dataset_args, add_device_args,
                       add_segmentation_model_args, dataset_from_args, non_negative_int, run_cli)
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import prepare_output_dir, remove_temporaries
-from core.palette import save_label_png
+from core.workers import TaskPool, default_workers
 from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
 from data.labels import read_list
 from data.layout import REPO_ROOT
 from network.deeplab import build_segmentation_model, load_segmentation_weights
-from tool.crf import CRFParams, crf_refine_probs
+from tool.crf import CRFParams
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
-from tool.segmentation import DEFAULT_SEG_SCALES, VOC_SERVER_DIR, multiscale_probs, write_server_archive
+from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, multiscale_probs, write_label_pngs,
+                               write_server_archive)
 
 # COCO val: the images with at least one labelled class (40,137), what WSSS papers score on.
 DEFAULT_INFER_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val_labelled.txt"}
@@ -91,6 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf_bilateral", type=float, nargs=3,
                         default=[crf.bilateral_compat, crf.bilateral_sxy, crf.bilateral_srgb],
                         metavar=("WEIGHT", "SXY", "SRGB"), help="bilateral pairwise term (DeepLab-V2: 4 67 3)")
+    add_crf_workers_arg(parser)
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
                         help="data-loading processes reading images (0: in the main process)")
     parser.add_argument("--overwrite", action="store_true",
@@ -152,13 +153,20 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
         loader = DataLoader(ErrorsAsItems(ImageDataset(spec.layout, todo, args.infer_list)), batch_size=1,
                             num_workers=args.num_workers, collate_fn=CollateOrError(collate_images),
                             worker_init_fn=quiet_loader_worker)
-        with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar:
+        # The CRF (seconds per image on one core) runs in worker processes while the model goes
+        # on; without it, writing the PNGs inline costs next to nothing.
+        needs_crf = "crf" in outputs or ("server" in outputs and args.server_labels == "crf")
+        workers = (default_workers(runtime.world_size) if args.crf_workers is None else args.crf_workers) \
+            if needs_crf else 0
+        with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar, \
+                TaskPool(workers) as pool:
             for batch in loader:
                 raise_batch_error(batch)
                 name, image = batch["names"][0], batch["images"][0]
                 probs = multiscale_probs(model, image, args.scales, args.flip, runtime.device, amp)
-                _write_outputs(name, image, probs.cpu().numpy(), outputs, args.server_labels, crf)
-                bar.update(1)
+                bar.update(pool.submit(write_label_pngs, name, image, probs.cpu().numpy(), outputs,
+                                       args.server_labels, crf))
+            bar.update(pool.drain())
     barrier()
     if runtime.is_main:
         print(f"done: {len(todo)} images written by rank 0")
@@ -168,21 +176,6 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
                 print(f"{len(missing)} images of the list are not in the server layout yet; no archive written")
             else:
                 print(f"server archive: {write_server_archive(args.out_server, names)}")
-
-
-def _write_outputs(name: str, image: np.ndarray, probs: np.ndarray, outputs: dict[str, Path], server_labels: str,
-                   crf: CRFParams) -> None:
-    """Write the requested PNGs of one image: image (H, W, 3) uint8, probs (C, H, W)."""
-    labels = {}
-    if "pred" in outputs or ("server" in outputs and server_labels == "pred"):
-        labels["pred"] = probs.argmax(0).astype(np.uint8)
-    if "crf" in outputs or ("server" in outputs and server_labels == "crf"):
-        labels["crf"] = crf_refine_probs(image, probs, crf).argmax(0).astype(np.uint8)
-    for kind in ("pred", "crf"):
-        if kind in outputs:
-            save_label_png(outputs[kind] / f"{name}.png", labels[kind])
-    if "server" in outputs:
-        save_label_png(outputs["server"] / f"{name}.png", labels[server_labels])
 
 
 if __name__ == "__main__":

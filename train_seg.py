@@ -65,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ImageNet weights of the backbone, a state_dict in torchvision's layout (for "
                              "resnet101: torchvision's resnet101 ImageNet file); its classifier fc.* is dropped")
     parser.add_argument("--from_scratch", action="store_true",
-                        help="start the backbone from random initialisation instead of --backbone_weights")
+                        help="start the backbone from random initialisation instead of --backbone_weights (batch "
+                             "norm is then trained: --bn train)")
     add_training_args(parser, default_batch=10, epochs_help=None)
     parser.add_argument("--max_iters", type=int, default=20000,
                         help="length of the schedule in optimisation steps; the poly decay reaches 0 there")
@@ -101,7 +102,12 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be zero or positive, got {getattr(args, flag)}")
     if not 0.0 <= args.momentum < 1.0:
         raise UserError(f"--momentum must lie in [0, 1), got {args.momentum}")
-    args.bn = args.bn or DEFAULT_BN[args.model]
+    if args.from_scratch and args.bn == "frozen":
+        # Frozen batch norm keeps the identity statistics of a fresh network: the backbone then has no
+        # normalisation at all and its activations grow through the layers until the loss is NaN.
+        raise UserError("--from_scratch needs --bn train: frozen batch norm only suits a backbone whose statistics "
+                        "were learnt (--backbone_weights)")
+    args.bn = args.bn or ("train" if args.from_scratch else DEFAULT_BN[args.model])
     args.session_name = args.session_name or args.model
     args.train_list = str(args.train_list or DEFAULT_TRAIN_LISTS[args.dataset])
     if not Path(args.train_list).is_file():

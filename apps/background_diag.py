@@ -11,7 +11,7 @@ background channels, everything else as infer_bao.py (multi-scale, flipped, norm
 - softmax: ``softmax(am)[:, 0]``, the background probability the loss trains;
 - centred: ``am[:, 0] - mean_k am[:, k]``, the channel without the offset all channels share.
 
-    python -m apps.background_diag --weights demo_out/runs/bao_none_s0/bao_none_s0_9epochs_modelt.pth \\
+    python -m apps.background_diag --weights demo_out/seed0/refine_none/bao/bao/bao_9epochs_modelt.pth \\
         --refine none --arch tiny --voc12_root demo_out/data/VOC2012 \\
         --label_file demo_out/data/VOC2012/cls_labels.json --scales 96,128,192
 """

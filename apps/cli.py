@@ -131,6 +131,18 @@ def add_label_file_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                              f"for coco, both in this repository){extra_help}")
 
 
+def add_generated_dataset_args(parser: argparse.ArgumentParser, num_train: int = 300, num_val: int = 100,
+                               size: int = 128) -> None:
+    """``--num_train``, ``--num_val``, ``--size``: the generated VOC-format dataset (apps/make_dataset.py)."""
+    parser.add_argument("--num_train", type=positive_int, default=num_train,
+                        help="generated images in ImageSets/Segmentation/train.txt (default: %(default)s)")
+    parser.add_argument("--num_val", type=non_negative_int, default=num_val,
+                        help="generated images in ImageSets/Segmentation/val.txt (default: %(default)s)")
+    parser.add_argument("--size", type=positive_int, default=size,
+                        help="nominal side of the generated images; each width and height is drawn in "
+                             "[0.75, 1.25] * size (default: %(default)s)")
+
+
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset``, ``--voc12_root``, ``--coco_root``, ``--coco_mask_dir`` and ``--label_file``."""
     group = parser.add_argument_group("dataset")
@@ -195,6 +207,15 @@ def add_refine_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
                              "that does not localise (e.g. a model trained from scratch on few images). The "
                              "weights are the same either way; a training run records it and keeps it on "
                              "resume (default: attention)")
+
+
+def add_crf_workers_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--crf_workers``: processes running the dense CRF beside the model (core.workers.TaskPool)."""
+    parser.add_argument("--crf_workers", type=non_negative_int, default=None,
+                        help="processes running the dense CRF and writing its PNGs while the model goes on to the "
+                             "next images (the CRF takes seconds per image on one core); 0: in the main process, "
+                             "one image after the other (default: the usable CPUs, shared among the ranks of a "
+                             "torchrun, minus one)")
 
 
 def add_threshold_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -355,7 +376,8 @@ def add_segmentation_model_args(parser: argparse.ArgumentParser | argparse._Argu
     recipe = ", ".join(f"{m} {bn}" for m, bn in DEFAULT_BN.items())
     parser.add_argument("--bn", choices=BN_MODES, default=None,
                         help="backbone batch norm: frozen (statistics and affine constant, the DeepLab-V2 "
-                             "fine-tuning recipe) or train (default: the model's recipe: " + recipe + ")")
+                             "fine-tuning recipe) or train (default: the model's recipe: " + recipe + "; train with "
+                             "--from_scratch)")
 
 
 

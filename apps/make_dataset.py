@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from apps.cli import non_negative_int, positive_int, run_cli
+from apps.cli import add_generated_dataset_args, run_cli
 from core.errors import UserError
 from core.fileio import atomic_path
 from core.palette import IGNORE_INDEX, save_label_png
@@ -437,13 +437,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(images, XML annotations, class masks, list files, cls_labels.json).")
     parser.add_argument("--out", default="demo_data/VOC2012",
                         help="output VOC root; pass it later as --voc12_root (default: demo_data/VOC2012)")
-    parser.add_argument("--num_train", type=positive_int, default=300,
-                        help="images in ImageSets/Segmentation/train.txt (default: 300)")
-    parser.add_argument("--num_val", type=non_negative_int, default=100,
-                        help="images in ImageSets/Segmentation/val.txt (default: 100)")
-    parser.add_argument("--size", type=positive_int, default=128,
-                        help="nominal image side; each width and height is drawn in "
-                             "[0.75, 1.25] * size (default: 128)")
+    add_generated_dataset_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed writes byte-identical files (default: 0)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default: 90)")

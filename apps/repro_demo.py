@@ -1,7 +1,7 @@
 """Miniature reproduction of the paper's claim on the generated dataset, over several seeds.
 
-Runs the demo pipeline (apps/demo.py: TransCAM from scratch -> BAO -> threshold-free
-pseudo-labels, TransCAM threshold sweep) once per training seed on the same generated
+Runs the demo (apps/demo.py, the protocol runner's small preset: TransCAM from scratch -> BAO ->
+threshold-free pseudo-labels, threshold sweeps, segmentation) once per training seed on the same generated
 dataset, in both refinement regimes (``--regimes``): the published attention refinement,
 and none (``--refine none``: BAO trained and applied on the maps straight from their
 heads, against the CNN CAMs). It writes the table, both regimes side by side as mean and
@@ -25,27 +25,26 @@ import statistics
 import time
 from pathlib import Path
 
-from apps import background_diag
+from apps import background_diag, pipeline
 from apps.cli import run_cli
-from apps.demo import Paths, Variant
+from apps.demo import Paths, Variant, demo_plan
 from apps.demo import get_args_parser as demo_parser
 from apps.demo import run_pipeline
 from apps.report import RESULTS_FILE, machine_line, write_section
 
+# (title, key of the runner's results); without attention refinement the TransCAM CAMs are the
+# CNN CAMs, and the rows of :data:`NONE_ROWS` are the ones that regime's run scores.
 ROWS = (
-    ("BAO pseudo-labels, threshold-free", "bao_miou", None),
-    ("TransCAM CAMs, best threshold (tuned on pixel labels)", "transcam_best_miou", "transcam_best_t"),
-    ("TransCAM CAMs, fixed threshold", "transcam_fixed_miou", "transcam_fixed_t"),
-    ("BAO maps, best threshold (reference)", "bao_maps_best_miou", "bao_maps_best_t"),
-    ("CNN CAMs before attention refinement, best threshold (ablation)", "cnn_best_miou", "cnn_best_t"),
-    ("Segmentation model on BAO pseudo-labels, val images", "seg_bao_miou", None),
-    ("Segmentation model on ground-truth masks, val images (upper bound)", "seg_gt_miou", None),
+    ("BAO pseudo-labels, threshold-free", "bao_pseudo"),
+    ("TransCAM CAMs, best threshold (tuned on pixel labels)", "transcam_best"),
+    ("TransCAM CAMs, fixed threshold", "transcam_fixed"),
+    ("BAO maps, best threshold (reference)", "bao_maps_best"),
+    ("CNN CAMs before attention refinement, best threshold (ablation)", "cnn_best"),
+    ("Segmentation model on BAO pseudo-labels, val images", "seg_val"),
+    ("Segmentation model on BAO pseudo-labels + CRF, val images", "seg_val_crf"),
+    ("Segmentation model on ground-truth masks, val images (upper bound)", "seg_upper"),
 )
-# The rows' counterparts in the regime without attention refinement (run_pipeline's "refine_none"):
-# (mIoU key, threshold key). There the TransCAM CAMs are the CNN CAMs; the other rows have none.
-NONE_ROWS = {"bao_miou": ("bao_miou", None), "transcam_best_miou": ("cnn_best_miou", "cnn_best_t"),
-             "transcam_fixed_miou": ("cnn_fixed_miou", "cnn_fixed_t"),
-             "bao_maps_best_miou": ("bao_maps_best_miou", "bao_maps_best_t")}
+NONE_ROWS = ("bao_pseudo", "transcam_best", "transcam_fixed", "bao_maps_best")
 REGIME_NOTE = (
     "**Attention refinement** (published) tests the code path and the threshold-free mechanism on maps that carry "
     "little location: the attention of a Conformer trained from scratch on a few hundred images does not localise, "
@@ -57,9 +56,10 @@ REGIME_NOTE = (
 TEACHER_T = 0.5
 # --investigate: the BAO stage without refinement with label smoothing off, and with three times the epochs.
 VARIANTS = (Variant("eps0", flags=("--eps", "0")), Variant("epochs30", epochs=30))
-PUBLISHED = {"bao_miou": "74.97 (BAO maps, VOC train)", "transcam_best_miou": "64.85 at t = 0.44",
-             "transcam_fixed_miou": "64.85 at t = 0.44", "bao_maps_best_miou": "75.0 at t = 0.49-0.50", "cnn_best_miou": "-",
-             "seg_bao_miou": "not in the published repository", "seg_gt_miou": "-"}
+PUBLISHED = {"bao_pseudo": "74.97 (BAO maps, VOC train)", "transcam_best": "64.85 at t = 0.44",
+             "transcam_fixed": "64.85 at t = 0.44", "bao_maps_best": "75.0 at t = 0.49-0.50", "cnn_best": "-",
+             "seg_val": "not in the published repository", "seg_val_crf": "not in the published repository",
+             "seg_upper": "-"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,41 +77,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cells(results: list[dict], key: str, t_key: str | None) -> list[str]:
+def _cells(results: list[dict], key: str) -> list[str]:
     """Table cells of one row in one regime: mean ± sd, the per-seed values, their thresholds."""
-    vals = [100 * r[key] for r in results]
+    vals = [100 * r[key]["miou"] for r in results]
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    ts = "none" if t_key is None else ", ".join(f"{r[t_key]:.2f}" for r in results)
+    ts = ", ".join(f"{r[key]['t']:.2f}" for r in results) if "t" in results[0][key] else "none"
     return [f"{statistics.mean(vals):.2f} ± {sd:.2f}", ", ".join(f"{v:.2f}" for v in vals), ts]
 
 
 def summarize(runs: list[dict]) -> str:
-    """Markdown table: per row and regime, mean ± standard deviation over the runs, per-seed values and
-    thresholds; then the published figure. The regime without refinement has its columns when it ran."""
+    """Markdown table: per row and regime, mean ± standard deviation over the runs (run_pipeline's
+    dicts), per-seed values and thresholds; then the published figure. The regime without refinement
+    has its columns when it ran."""
     none = [r["refine_none"] for r in runs] if all("refine_none" in r for r in runs) else None
+    runs = [r["attention"] for r in runs]
     head = ["pseudo-labels", "attention refinement (published): mIoU % mean ± sd", "per seed", "threshold"]
     if none:
         head += ["no refinement (`--refine none`): mIoU % mean ± sd", "per seed", "threshold"]
     lines = ["| " + " | ".join(head + ["published (VOC)"]) + " |", "|" + "---|" * (len(head) + 1)]
-    for name, key, t_key in ROWS:
-        cells = [name, *_cells(runs, key, t_key)]
+    for name, key in ROWS:
+        cells = [name, *_cells(runs, key)]
         if none:
-            cells += _cells(none, *NONE_ROWS[key]) if key in NONE_ROWS else ["-", "-", "-"]
+            cells += _cells(none, key) if key in NONE_ROWS else ["-", "-", "-"]
         lines.append("| " + " | ".join(cells + [PUBLISHED[key]]) + " |")
     return "\n".join(lines)
 
 
 def verdicts(runs: list[dict]) -> str:
     """How often BAO's threshold-free labels reach the CAMs' best and fixed thresholds, per regime."""
+    def count(results: list[dict], other: str) -> int:
+        return sum(r["bao_pseudo"]["miou"] >= r[other]["miou"] for r in results)
+
     n = len(runs)
+    att = [r["attention"] for r in runs]
     lines = [f"With attention refinement, BAO threshold-free >= TransCAM CAMs at their best threshold in "
-             f"{sum(r['bao_miou'] >= r['transcam_best_miou'] for r in runs)} of {n} seeds, >= at the fixed "
-             f"threshold in {sum(r['bao_miou'] >= r['transcam_fixed_miou'] for r in runs)} of {n}."]
+             f"{count(att, 'transcam_best')} of {n} seeds, >= at the fixed threshold in "
+             f"{count(att, 'transcam_fixed')} of {n}."]
     if all("refine_none" in r for r in runs):
         none = [r["refine_none"] for r in runs]
         lines.append(f"Without refinement, BAO threshold-free >= CNN CAMs at their best threshold in "
-                     f"{sum(r['bao_miou'] >= r['cnn_best_miou'] for r in none)} of {n} seeds, >= at the fixed "
-                     f"threshold in {sum(r['bao_miou'] >= r['cnn_fixed_miou'] for r in none)} of {n}.")
+                     f"{count(none, 'transcam_best')} of {n} seeds, >= at the fixed threshold in "
+                     f"{count(none, 'transcam_fixed')} of {n}.")
     return " ".join(lines)
 
 
@@ -125,15 +131,13 @@ def _scores(path: Path, t: float | None = None, key: str = "result") -> tuple[fl
 def _background_diag(args: argparse.Namespace, seed: int) -> Path:
     """Run apps/background_diag.py on the BAO weights of ``seed`` without refinement; its JSON."""
     p = Paths(Path(args.out).resolve(), seed)
-    name = f"bao_none_s{seed}"  # apps.demo's run of the regime without refinement
-    weights = p.runs / name / f"{name}_{args.bao_epochs - 1}epochs_modelt.pth"
+    weights = pipeline.bao_weights(demo_plan(args, p, Variant("")))  # the demo's run without refinement
     out = p.results / "refine_none" / "background_diag.json"
     split = p.data / "ImageSets" / "Segmentation" / f"{args.split}.txt"
     print("\n== BAO labels with other background channels (apps.background_diag)", flush=True)
     background_diag.main(background_diag.get_args_parser().parse_args([
         "--weights", str(weights), "--refine", "none", "--arch", "tiny", "--voc12_root", str(p.data), "--label_file",
-        str(p.data / "cls_labels.json"), "--gt_dir", str(p.data / "SegmentationClass"), "--list", str(split),
-        "--scales", args.scales, "--json", str(out)]))
+        str(p.data / "cls_labels.json"), "--list", str(split), "--scales", args.scales, "--json", str(out)]))
     return out
 
 
@@ -145,12 +149,13 @@ def investigation(args: argparse.Namespace, seeds: list[int]) -> tuple[str, str]
         args.seed = seed
         run_pipeline(args, VARIANTS)
         r = Paths(Path(args.out).resolve(), seed).results
-        cnn = r / "refine_none" / "eval_cnn.json"
+        cnn = r / "refine_none" / "eval_score" / "transcam.json"  # unrefined TransCAM CAMs: the CNN CAMs
         best_t = json.loads(cnn.read_text())["best"]["t"]
         diag = _background_diag(args, seed)
+        bao = "pseudo_score/bao_pseudo.json"
         for key, score in (("cnn_best", _scores(cnn, best_t)), ("teacher_t", _scores(cnn, TEACHER_T)),
-                           ("bao", _scores(r / "refine_none" / "eval_bao.json")),
-                           *((v.name, _scores(r / f"refine_none_{v.name}" / "eval_bao.json")) for v in VARIANTS),
+                           ("bao", _scores(r / "refine_none" / bao)),
+                           *((v.name, _scores(r / f"refine_none_{v.name}" / bao)) for v in VARIANTS),
                            ("softmax", _scores(diag, key="softmax")), ("centred", _scores(diag, key="centred"))):
             rows.setdefault(key, []).append(score)
     names = {"cnn_best": "CNN CAMs at their best threshold (the target)",

@@ -396,11 +396,35 @@ def _report(args: argparse.Namespace, device: torch.device, results: dict[str, d
     ])
 
 
+def _seg_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """DeepLab-V2 with frozen batch norm whose statistics fit its own random weights.
+
+    Frozen batch norm keeps the statistics it is given; a randomly initialised ResNet-101 with
+    the identity statistics (mean 0, variance 1) grows its activations through 100 layers until
+    the loss is in the tens of thousands and SGD turns it to NaN, which real ImageNet weights
+    never do. So the statistics are first estimated in training mode (a cumulative average over
+    a few batches of random images), as ImageNet training would have left them.
+    """
+    torch.manual_seed(args.seed)
+    calibrating = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "train").to(device).train()
+    for module in calibrating.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        for _ in range(4):
+            calibrating(torch.randn(2, 3, args.seg_crop_size, args.seg_crop_size, generator=gen).to(device))
+    model = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "frozen").to(device)
+    model.load_state_dict(calibrating.state_dict())
+    del calibrating
+    _release(device)
+    return model
+
+
 def _seg_train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> TrainResult:
     """Time train_seg.py's step: DeepLab-V2, frozen batch norm, SGD, cross-entropy on upsampled logits."""
     _release(device)
-    torch.manual_seed(args.seed)
-    model = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "frozen").to(device).train()
+    model = _seg_model(args, device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(args.seed)
     size = args.seg_crop_size
@@ -431,8 +455,7 @@ def _seg_train(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 def _seg_infer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> InferResult:
     """Time infer_seg.py's multi-scale, flipped probabilities and argmax on 500 x 375 images."""
     _release(device)
-    torch.manual_seed(args.seed)
-    model = build_segmentation_model("deeplabv2", args.seg_backbone, NUM_CLASSES, "frozen").to(device).eval()
+    model = _seg_model(args, device).eval()
     rng = np.random.default_rng(args.seed)
     images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.seg_images + 1)]
     multiscale_probs(model, images[0], DEFAULT_SEG_SCALES, True, device, dtype)  # warm-up, untimed

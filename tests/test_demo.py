@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apps import pipeline
 from apps.demo import REGIMES, apply_quick, get_args_parser
 from apps.repro_demo import summarize
 from core.palette import read_label_png
@@ -19,7 +20,8 @@ def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) 
     """mIoU over ``names`` of the PNGs in ``pred_dir`` (None: all background), by hand."""
     conf = np.zeros((num_classes, num_classes), np.int64)
     for name in names:
-        gt = read_label_png(voc / "SegmentationClass" / f"{name}.png").astype(np.int64)
+        # evaluation_bao.py's default ground truth, which the runner uses: the masks without the boundary band
+        gt = read_label_png(voc / "SegmentationClassAug" / f"{name}.png").astype(np.int64)
         pred = read_label_png(pred_dir / f"{name}.png").astype(np.int64) if pred_dir else np.zeros_like(gt)
         keep = gt != 255
         conf += np.bincount(gt[keep] * num_classes + pred[keep], minlength=num_classes ** 2).reshape(conf.shape)
@@ -32,56 +34,74 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best threshold", "fixed default threshold"):
+    for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best background threshold",
+                "TransCAM CAMs, fixed threshold t = 0.44"):
         assert row in proc.stdout
-    res = json.loads((out / "seed0" / "table.json").read_text())
+    table = json.loads((out / "seed0" / "table.json").read_text())
+    res, run = table["attention"], out / "seed0" / "attention"
+    # The demo is the runner's preset: its run folder has every stage's marker and log.
+    done = {p.stem for p in (run / "stages").glob("*.json")}
+    assert done == set(pipeline.STAGES) - {"pseudo_seg", "seg_test"}  # one list: its labels reused; no test
+    assert all((run / "logs" / f"{stage}.log").is_file() for stage in done)
+    assert json.loads((run / "run.json").read_text())["start"] == "scratch"
     voc = out / "data" / "VOC2012"
     train = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     num_classes = len(json.loads((voc / "cls_labels.json").read_text())["classes"]) + 1
     # The BAO row is the mIoU of the written PNGs, recomputed here by hand; it beats labelling every
     # pixel background, which a BAO stage without a learned background map would not.
-    assert res["bao_miou"] == pytest.approx(_miou(voc, train, num_classes, out / "seed0" / "bao_pred"), abs=1e-12)
+    bao_pred = run / "pseudo_score" / "bao_pred"
+    assert res["bao_pseudo"]["miou"] == pytest.approx(_miou(voc, train, num_classes, bao_pred), abs=1e-12)
     floor = _miou(voc, train, num_classes, None)
-    assert res["bao_miou"] > floor + 0.01 and res["cnn_best_miou"] > floor + 0.01
+    assert res["bao_pseudo"]["miou"] > floor + 0.01 and res["cnn_best"]["miou"] > floor + 0.01
     # The TransCAM rows come from one sweep: its best point, and its value at the fixed t = 0.44.
-    sweep = {round(r["t"], 6): r["miou"] for r in json.loads((out / "seed0" / "eval_transcam.json").read_text())["sweep"]}
-    assert res["transcam_best_miou"] == max(sweep.values()) == sweep[round(res["transcam_best_t"], 6)]
-    assert abs(res["transcam_fixed_t"] - 0.44) < 1e-6 and res["transcam_fixed_miou"] == sweep[0.44]
-    assert (out / "seed0" / "sweep_transcam.png").stat().st_size > 0
-    assert list((out / "seed0" / "visual").glob("*_sheet.png"))
-    names = (out / "data" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    assert len(list((out / "seed0" / "bao_pred").glob("*.png"))) == len(names)
+    sweep = {round(r["t"], 6): r["miou"]
+             for r in json.loads((run / "eval_score" / "transcam.json").read_text())["sweep"]}
+    best, fixed = res["transcam_best"], res["transcam_fixed"]
+    assert best["miou"] == max(sweep.values()) == sweep[round(best["t"], 6)]
+    assert abs(fixed["t"] - 0.44) < 1e-6 and fixed["miou"] == sweep[0.44]
+    assert (run / "eval_score" / "transcam_sweep.png").stat().st_size > 0
+    assert list((run / "overlays").glob("*_sheet.png"))
+    assert len(list(bao_pred.glob("*.png"))) == len(train)
 
-    # The segmentation rows: the val PNGs of both models, scored by hand.
+    # The segmentation rows: the val PNGs of both models (on the BAO pseudo-labels, which the
+    # segmentation training reused from pseudo_score, and on the masks), with and without CRF, by hand.
     val = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
-    for kind in ("bao", "gt"):
-        assert res[f"seg_{kind}_miou"] == pytest.approx(
-            _miou(voc, val, num_classes, out / "seed0" / f"seg_{kind}_val"), abs=1e-12)
-    assert "Segmentation model trained on BAO pseudo-labels" in proc.stdout
+    for key, folder in (("seg_val", run / "seg_val"), ("seg_upper", run / "seg_upper")):
+        assert res[key]["miou"] == pytest.approx(_miou(voc, val, num_classes, folder / "pred"), abs=1e-12)
+        assert res[f"{key}_crf"]["miou"] == pytest.approx(_miou(voc, val, num_classes, folder / "crf"), abs=1e-12)
+    seg_args = json.loads((run / "seg_train" / "seg" / "args.json").read_text())
+    assert seg_args["label_dir"] == str(bao_pred) and seg_args["bn"] == "train"
+    assert "segmentation model on the BAO pseudo-labels" in proc.stdout
 
-    # The regime without attention refinement: BAO trained with --refine none from the same TransCAM
-    # weights, its PNGs scored by hand, against the CNN CAMs (the TransCAM CAMs unrefined) of the same sweep.
-    none, r = res["refine_none"], out / "seed0" / "refine_none"
-    assert "without attention refinement (--refine none)" in proc.stdout
-    assert json.loads((out / "runs" / "bao_none_s0" / "args.json").read_text())["refine"] == "none"
-    assert none["bao_miou"] == pytest.approx(_miou(voc, train, num_classes, r / "bao_pred"), abs=1e-12)
-    cnn_sweep = {round(row["t"], 6): row["miou"] for row in json.loads((r / "eval_cnn.json").read_text())["sweep"]}
-    assert none["cnn_best_miou"] == res["cnn_best_miou"] == max(cnn_sweep.values())
-    assert abs(none["cnn_fixed_t"] - 0.44) < 1e-6 and none["cnn_fixed_miou"] == cnn_sweep[0.44]
-    assert 0 < none["bao_maps_best_miou"] < 1 and (r / "sweep_cnn.png").stat().st_size > 0
-    assert list((r / "visual").glob("*_sheet.png"))
+    # The regime without attention refinement: the runner again, from the attention run's TransCAM
+    # weights, BAO with --refine none, its PNGs scored by hand, against the unrefined TransCAM CAMs
+    # (the CNN CAMs of the attention run's ablation, the same sweep).
+    none, nrun = table["refine_none"], out / "seed0" / "refine_none"
+    assert "No attention refinement (`--refine none`" in proc.stdout
+    assert json.loads((nrun / "bao" / "bao" / "args.json").read_text())["refine"] == "none"
+    assert not (nrun / "transcam").exists() and not (nrun / "seg_train").exists()
+    assert none["bao_pseudo"]["miou"] == pytest.approx(
+        _miou(voc, train, num_classes, nrun / "pseudo_score" / "bao_pred"), abs=1e-12)
+    cnn_sweep = {round(row["t"], 6): row["miou"]
+                 for row in json.loads((nrun / "eval_score" / "transcam.json").read_text())["sweep"]}
+    assert none["transcam_best"]["miou"] == res["cnn_best"]["miou"] == max(cnn_sweep.values())
+    assert abs(none["transcam_fixed"]["t"] - 0.44) < 1e-6 and none["transcam_fixed"]["miou"] == cnn_sweep[0.44]
+    assert set(none) == {"bao_pseudo", "bao_maps_best", "transcam_best", "transcam_fixed"}
+    assert list((nrun / "overlays").glob("*_sheet.png"))
     # apps/repro_demo.py sets the two regimes side by side: BAO's row holds both, the segmentation rows one.
-    table = summarize([res, res]).splitlines()
-    assert "no refinement (`--refine none`)" in table[0]
-    bao_row, seg_row = table[2].split(" | "), table[-2].split(" | ")
-    assert bao_row[1] == f"{100 * res['bao_miou']:.2f} ± 0.00" and bao_row[4] == f"{100 * none['bao_miou']:.2f} ± 0.00"
+    rows = summarize([table, table]).splitlines()
+    assert "no refinement (`--refine none`)" in rows[0]
+    bao_row, seg_row = rows[2].split(" | "), rows[-1].split(" | ")
+    assert bao_row[1] == f"{100 * res['bao_pseudo']['miou']:.2f} ± 0.00"
+    assert bao_row[4] == f"{100 * none['bao_pseudo']['miou']:.2f} ± 0.00"
     assert seg_row[4:7] == ["-", "-", "-"]
 
     again = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    # dataset, TransCAM, BAO in both regimes, both segmentation trainings
-    assert again.stdout.count("reused") == 6
-    assert json.loads((out / "seed0" / "table.json").read_text()) == res
+    # the dataset and every stage of both runs are reused
+    assert "== dataset: done before" in again.stdout
+    assert again.stdout.count("done before, skipped") == len(done) + len(list((nrun / "stages").glob("*.json")))
+    assert json.loads((out / "seed0" / "table.json").read_text()) == table
 
 
 def test_regimes_default_to_attention_and_quick_runs_both(tmp_path, capsys):

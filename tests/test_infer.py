@@ -47,10 +47,18 @@ def bao_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
     """One full command-line run writing label PNGs, CRF PNGs and maps."""
     out = tmp_path_factory.mktemp("infer")
     proc = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"),
-                   "--out_crf", str(out / "crf"), "--out_cam", str(out / "cam"))
+                   "--out_crf", str(out / "crf"), "--out_cam", str(out / "cam"), "--crf_workers", "2")
     assert proc.returncode == 0, proc.stderr
     assert "12 to do" in proc.stdout
     return out
+
+
+def test_crf_in_worker_processes_equals_inline(bao_run, voc_root, tiny_bao_weights, tmp_path, capsys):
+    """bao_run's CRF ran in two worker processes; in the main process the PNGs are the same bytes."""
+    code, _, err = _infer([*_common(voc_root, tiny_bao_weights), "--out_crf", str(tmp_path / "crf"),
+                           "--crf_workers", "0"], capsys)
+    assert code == 0, err
+    assert _files(tmp_path / "crf") == _files(bao_run / "crf")
 
 
 def test_outputs_have_image_size_and_only_present_ids(bao_run, voc_root):

@@ -257,6 +257,11 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
         assert sorted(tar.getnames()) == sorted(f"results/VOC2012/Segmentation/comp6_test_cls/{n}.png" for n in names)
     again = run_cli(*infer)
     assert again.returncode == 0 and f"{len(names)} already done (skipped), 0 to do" in again.stdout
+    # the CRF ran in worker processes (the default); in the main process it writes the same bytes
+    inline = run_cli(*infer[:infer.index("--out_pred")], "--out_crf", str(tmp_path / "inline"), "--crf_workers", "0")
+    assert inline.returncode == 0, inline.stderr
+    assert all((tmp_path / "inline" / f"{n}.png").read_bytes() == (out["crf"] / f"{n}.png").read_bytes()
+               for n in names)
     evaluated = run_cli("evaluation_bao.py", "--predict_dir", str(out["crf"]), "--gt_dir",
                         str(voc_root / "SegmentationClass"), "--list", str(voc_root / "ImageSets/Segmentation/val.txt"),
                         "--label_file", str(voc_root / "cls_labels.json"), "--logfile", str(tmp_path / "log.txt"))
@@ -314,6 +319,19 @@ def test_backbone_file_of_another_architecture_is_refused(voc_root, tmp_path, ti
     code, _, err = call_main("train_seg", [*argv, "--backbone_weights", str(tiny_bao_weights)], capsys)
     assert_refused(code, err, "does not fit the tiny backbone", "--backbone_weights")
     assert not (tmp_path / "runs").exists()
+
+
+def test_from_scratch_trains_batch_norm_and_refuses_frozen(voc_root, tmp_path, capsys):
+    """A fresh backbone under frozen batch norm has no normalisation (identity statistics): refused; without
+    --bn, --from_scratch trains batch norm whatever the model's recipe."""
+    argv = _train(voc_root, tmp_path / "runs", "x")[1:]
+    bn = argv.index("--bn")
+    code, _, err = call_main("train_seg", [*argv[:bn + 1], "frozen", *argv[bn + 2:]], capsys)
+    assert_refused(code, err, "--from_scratch needs --bn train")
+    assert not (tmp_path / "runs").exists()
+    code, _, err = call_main("train_seg", [*argv[:bn], *argv[bn + 2:], "--max_iters", "1"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "runs" / "x" / "args.json").read_text())["bn"] == "train"
 
 
 def test_inference_with_weights_of_another_model_is_refused(voc_root, tmp_path, tiny_bao_weights, capsys):

@@ -10,10 +10,13 @@ result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+from core.palette import save_label_png
 
 GT_PROB = 0.7
 GAUSSIAN_SXY = 3
@@ -89,3 +92,9 @@ def crf_refine_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = C
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
     return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(c, h, w)
+
+
+def write_crf_png(path: Path, image: np.ndarray, labels: np.ndarray, n_labels: int) -> None:
+    """Refine ``labels`` (H, W) with :func:`crf_refine_labels` and save them as a label PNG (a
+    :class:`core.workers.TaskPool` task)."""
+    save_label_png(path, crf_refine_labels(image, labels, n_labels))

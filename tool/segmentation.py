@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.fileio import atomic_path
-from core.palette import IGNORE_INDEX
+from core.palette import IGNORE_INDEX, save_label_png
 from data.transforms import scaled_input
+from tool.crf import CRFParams, crf_refine_probs
 from tool.device import autocast
 
 DEFAULT_SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -111,3 +112,25 @@ def write_server_archive(out_dir: str | os.PathLike, names: list[str]) -> Path:
             for name in names:
                 tar.add(server_png_path(out, name), arcname=str(VOC_SERVER_DIR / f"{name}.png"))
     return archive
+
+
+def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: dict[str, Path],
+                     server_labels: str, crf: CRFParams) -> None:
+    """Write the requested label PNGs of one image (a :class:`core.workers.TaskPool` task).
+
+    Args:
+        image: (H, W, 3) uint8, the CRF's colour term.
+        probs: (C, H, W) float class probabilities at the image's size.
+        outputs: "pred" (argmax), "crf" (argmax after the dense CRF) and/or "server" -> folder.
+        server_labels: "pred" or "crf", the labels the "server" folder receives.
+    """
+    labels = {}
+    if "pred" in outputs or ("server" in outputs and server_labels == "pred"):
+        labels["pred"] = probs.argmax(0).astype(np.uint8)
+    if "crf" in outputs or ("server" in outputs and server_labels == "crf"):
+        labels["crf"] = crf_refine_probs(image, probs, crf).argmax(0).astype(np.uint8)
+    for kind in ("pred", "crf"):
+        if kind in outputs:
+            save_label_png(outputs[kind] / f"{name}.png", labels[kind])
+    if "server" in outputs:
+        save_label_png(outputs["server"] / f"{name}.png", labels[server_labels])

@@ -1,0 +1,80 @@
+"""A small pool of worker processes for per-image CPU work that would otherwise idle the GPU.
+
+The dense CRF takes seconds per VOC image on one CPU core while the GPU computes the next
+image's probabilities in a fraction of that; run one after the other, the CRF sets the pace.
+:class:`TaskPool` runs such tasks in worker processes, keeps a bounded number in flight (so
+memory stays flat however long the list), raises a worker's exception in the main process,
+and with ``workers=0`` runs every task inline (same results, no processes).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Callable
+
+from core.errors import ignore_sigint
+
+
+def default_workers(world_size: int = 1) -> int:
+    """Worker processes for one rank: the CPUs this process may use, shared among the ranks of
+    the machine, one left for the rank itself; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, world_size) - 1)
+
+
+class TaskPool:
+    """Run ``fn(*args)`` tasks in ``workers`` processes (0: inline), at most ``2 * workers`` in flight.
+
+    Use as a context manager; :meth:`submit` and :meth:`drain` return how many tasks finished
+    during the call (for a progress bar). Leaving the block on an exception (a worker's error,
+    Ctrl-C) cancels the tasks not started and waits for the running ones, whose outputs are
+    written atomically by the tasks themselves. Workers ignore Ctrl-C: the main process
+    decides. They are spawned, not forked, so that a parent holding CUDA or thread pools
+    hands them nothing.
+    """
+
+    def __init__(self, workers: int):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers
+        self._pending: deque[Future] = deque()
+        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=ignore_sigint) if workers else None)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> int:
+        """Queue one task; when ``2 * workers`` are in flight, wait for the oldest first."""
+        if self._pool is None:
+            fn(*args)
+            return 1
+        self._pending.append(self._pool.submit(fn, *args))
+        finished = 0
+        while len(self._pending) >= 2 * self.workers:
+            self._pending.popleft().result()
+            finished += 1
+        return finished
+
+    def drain(self) -> int:
+        """Wait for every queued task (raising the first error)."""
+        finished = 0
+        while self._pending:
+            self._pending.popleft().result()
+            finished += 1
+        return finished
+
+    def __enter__(self) -> TaskPool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._pool is None:
+            return
+        failed = exc_type is not None
+        try:
+            if not failed:
+                self.drain()
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=failed)

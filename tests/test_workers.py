@@ -1,0 +1,50 @@
+"""core/workers.py: TaskPool runs tasks in spawned processes like inline, bounds what is in flight,
+and raises a worker's error in the main process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.errors import UserError
+from core.workers import TaskPool, default_workers
+
+
+def write_square(path: Path, value: int) -> None:
+    """A task: write value**2 to path (module level, so a spawned worker can import it)."""
+    if value < 0:
+        raise UserError(f"negative value {value} for {path.name}")
+    path.write_text(str(value * value))
+
+
+def _run(folder: Path, workers: int, values: list[int]) -> int:
+    folder.mkdir()
+    finished = 0
+    with TaskPool(workers) as pool:
+        for v in values:
+            finished += pool.submit(write_square, folder / f"{v}.txt", v)
+            assert len(pool._pending) < max(1, 2 * workers)  # bounded: older tasks waited for
+        finished += pool.drain()
+    return finished
+
+
+def test_workers_write_what_inline_writes(tmp_path):
+    values = list(range(9))
+    assert _run(tmp_path / "inline", 0, values) == len(values)
+    assert _run(tmp_path / "pool", 2, values) == len(values)
+    for v in values:
+        assert (tmp_path / "pool" / f"{v}.txt").read_text() == (tmp_path / "inline" / f"{v}.txt").read_text() \
+            == str(v * v)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_task_error_reaches_the_main_process(tmp_path, workers):
+    with pytest.raises(UserError, match="negative value -3 for -3.txt"):
+        _run(tmp_path / "out", workers, [1, 2, -3, 4])
+    assert (tmp_path / "out" / "1.txt").read_text() == "1"
+
+
+def test_default_workers_leave_a_cpu_to_each_rank():
+    assert default_workers(1) >= 1 and default_workers(10 ** 6) == 1
+    with pytest.raises(ValueError):
+        TaskPool(-1)
