@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.cli import add_crf_workers_arg, add_prediction_args, check_threshold, dataset_from_args, run_cli
+from apps.cli import (add_crf_workers_arg, add_prediction_args, check_threshold, crf_worker_count, dataset_from_args,
+                      run_cli)
 from core.errors import UserError
 from core.fileio import prepare_output_dir, remove_temporaries
 from core.palette import save_label_png
-from core.workers import TaskPool, default_workers
+from core.workers import TaskPool
 from data.camio import CAM_SUFFIX, save_cams
 from data.datasets import InferenceDataset
 from data.labels import read_list
@@ -124,10 +125,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
         predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes on.
-        workers = 0 if "out_crf" not in outputs else (
-            default_workers(runtime.world_size) if args.crf_workers is None else args.crf_workers)
         with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar, \
-                TaskPool(workers) as pool:
+                TaskPool(crf_worker_count(args, "out_crf" in outputs)) as pool:
             for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
                 images = batch.get("images", [None] * len(batch["names"]))
                 for name, image, (keys, maps) in zip(batch["names"], images, predictor(batch)):

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_workers_arg, add_dataset_args, add_device_args,
-                      add_segmentation_model_args, dataset_from_args, non_negative_int, run_cli)
+                      add_segmentation_model_args, crf_worker_count, dataset_from_args, non_negative_int, run_cli)
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import prepare_output_dir, remove_temporaries
-from core.workers import TaskPool, default_workers
+from core.workers import TaskPool
 from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
 from data.labels import read_list
 from data.layout import REPO_ROOT
@@ -156,10 +156,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
         # The CRF (seconds per image on one core) runs in worker processes while the model goes
         # on; without it, writing the PNGs inline costs next to nothing.
         needs_crf = "crf" in outputs or ("server" in outputs and args.server_labels == "crf")
-        workers = (default_workers(runtime.world_size) if args.crf_workers is None else args.crf_workers) \
-            if needs_crf else 0
         with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar, \
-                TaskPool(workers) as pool:
+                TaskPool(crf_worker_count(args, needs_crf)) as pool:
             for batch in loader:
                 raise_batch_error(batch)
                 name, image = batch["names"][0], batch["images"][0]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.errors import run_cli as run_with_hints
+from core.workers import default_workers
 from data.layout import DEFAULT_LABEL_FILES, DEFAULT_VOC_ROOT, DatasetLayout, DatasetSpec, load_dataset
 
 # What the library's errors are about -> the flags that fix them (core.errors.UserError.about).
@@ -215,7 +216,15 @@ def add_crf_workers_arg(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         help="processes running the dense CRF and writing its PNGs while the model goes on to the "
                              "next images (the CRF takes seconds per image on one core); 0: in the main process, "
                              "one image after the other (default: the usable CPUs, shared among the ranks of a "
-                             "torchrun, minus one)")
+                             "torchrun on this machine, minus one)")
+
+
+def crf_worker_count(args: argparse.Namespace, needed: bool) -> int:
+    """``--crf_workers`` resolved: 0 when the run writes no CRF labels (nothing worth a process),
+    else the flag, or :func:`core.workers.default_workers` when it was not given."""
+    if not needed:
+        return 0
+    return default_workers() if args.crf_workers is None else args.crf_workers
 
 
 def add_threshold_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

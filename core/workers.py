@@ -17,11 +17,13 @@ from typing import Any, Callable
 from core.errors import ignore_sigint
 
 
-def default_workers(world_size: int = 1) -> int:
-    """Worker processes for one rank: the CPUs this process may use, shared among the ranks of
-    the machine, one left for the rank itself; at least 1."""
+def default_workers() -> int:
+    """Worker processes for one rank: the CPUs this process may use, shared among the ranks on
+    this machine (torchrun's ``LOCAL_WORLD_SIZE``, 1 without it), one left for the rank itself;
+    at least 1."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, world_size) - 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cpus // local_ranks - 1)
 
 
 class TaskPool:

@@ -2,6 +2,7 @@
 and raises a worker's error in the main process."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,13 @@ def test_a_task_error_reaches_the_main_process(tmp_path, workers):
     assert (tmp_path / "out" / "1.txt").read_text() == "1"
 
 
-def test_default_workers_leave_a_cpu_to_each_rank():
-    assert default_workers(1) >= 1 and default_workers(10 ** 6) == 1
+def test_default_workers_share_the_cpus_among_the_ranks_of_the_machine(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == max(1, cpus - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers() == max(1, cpus // 2 - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(10 ** 6))
+    assert default_workers() == 1
     with pytest.raises(ValueError):
         TaskPool(-1)
