@@ -34,7 +34,7 @@ from tqdm import tqdm
 from apps.cli import (add_crf_workers_arg, add_prediction_args, check_threshold, crf_worker_count, dataset_from_args,
                       run_cli)
 from core.errors import UserError
-from core.fileio import prepare_output_dir, remove_temporaries
+from core.fileio import unfinished
 from core.palette import save_label_png
 from core.workers import TaskPool
 from data.camio import CAM_SUFFIX, save_cams
@@ -104,14 +104,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     amp = amp_dtype(args.amp, runtime.device)
     model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method,
                                runtime.device, args.refine)
-    for folder in outputs.values():
-        prepare_output_dir(folder)
-    barrier()  # folders exist before any rank scans them
-    for kind, folder in outputs.items():
-        # Stale temporaries of an interrupted run, of this rank's images only (other ranks are writing).
-        remove_temporaries(folder, SUFFIX[kind], set(mine))
-    todo = [n for n in mine if args.overwrite
-            or not all((folder / f"{n}{SUFFIX[k]}").is_file() for k, folder in outputs.items())]
+    todo = unfinished({folder: SUFFIX[kind] for kind, folder in outputs.items()}, mine, args.overwrite, barrier)
     if runtime.is_main:
         print(f"weights {args.weights}: {report.summary()}")
         where = ", ".join(f"--{k} {folder}" for k, folder in outputs.items())

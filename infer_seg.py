@@ -34,7 +34,7 @@ from tqdm import tqdm
 from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_workers_arg, add_dataset_args, add_device_args,
                       add_segmentation_model_args, crf_worker_count, dataset_from_args, non_negative_int, run_cli)
 from core.errors import UserError, quiet_loader_worker
-from core.fileio import prepare_output_dir, remove_temporaries
+from core.fileio import unfinished
 from core.workers import TaskPool
 from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
 from data.labels import read_list
@@ -138,12 +138,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
     crf = CRFParams(gaussian_compat=args.crf_gaussian[0], gaussian_sxy=args.crf_gaussian[1],
                     bilateral_compat=args.crf_bilateral[0], bilateral_sxy=args.crf_bilateral[1],
                     bilateral_srgb=args.crf_bilateral[2], iterations=args.crf_iters)
-    for folder in outputs.values():
-        prepare_output_dir(folder)
-    barrier()
-    for folder in outputs.values():
-        remove_temporaries(folder, ".png", set(mine))
-    todo = [n for n in mine if args.overwrite or not all((f / f"{n}.png").is_file() for f in outputs.values())]
+    todo = unfinished({folder: ".png" for folder in outputs.values()}, mine, args.overwrite, barrier)
     if runtime.is_main:
         print(f"weights {args.weights}: {report.summary()}")
         shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""

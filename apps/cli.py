@@ -116,6 +116,13 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                              "works on CPU, fp16 needs CUDA")
 
 
+def add_stages_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device`` of a command that runs the entry scripts as stages (passed to each of them)."""
+    parser.add_argument("--device", default="auto",
+                        help="--device of every stage: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or "
+                             "'cuda:N'")
+
+
 def add_voc_root_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--voc12_root`` (also used alone by the commands that only read VOC files)."""
     parser.add_argument("--voc12_root", default=DEFAULT_VOC_ROOT,

@@ -32,14 +32,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apps import pipeline
-from apps.cli import add_generated_dataset_args, run_cli
-from apps.make_dataset import generate
+from apps.cli import add_generated_dataset_args, add_stages_device_arg, run_cli
+from apps.make_dataset import generate_once
 from core.errors import UserError
 from core.fileio import atomic_path
 
-# Background score carried over when no pixel labels are available to tune it: the best
-# threshold published for TransCAM on VOC (spec section 7).
-DEFAULT_T = pipeline.FIXED_T
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
 # checks), spelled out so that --help needs no model import.
 REGIMES = ("attention", "none")
@@ -67,8 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="inference scales (the published 256,512,768 scaled to the image size)")
     parser.add_argument("--split", default="train", choices=["train", "val"],
                         help="images whose pseudo-labels are made and scored (published: train)")
-    parser.add_argument("--default_t", type=float, default=DEFAULT_T,
-                        help="fixed background threshold for the TransCAM row that tunes nothing")
+    parser.add_argument("--default_t", type=float, default=pipeline.FIXED_T,
+                        help="fixed background threshold for the TransCAM row that tunes nothing (the best "
+                             "threshold published for TransCAM on VOC)")
     parser.add_argument("--sheets", type=int, default=4, help="overlay sheets to draw")
     parser.add_argument("--seg_iters", type=int, default=600, help="iterations of each segmentation training")
     parser.add_argument("--seg_batch", type=int, default=8, help="batch size of the segmentation training")
@@ -78,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the recipe's 2.5e-4 for ImageNet fine-tuning)")
     parser.add_argument("--seg_scales", default="0.5,0.75,1.0,1.25,1.5",
                         help="segmentation inference scales, each with its flip (the recipe's)")
-    parser.add_argument("--device", default="auto", help="--device of every stage (auto: CUDA when present)")
+    add_stages_device_arg(parser)
     parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None,
                         help="refinement regimes: attention (published; the main table and the segmentation "
                              "stage, always run) and none (--refine none: BAO trained and applied without "
@@ -184,12 +182,9 @@ def run_pipeline(args: argparse.Namespace, variants: tuple[Variant, ...] = ()) -
         raise UserError("--regimes must include attention: the published regime makes the main table and the "
                         "segmentation stage; none is run beside it (--regimes attention none)")
     p = Paths(Path(args.out).resolve(), args.seed)
-    if (p.data / "cls_labels.json").is_file():
-        print(f"== dataset: done before ({p.data}), reused", flush=True)
-    else:
-        print(f"== dataset: generating {args.num_train} + {args.num_val} images in {p.data}", flush=True)
-        generate(p.data, args.num_train, args.num_val, size=args.size, seed=args.data_seed, overwrite=True,
-                 progress=True)
+    print(f"== dataset: {args.num_train} + {args.num_val} images in {p.data}", flush=True)
+    if not generate_once(p.data, args.num_train, args.num_val, size=args.size, seed=args.data_seed, progress=True):
+        print("== dataset: done before, reused", flush=True)
     runs = {"attention": None}
     for variant in ([Variant("")] if "none" in regimes else []) + list(variants):
         runs[f"refine_none{variant.suffix}"] = variant

@@ -430,6 +430,16 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, size: int = 128,
     }
 
 
+def generate_once(out_dir: str | Path, num_train: int, num_val: int, size: int = 128, seed: int = 0,
+                  progress: bool = False) -> bool:
+    """:func:`generate` unless ``out_dir`` already holds a finished dataset (its cls_labels.json,
+    written last); an interrupted one is written again. Returns whether it generated."""
+    if (Path(out_dir) / "cls_labels.json").is_file():
+        return False
+    generate(out_dir, num_train, num_val, size=size, seed=seed, overwrite=True, progress=progress)
+    return True
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of the generator."""
     parser = argparse.ArgumentParser(

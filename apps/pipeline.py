@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.cli import DefaultsHelpFormatter, add_dataset_args, add_refine_arg, dataset_from_args, run_cli
+from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_refine_arg, add_stages_device_arg, dataset_from_args,
+                      run_cli)
 from core.errors import UserError
 from core.fileio import atomic_path
 from data.labels import read_list
@@ -126,7 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
                         help="redo this stage and every later one (their outputs are removed first)")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    parser.add_argument("--device", default="auto", help="--device of every stage")
+    add_stages_device_arg(parser)
     add_refine_arg(parser)
     add_dataset_args(parser)
     return parser

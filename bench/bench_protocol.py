@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from apps import pipeline
-from apps.cli import add_generated_dataset_args, parse_scales, positive_int, run_cli
-from apps.make_dataset import generate
+from apps.cli import add_generated_dataset_args, add_stages_device_arg, parse_scales, positive_int, run_cli
+from apps.make_dataset import generate_once
 from apps.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
 
@@ -44,7 +44,7 @@ SEG_STEPS, SEG_BATCH = 20000, 10  # train_seg.py's defaults
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="auto", help="--device of every stage (auto: CUDA when present)")
+    add_stages_device_arg(parser)
     parser.add_argument("--arch", default="sm", help="Conformer size of the TransCAM and BAO stages")
     parser.add_argument("--seg_backbone", default="resnet101", help="backbone of the segmentation model")
     add_generated_dataset_args(parser, num_train=96, num_val=32, size=448)  # the val images are also the test list
@@ -133,18 +133,13 @@ def measure(plan: pipeline.Plan, args: argparse.Namespace) -> list[dict]:
     row("pseudo_seg", "the scoring list's labels reused", bao_rate, "img/s", "train_aug (BAO inference)",
         VOC["train_aug"] / bao_rate)
     seg = train_rate(out("seg_train") / "seg" / "log.jsonl")
-    row("seg_train", f"{_steps(out('seg_train'))} steps", seg, "img/s", f"{SEG_STEPS} steps of {SEG_BATCH}",
+    row("seg_train", f"{args.seg_iters} steps", seg, "img/s", f"{SEG_STEPS} steps of {SEG_BATCH}",
         SEG_STEPS * SEG_BATCH / seg)
     val = file_rate(out("seg_val") / "crf", "*.png")
     row("seg_val", "val images with CRF", val, "img/s", "val, with CRF", VOC["val"] / val)
     test = file_rate(out("seg_test") / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls", "*.png")
     row("seg_test", "test images with CRF (server)", test, "img/s", "test, with CRF", VOC["test"] / test)
     return rows
-
-
-def _steps(run: Path) -> int:
-    return max(r["step"] for r in map(json.loads, (run / "seg" / "log.jsonl").read_text().splitlines())
-               if r["event"] == "step")
 
 
 def report(args: argparse.Namespace, rows: list[dict], total_here: float) -> str:
@@ -176,9 +171,7 @@ def main(args: argparse.Namespace) -> str:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_protocol_"))
     try:
         voc = work / "VOC2012"
-        if not (voc / "cls_labels.json").is_file():
-            print(f"generating {args.num_train} + {args.num_val} images of about {args.size} px", flush=True)
-            generate(voc, args.num_train, args.num_val, size=args.size, seed=0, overwrite=True)
+        generate_once(voc, args.num_train, args.num_val, size=args.size, progress=True)
         runner = pipeline.get_args_parser().parse_args(
             ["--run_dir", str(work / "run"), "--device", args.device, "--voc12_root", str(voc), "--label_file",
              str(voc / "cls_labels.json"), "--start", "scratch", "--seg_from_scratch"])

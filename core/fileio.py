@@ -108,3 +108,22 @@ def prepare_output_dir(folder: str | os.PathLike, target: str | os.PathLike | No
             raise _user_error(err, Path(target)) from None
         raise UserError(f"cannot create or write output folder {folder}: {err.strerror or err}; "
                         "choose another path") from None
+
+
+def unfinished(folders: dict[Path, str], names: list[str], overwrite: bool,
+               sync: Callable[[], None] = lambda: None) -> list[str]:
+    """The names of ``names`` whose outputs are not all written yet, after preparing the folders.
+
+    Args:
+        folders: output folder -> suffix of its files (``<name><suffix>``).
+        names: this process's share of the list; only their stale temporaries are removed, so
+            processes writing other names into the same folders are not disturbed.
+        overwrite: every name is unfinished (recompute all).
+        sync: called after the folders exist and before any is scanned (a barrier across ranks).
+    """
+    for folder in folders:
+        prepare_output_dir(folder)
+    sync()
+    for folder, suffix in folders.items():
+        remove_temporaries(folder, suffix, set(names))
+    return [n for n in names if overwrite or not all((f / f"{n}{s}").is_file() for f, s in folders.items())]

@@ -183,11 +183,8 @@ def test_cnn_ablation_writes_unrefined_cams(voc_root, tiny_transcam_weights, tmp
     """--method cnn writes the CNN CAMs X = conv_cls_head(F) before attention refinement (the maps
     whose spatial mean is conv_logits), not the refined TransCAM CAMs. The expectation is read with a
     hook on conv_cls_head during the published forward, independently of forward_cnn_cams."""
-    from data.datasets import InferenceDataset
-    from data.layout import DatasetLayout
     from network.checkpoint import load_weights
     from network.conformer_CAM import Net_tiny
-    from tool.predict import MultiScalePredictor, iterate_batches
 
     labels = ImageLabels.load(voc_root / "cls_labels.json")
     code, _, _ = _infer(_common(voc_root, tiny_transcam_weights, scales="32") + [
@@ -212,19 +209,32 @@ def test_cnn_ablation_writes_unrefined_cams(voc_root, tiny_transcam_weights, tmp
             assert torch.allclose(hooked[0].mean(dim=(2, 3)), out.conv_logits, atol=1e-5)
             return out._replace(cams=hooked[0])
 
+    # Where refinement changes the maps (not where a class map is negative everywhere, so -1 either
+    # way), writing the refined maps would fail the comparison.
+    _assert_written_maps_are_unrefined(voc_root, labels, tmp_path / "cam", "transcam", Unrefined(), model, ())
+
+
+def _assert_written_maps_are_unrefined(voc_root: Path, labels: ImageLabels, folder: Path, method: str,
+                                       unrefined_net: torch.nn.Module, refined_net: torch.nn.Module,
+                                       leading_keys: tuple[int, ...]) -> None:
+    """The maps infer_bao.py wrote to ``folder`` are ``unrefined_net``'s (keys: ``leading_keys`` then the
+    image's classes), and differ from ``refined_net``'s in at least half the images (so writing the
+    refined maps would fail)."""
+    from data.datasets import InferenceDataset
+    from data.layout import DatasetLayout
+    from tool.predict import MultiScalePredictor, iterate_batches
+
     names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
     dataset = InferenceDataset(DatasetLayout.voc(voc_root), names, labels, scales=(32,), flip=True)
     cpu = torch.device("cpu")
-    unrefined, refined = MultiScalePredictor(Unrefined(), "transcam", cpu), MultiScalePredictor(model, "transcam", cpu)
+    unrefined, refined = MultiScalePredictor(unrefined_net, method, cpu), MultiScalePredictor(refined_net, method, cpu)
     differs = 0
     for batch in iterate_batches(dataset, 4, 0, cpu):
         for name, (keys, expected), (_, other) in zip(batch["names"], unrefined(batch), refined(batch)):
-            got_keys, got = load_cams(tmp_path / "cam" / f"{name}.npz")
-            assert got_keys.tolist() == keys.tolist() == labels.ids[name]
+            got_keys, got = load_cams(folder / f"{name}.npz")
+            assert got_keys.tolist() == keys.tolist() == [*leading_keys, *labels.ids[name]]
             assert np.allclose(got, expected.numpy(), atol=2e-3), name  # stored as float16
             differs += not np.allclose(got, other.numpy(), atol=2e-3)
-    # Where refinement changes the maps (not where a class map is negative everywhere, so -1 either
-    # way), writing the refined maps would fail the comparison above.
     assert differs >= len(names) // 2
 
 
@@ -232,11 +242,8 @@ def test_refine_none_writes_the_maps_of_the_unrefined_heads(voc_root, tiny_bao_w
     """--refine none: BAO's maps are [classifier_x's background, conv_cls_head's foreground] as the heads
     give them, read with hooks during the default (refined) forward; the TransCAM CAMs are then the
     CNN CAMs of --method cnn, file for file."""
-    from data.datasets import InferenceDataset
-    from data.layout import DatasetLayout
     from network.checkpoint import load_weights
     from network.conformer_CAM import Net_tiny
-    from tool.predict import MultiScalePredictor, iterate_batches
 
     labels = ImageLabels.load(voc_root / "cls_labels.json")
     common = _common(voc_root, tiny_bao_weights, scales="32")
@@ -266,18 +273,7 @@ def test_refine_none_writes_the_maps_of_the_unrefined_heads(voc_root, tiny_bao_w
             out = self.net(x, y)
             return out._replace(bao=torch.cat([heads["classifier_x"][:, :1], heads["conv_cls_head"][:, 1:]], dim=1))
 
-    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
-    dataset = InferenceDataset(DatasetLayout.voc(voc_root), names, labels, scales=(32,), flip=True)
-    cpu = torch.device("cpu")
-    unrefined, refined = MultiScalePredictor(Unrefined(), "bao", cpu), MultiScalePredictor(model, "bao", cpu)
-    differs = 0
-    for batch in iterate_batches(dataset, 4, 0, cpu):
-        for name, (keys, expected), (_, other) in zip(batch["names"], unrefined(batch), refined(batch)):
-            got_keys, got = load_cams(tmp_path / "bao" / f"{name}.npz")
-            assert got_keys.tolist() == keys.tolist() == [0, *labels.ids[name]]
-            assert np.allclose(got, expected.numpy(), atol=2e-3), name  # stored as float16
-            differs += not np.allclose(got, other.numpy(), atol=2e-3)
-    assert differs >= len(names) // 2  # the refined maps would fail the comparison above
+    _assert_written_maps_are_unrefined(voc_root, labels, tmp_path / "bao", "bao", Unrefined(), model, (0,))
 
 
 def test_background_diagnostic_scores_the_published_labels_as_written(bao_run, voc_root, tiny_bao_weights, capsys):
