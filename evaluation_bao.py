@@ -12,13 +12,15 @@ percent, end excluded), ``--curve`` (true: sweep, false: the single ``--t``), ``
 files as ``infer_bao.py --method transcam --t T --out_pred / --out_crf`` on the same maps).
 
 The classes (their ids, names and unused ids) are chosen explicitly, never guessed from a
-count, in this order: the ``convention.json`` that coco14/prepare_coco.py writes beside COCO
-masks (contiguous ids: 81 classes; raw category ids: 91 ids, the ten unused ones no class),
-else ``--dataset coco --convention``, else ``--label_file`` (its class list), else
-``--dataset`` (voc: the 21 VOC classes, the default; coco: the 81 contiguous COCO classes).
+count, in this order (:func:`data.classes.resolve_class_set`): the ``convention.json`` that
+coco14/prepare_coco.py writes beside COCO masks (contiguous ids: 81 classes; raw category ids:
+91 ids, the ten unused ones no class), else ``--dataset coco --convention``, else
+``--label_file`` (its class list), else the dataset's own label file (``cls_labels.json`` in
+``--voc12_root`` when its masks are evaluated, as a generated dataset has), else ``--dataset``
+(voc: the 21 VOC classes, the default; coco: the 81 contiguous COCO classes).
 ``--num_classes`` must agree with the chosen classes, except that without a convention or a
 label file, with ``--dataset voc``, a count other than 21 evaluates that many classes with
-generic names (class1, ...).
+generic names (class1, ...): names the data does not define are never printed.
 
 Prints the per-class IoU / FP / FN / precision / recall table and the means, appends one
 line to the log file, and optionally writes JSON and a plot of the sweep.
@@ -33,17 +35,20 @@ from pathlib import Path
 
 import numpy as np
 
-from apps.cli import (DefaultsHelpFormatter, add_label_file_arg, add_voc_root_arg, int_at_least, non_negative_int,
-                      parse_bool, voc_layout_from_args, worker_count)
-from core.errors import UserError, run_cli
+from apps.cli import (FLAG_HINTS, DefaultsHelpFormatter, add_label_file_arg, add_voc_root_arg, int_at_least,
+                      non_negative_int, parse_bool, run_cli, voc_layout_from_args, worker_count)
+from core.errors import UserError
 from core.fileio import atomic_path, prepare_output_dir
-from data.classes import (COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, DATASET_CLASSES, ClassSet,
-                          convention_classes, from_foreground, generic)
+from core.workers import default_workers
+from data.classes import (COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, DATASET_CLASSES, MAX_CLASSES,
+                          ClassSet, ClassSetConflict, from_foreground, read_mask_convention, resolve_class_set)
 from data.labels import ImageLabels, read_list
-from tool.metrics import (DEFAULT_SWEEP, IMAGE_SUFFIX, MAX_CLASSES, default_workers, evaluate_cams, evaluate_labels,
-                          format_table, read_mask_convention, scores, scores_to_json, threshold_range,
-                          write_threshold_labels)
+from data.layout import DEFAULT_INFER_LISTS
+from tool.evaluate import IMAGE_SUFFIX, evaluate_cams, evaluate_labels, write_threshold_labels
+from tool.metrics import DEFAULT_SWEEP, format_table, scores, scores_to_json, threshold_range
 
+# The images evaluated by default: those infer_bao.py makes pseudo-labels for by default (VOC).
+DEFAULT_LIST = DEFAULT_INFER_LISTS["voc"]
 # The published sweep --start/--end (percent, end excluded): t = 0.30 .. 0.69.
 PUBLISHED_START, PUBLISHED_END = 30, 70
 # The published --cam-type: its default names the maps; "coco" chose the COCO variant.
@@ -54,23 +59,6 @@ CONVENTIONS_TEXT = (
     "COCO masks come in two conventions: contiguous ids (0 background, 1..80 in sorted category-id order; "
     "81 classes) and raw category ids (0 background, 1..90, the ten unused ids skipped; 91 classes)"
 )
-# What the flags of this script can do about a UserError of tool.metrics (by its ``about``).
-FLAG_HINTS = {
-    "prediction_folder": "; set --predict_dir",
-    "ground_truth_folder": "; set --gt_dir or --voc12_root",
-    "predictions": " (--predict_dir, --list)",
-    "ground_truth": " (--gt_dir or --voc12_root, --list)",
-    "cams_not_labels": "; evaluate them with --type npy",
-    "labels_not_cams": "; evaluate them with --type png",
-    "coco_contiguous_ids": ("; evaluate contiguous ids against contiguous-id masks (python -m coco14.prepare_coco "
-                            "--convention contiguous) or, for masks without convention.json, with --dataset coco "
-                            "and --convention contiguous"),
-    "coco_raw_ids": ("; evaluate raw category ids against raw-id masks (python -m coco14.prepare_coco --convention "
-                     "raw) or, for masks without convention.json, with --dataset coco --convention raw; or "
-                     "convert the predictions to contiguous ids"),
-    "background_map": "; drop --bg_from_file",
-    "images": "; set --img_dir (the folder of <name>.jpg; default <voc12_root>/JPEGImages)",
-}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,8 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt_dir", default=None,
                         help="folder of ground-truth <name>.png masks; overrides --voc12_root, whose ground "
                              "truth is SegmentationClassAug if present, else SegmentationClass (e.g. COCO masks)")
-    parser.add_argument("--list", default="voc12/train.txt",
-                        help="list file of the images to evaluate (bare names or published lines)")
+    parser.add_argument("--list", default=None,
+                        help="list file of the images to evaluate (bare names or published lines) (default: "
+                             f"{DEFAULT_LIST.relative_to(DEFAULT_LIST.parents[1])} of this repository)")
     parser.add_argument("--dataset", choices=tuple(DATASET_CLASSES), default="voc",
                         help="the classes when neither convention.json beside the masks nor --label_file gives "
                              "them: voc = the 21 VOC classes, coco = the 81 COCO classes with contiguous ids "
@@ -266,52 +255,66 @@ def resolve_classes(args: argparse.Namespace, gt_dir: Path) -> tuple[ClassSet, s
 
     Raises :class:`UserError` when ``--num_classes``, ``--convention`` or ``--label_file``
     contradicts the convention recorded beside the masks or given by ``--convention``,
-    ``--num_classes`` contradicts ``--label_file`` or ``--dataset coco``.
+    ``--num_classes`` contradicts ``--label_file``, the dataset's label file or ``--dataset coco``.
     """
     record = read_mask_convention(gt_dir)
     label = from_foreground(ImageLabels.load(args.label_file).classes) if args.label_file else None
-    classes = None
-    if record is not None:
+    # The dataset's own label file names its classes when its masks are the ones evaluated.
+    data_file = None if args.gt_dir else voc_layout_from_args(args).label_file()
+    data_label = from_foreground(ImageLabels.load(data_file).classes) if data_file and not label else None
+    try:
+        classes, source = resolve_class_set(record, args.convention, label, data_label, args.dataset,
+                                            args.num_classes)
+    except ClassSetConflict as err:
+        raise _conflict_message(err, args, gt_dir, record, label, data_file) from None
+    return classes, {
+        "mask_convention": str(gt_dir / CONVENTION_FILE),
+        "convention": f"--convention {args.convention}",
+        "label_file": f"--label_file {args.label_file}",
+        "dataset_label_file": f"{data_file}, the label file of the dataset root",
+        "dataset": f"--dataset {args.dataset}",
+        "count": f"--num_classes {args.num_classes} (generic class names)",
+    }[source]
+
+
+def _conflict_message(err: ClassSetConflict, args: argparse.Namespace, gt_dir: Path, record: dict | None,
+                      label: ClassSet | None, data_file: Path | None) -> UserError:
+    """The flags' terms of a contradiction between the sources of the class set."""
+    classes = err.classes
+    if err.source == "mask_convention":
         where, convention = gt_dir / CONVENTION_FILE, record["convention"]
-        if args.convention is not None and args.convention != convention:
-            raise UserError(f"--convention {args.convention} contradicts the ground truth: {where} says the "
-                            f"masks use the {convention!r} convention; drop --convention")
-        classes, origin, names_from = convention_classes(record), str(where), "convention.json"
+        if err.given == "convention":
+            return UserError(f"--convention {args.convention} contradicts the ground truth: {where} says the "
+                             f"masks use the {convention!r} convention; drop --convention")
         says = (f"the ground truth: {where} says the masks use the {convention!r} convention, evaluated with "
                 f"{classes.num_classes} classes")
-    elif args.convention is not None:
-        classes = COCO_CONVENTIONS[args.convention]
-        origin = names_from = f"--convention {args.convention}"
-        says = f"{origin}, which means {classes.num_classes} classes"
-    if classes is not None:
-        if args.num_classes is not None and args.num_classes != classes.num_classes:
-            raise UserError(f"--num_classes {args.num_classes} contradicts {says}. "
-                            f"{CONVENTIONS_TEXT}. Drop --num_classes, or evaluate against masks of the other "
-                            "convention (python -m coco14.prepare_coco --convention ... --mask_dir DIR, then "
-                            "--gt_dir DIR)")
-        if label is not None and label.num_classes != classes.num_classes:
-            raise UserError(f"--label_file {args.label_file} names {label.num_classes} classes (background "
-                            f"included), which contradicts {says}. {CONVENTIONS_TEXT}; the label file holds "
-                            f"contiguous classes. Drop --label_file: the class names come from {names_from}")
-        return classes, origin
-    if label is not None:
-        if args.num_classes is not None and args.num_classes != label.num_classes:
-            raise UserError(f"--num_classes {args.num_classes} contradicts --label_file {args.label_file}, which "
-                            f"has {label.num_classes - 1} foreground classes ({label.num_classes} with background); "
-                            "drop one of the two flags")
-        return label, f"--label_file {args.label_file}"
-    classes = DATASET_CLASSES[args.dataset]
-    if args.num_classes is None or args.num_classes == classes.num_classes:
-        return classes, f"--dataset {args.dataset}"
-    if args.dataset == "coco":
-        raise UserError(f"--num_classes {args.num_classes} contradicts --dataset coco, whose masks have "
-                        f"{classes.num_classes} classes unless --convention says otherwise. {CONVENTIONS_TEXT}: "
-                        "drop --num_classes, or add --convention raw for raw category ids")
-    return generic(args.num_classes), f"--num_classes {args.num_classes} (generic class names)"
+        names_from = "convention.json"
+    elif err.source == "convention":
+        names_from = f"--convention {args.convention}"
+        says = f"{names_from}, which means {classes.num_classes} classes"
+    if err.source in ("mask_convention", "convention"):
+        if err.given == "count":
+            return UserError(f"--num_classes {args.num_classes} contradicts {says}. {CONVENTIONS_TEXT}. Drop "
+                             "--num_classes, or evaluate against masks of the other convention (python -m "
+                             "coco14.prepare_coco --convention ... --mask_dir DIR, then --gt_dir DIR)")
+        return UserError(f"--label_file {args.label_file} names {label.num_classes} classes (background "
+                         f"included), which contradicts {says}. {CONVENTIONS_TEXT}; the label file holds "
+                         f"contiguous classes. Drop --label_file: the class names come from {names_from}")
+    if err.source == "label_file":
+        return UserError(f"--num_classes {args.num_classes} contradicts --label_file {args.label_file}, which has "
+                         f"{classes.num_classes - 1} foreground classes ({classes.num_classes} with background); "
+                         "drop one of the two flags")
+    if err.source == "dataset_label_file":
+        return UserError(f"--num_classes {args.num_classes} contradicts {data_file}, the label file of the dataset "
+                         f"root, which has {classes.num_classes - 1} foreground classes ({classes.num_classes} with "
+                         "background); drop --num_classes, or give the classes with --label_file")
+    return UserError(f"--num_classes {args.num_classes} contradicts --dataset coco, whose masks have "
+                     f"{classes.num_classes} classes unless --convention says otherwise. {CONVENTIONS_TEXT}: "
+                     "drop --num_classes, or add --convention raw for raw category ids")
 
 
 def _with_flag_hint(err: UserError, classes: ClassSet, origin: str) -> UserError:
-    """``err`` of tool.metrics with what this script's flags can do about it."""
+    """``err`` of the evaluation with what this script's flags can do about it (:data:`apps.cli.FLAG_HINTS`)."""
     if err.about == "class_ids":
         return UserError(f"{err} (here {classes.num_classes} classes, from {origin}; the classes come from "
                          "convention.json beside the masks, --convention, --label_file, --dataset or --num_classes)")
@@ -321,6 +324,7 @@ def _with_flag_hint(err: UserError, classes: ClassSet, origin: str) -> UserError
 
 def main(args: argparse.Namespace) -> dict:
     cams = check_args(args)
+    args.list = args.list or str(DEFAULT_LIST)
     names = read_list(args.list)
     gt_dir = _gt_dir(args)
     classes, origin = resolve_classes(args, gt_dir)

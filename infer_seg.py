@@ -45,8 +45,10 @@ from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_
 from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, multiscale_probs, write_label_pngs,
                                write_server_archive)
 
-# COCO val: the images with at least one labelled class (40,137), what WSSS papers score on.
-DEFAULT_INFER_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val_labelled.txt"}
+# Images segmented by default: the val lists the segmentation stage is scored on (not
+# data.layout.DEFAULT_INFER_LISTS, the training images pseudo-labels are made for). COCO val:
+# the images with at least one labelled class (40,137), what WSSS papers score on.
+DEFAULT_SCORED_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val_labelled.txt"}
 LABEL_KINDS = ("pred", "crf")
 
 
@@ -126,7 +128,7 @@ def main(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
     spec = dataset_from_args(args)
-    args.infer_list = str(args.infer_list or DEFAULT_INFER_LISTS[args.dataset])
+    args.infer_list = str(args.infer_list or DEFAULT_SCORED_LISTS[args.dataset])
     names = read_list(args.infer_list)
     spec.layout.check(names, source=args.infer_list)
     mine = names[runtime.rank::runtime.world_size]

@@ -33,6 +33,21 @@ FLAG_HINTS = {
     "label_files": "; make pseudo-labels for every name of the list (infer_bao.py --infer_list) or check "
                    "--label_dir and the list",
     "label_ids": " (--label_dir, --label_file / --dataset)",
+    # evaluation_bao.py (tool.evaluate, tool.metrics)
+    "prediction_folder": "; set --predict_dir",
+    "ground_truth_folder": "; set --gt_dir or --voc12_root",
+    "predictions": " (--predict_dir, --list)",
+    "ground_truth": " (--gt_dir or --voc12_root, --list)",
+    "cams_not_labels": "; evaluate them with --type npy",
+    "labels_not_cams": "; evaluate them with --type png",
+    "coco_contiguous_ids": ("; evaluate contiguous ids against contiguous-id masks (python -m coco14.prepare_coco "
+                            "--convention contiguous) or, for masks without convention.json, with --dataset coco "
+                            "and --convention contiguous"),
+    "coco_raw_ids": ("; evaluate raw category ids against raw-id masks (python -m coco14.prepare_coco --convention "
+                     "raw) or, for masks without convention.json, with --dataset coco --convention raw; or "
+                     "convert the predictions to contiguous ids"),
+    "background_map": "; drop --bg_from_file",
+    "images": "; set --img_dir (the folder of <name>.jpg; default <voc12_root>/JPEGImages)",
 }
 
 

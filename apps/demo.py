@@ -33,9 +33,9 @@ from pathlib import Path
 
 from apps import pipeline
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, run_cli
-from apps.make_dataset import generate_once
 from core.errors import UserError
 from core.fileio import atomic_path
+from data.synthetic import generate_once
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
 # checks), spelled out so that --help needs no model import.

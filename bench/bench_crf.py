@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from apps.cli import non_negative_int, positive_int, run_cli
-from apps.make_dataset import generate
 from apps.report import RESULTS_FILE, machine_line, write_section
 from core.workers import TaskPool, default_workers
 from data.images import read_image
 from data.labels import read_list
+from data.synthetic import generate
 from tool.crf import CRFParams
 from tool.segmentation import write_label_pngs
 
@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _inputs(count: int, folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image (H, W, 3) uint8, probs (21, H, W) float32) pairs: the generated dataset's photographs'
-    stand-ins (apps/make_dataset.py, about 448 px, like VOC's 500 x 375) with smooth random
+    stand-ins (data/synthetic.py, about 448 px, like VOC's 500 x 375) with smooth random
     probabilities (the CRF's cost depends on the image's colours, so not random pixels)."""
     generate(folder, count, 0, size=448, seed=0, overwrite=True)
     rng = np.random.default_rng(0)

@@ -1,12 +1,12 @@
 """Benchmark: our evaluation against the published way of computing the same numbers.
 
-Generates a VOC-size dataset with apps.make_dataset (ground-truth masks with 255 bands on the
+Generates a VOC-size dataset with data.synthetic (ground-truth masks with 255 bands on the
 object boundaries), spreads its class ids over the 20 VOC classes, derives predicted label maps
 and CAM files from its objects in a temporary folder, then times
 
-- PNG evaluation: tool.metrics.evaluate_labels (the code path of evaluation_bao.py) against
+- PNG evaluation: tool.evaluate.evaluate_labels (the code path of evaluation_bao.py) against
   a per-class loop over images with boolean masks (the published approach);
-- a threshold sweep of CAM files: tool.metrics.evaluate_cams (each file read once) against
+- a threshold sweep of CAM files: tool.evaluate.evaluate_cams (each file read once) against
   thresholding and scoring per threshold, re-reading the whole folder every time (published).
 
 Both must give identical pixel counts. The ratios are printed and written to the
@@ -35,16 +35,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from apps.cli import int_at_least, positive_int
-from apps.make_dataset import CLASSES as SHAPES, generate as generate_dataset
 from apps.report import RESULTS_FILE, cpu_name, write_section
 from data.camio import load_cams, save_cams
 from data.classes import VOC
 from core.errors import UserError, run_cli
-from tool.metrics import default_workers, evaluate_cams, evaluate_labels, threshold_range
+from data.synthetic import CLASSES as SHAPES, generate as generate_dataset
+from core.workers import default_workers
+from tool.evaluate import evaluate_cams, evaluate_labels
+from tool.metrics import threshold_range
 from core.palette import IGNORE_INDEX, read_label_png, save_label_png
 
 NUM_CLASSES = VOC.num_classes
-IMAGE_SIZE = 400  # apps.make_dataset draws sides in [0.75, 1.25] x this: 300..500 pixels, as VOC
+IMAGE_SIZE = 400  # data.synthetic draws sides in [0.75, 1.25] x this: 300..500 pixels, as VOC
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,7 +105,7 @@ def _prediction(instances: np.ndarray, gt: np.ndarray, rng: np.random.Generator
 def generate(root: Path, num: int, seed: int) -> list[str]:
     """Write gt/, pred/ (PNG) and cam/ (npz) for ``num`` images under ``root``; return the names.
 
-    The objects and masks are those of apps.make_dataset (1-3 objects of 1-2 classes, 255 on
+    The objects and masks are those of data.synthetic (1-3 objects of 1-2 classes, 255 on
     a band across every boundary); each image's class ids (its six shapes) become distinct VOC
     ids 1..20.
     """

@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from apps.cli import parse_scales, positive_int, run_cli
-from apps.make_dataset import generate
 from apps.report import RESULTS_FILE, cpu_name, write_section
 from core.errors import UserError
 from data.datasets import InferenceDataset
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import DatasetLayout
+from data.synthetic import generate
 from data.transforms import multiscale_inputs
 from network.conformer_CAM import ARCHS
 from tool.predict import DEFAULT_SCALES, MultiScalePredictor, iterate_batches

@@ -6,7 +6,7 @@
         --seg_scales 1.0 --no_write                  # CPU smoke run of the script itself
 
 It generates a VOC-format dataset of ``--num_train`` + ``--num_val`` images of about ``--size``
-pixels (apps/make_dataset.py) and runs ``apps.pipeline`` on it, every stage (the TransCAM
+pixels (data/synthetic.py) and runs ``apps.pipeline`` on it, every stage (the TransCAM
 stage and the CNN CAM ablation included, not the overlays and the upper bound; the val images
 are also the test list) with the
 scripts' published settings except three: random initialisation (no weights are read:
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from apps import pipeline
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, parse_scales, positive_int, run_cli
-from apps.make_dataset import generate_once
 from apps.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
+from data.synthetic import generate_once
 
 # The VOC protocol's sizes and the published schedules the estimate is for.
 VOC = {"train_aug": 10582, "train": 1464, "val": 1449, "test": 1456}

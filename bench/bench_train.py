@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 
 from apps.cli import run_cli
-from apps.make_dataset import generate
 from apps.report import RESULTS_FILE, cpu_name, write_section
 from core.errors import UserError
 from data.images import read_image
+from data.synthetic import generate
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
 from tool.teacher import make_teacher, update_teacher

@@ -50,7 +50,6 @@ import torch
 import torch.nn as nn
 
 from apps.cli import non_negative_int, parse_scales, positive_int, run_cli
-from apps.make_dataset import generate
 from apps.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
 from data.classes import VOC_CLASSES
@@ -58,6 +57,7 @@ from data.datasets import InferenceDataset
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import REPO_ROOT, DatasetLayout
+from data.synthetic import generate
 from network.checkpoint import load_weights
 from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network

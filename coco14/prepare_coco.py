@@ -46,10 +46,8 @@ processes (``--workers``) with a progress bar.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +56,10 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from apps.cli import positive_int
-from core.errors import UserError, ignore_sigint, run_cli
+from core.errors import UserError, run_cli
 from core.fileio import atomic_path, is_temporary, remove_temporaries
 from core.palette import IGNORE_INDEX, save_label_png
+from core.workers import TaskPool, default_workers
 from data.classes import COCO, COCO_CATEGORY_IDS, COCO_CONVENTIONS, CONVENTION_FILE
 from data.labels import ImageLabels, write_list
 from data.layout import DEFAULT_LABEL_FILES, DatasetLayout
@@ -96,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: <coco_root>/SegmentationClass)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits to prepare; labels of other splits already in cls_labels.json are kept")
-    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
-                        help="processes painting masks (1 = paint in this process)")
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
+                        help="processes painting masks (1 = paint in this process; default: the usable CPUs "
+                             "minus one)")
     parser.add_argument("--convention", choices=CONVENTIONS, default=CONVENTIONS[0],
                         help="mask ids: contiguous (0 bg, 1..80 by sorted category id, 81-class evaluation) "
                              "or raw (0 bg, raw category id 1..90, 91-class evaluation)")
@@ -377,10 +377,9 @@ def prepare_mask_dir(mask_dir: Path, record: dict[str, Any], overwrite: bool) ->
         Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def write_masks(tasks: list[MaskTask], pool: Pool | None, desc: str) -> None:
-    """Paint and write the masks of ``tasks`` in ``pool`` (or here when None), showing progress."""
-    results = pool.imap_unordered(_write_mask, tasks, chunksize=16) if pool else map(_write_mask, tasks)
-    for _ in tqdm(results, total=len(tasks), desc=desc, unit="img"):
+def write_masks(tasks: list[MaskTask], pool: TaskPool, desc: str) -> None:
+    """Paint and write the masks of ``tasks`` in ``pool``, showing progress."""
+    for _ in tqdm(pool.map(_write_mask, tasks), total=len(tasks), desc=desc, unit="img"):
         pass
 
 
@@ -412,13 +411,12 @@ def main(args: argparse.Namespace) -> None:
         split_paths(coco_root, split)
     prepare_mask_dir(mask_dir, convention_record(args.convention), args.overwrite)
 
-    # Fork the workers now, while this process is small: forked later, each would share
-    # (and, as its garbage collector touches them, copy) the gigabytes of parsed JSON.
-    # Workers receive each image's own annotations with its task instead (see _write_mask).
-    # They ignore Ctrl-C: the main process stops, and leaving the block terminates them.
+    # The workers are spawned: they share none of the gigabytes of parsed JSON, and receive
+    # each image's own annotations with its task instead (see _write_mask). They ignore
+    # Ctrl-C: the main process stops, and leaving the block waits for the running masks.
     started: set[str] = set()
     try:
-        with Pool(args.workers, initializer=ignore_sigint) if args.workers > 1 else contextlib.nullcontext() as pool:
+        with TaskPool(args.workers if args.workers > 1 else 0) as pool:
             for split in splits:
                 # One split at a time, so only one parsed annotation file is in memory.
                 stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)

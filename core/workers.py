@@ -4,7 +4,10 @@ The dense CRF takes seconds per VOC image on one CPU core while the GPU computes
 image's probabilities in a fraction of that; run one after the other, the CRF sets the pace.
 :class:`TaskPool` runs such tasks in worker processes, keeps a bounded number in flight (so
 memory stays flat however long the list), raises a worker's exception in the main process,
-and with ``workers=0`` runs every task inline (same results, no processes).
+and with ``workers=0`` runs every task inline (same results, no processes). Its :meth:`TaskPool.map`
+returns the tasks' results in order (the evaluation's per-chunk sums, mask painting).
+
+:func:`default_workers` is the one default number of worker processes of the repository.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from core.errors import ignore_sigint
 
@@ -56,6 +59,22 @@ class TaskPool:
             self._pending.popleft().result()
             finished += 1
         return finished
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """Yield ``fn(item)`` for every item, in the order of ``items``, at most ``2 * workers`` in flight.
+
+        A worker's error is raised here; leaving the pool's block then cancels the tasks not started.
+        """
+        if self._pool is None:
+            yield from map(fn, items)
+            return
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(self._pool.submit(fn, item))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def drain(self) -> int:
         """Wait for every queued task (raising the first error)."""

@@ -9,10 +9,15 @@ ids (1..90, ten unused) map to 1..80 in sorted-id order (:data:`COCO`, 81 classe
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from core.errors import UserError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -41,6 +46,8 @@ _COCO = (
 COCO_CATEGORY_IDS = tuple(i for i, _ in _COCO)
 COCO_CLASSES = ("background",) + tuple(n for _, n in _COCO)
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+
+MAX_CLASSES = 255  # ids are stored in uint8 label maps and 255 is the ignore value
 
 # coco14/prepare_coco.py records the id convention of the masks it writes in this file,
 # beside them; evaluation reads it to choose the class set.
@@ -108,3 +115,89 @@ def convention_classes(record: dict) -> ClassSet:
     if known is not None and known.num_classes == record["num_classes"]:
         return ClassSet(tuple(names) if names else known.names, known.unused)
     return ClassSet(tuple(names)) if names else generic(record["num_classes"])
+
+
+def read_mask_convention(gt_dir: str | os.PathLike) -> dict | None:
+    """The id convention recorded beside ground-truth masks, or None when ``gt_dir`` has none.
+
+    ``coco14/prepare_coco.py`` writes ``<mask_dir>/convention.json``; the returned record has
+    at least ``convention`` (str), ``num_classes`` (int, that of the COCO convention of this
+    name) and, when present, ``class_names`` (``num_classes`` names, background first); its
+    class set is :func:`convention_classes`. A damaged file raises :class:`UserError`.
+    """
+    path = Path(gt_dir) / CONVENTION_FILE
+    if not path.is_file():
+        return None
+    redo = ("rewrite it by running coco14.prepare_coco again for this mask folder and convention "
+            "(existing masks are kept)")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read {path} ({err}), which records the class-id convention of the masks "
+                        f"beside it; {redo}") from None
+    ok = (isinstance(record, dict) and isinstance(record.get("convention"), str)
+          and isinstance(record.get("num_classes"), int) and 2 <= record["num_classes"] <= MAX_CLASSES)
+    names = record.get("class_names") if ok else None
+    if ok and names is not None:
+        ok = (isinstance(names, list) and len(names) == record["num_classes"]
+              and all(isinstance(n, str) for n in names))
+    known = COCO_CONVENTIONS.get(record["convention"]) if ok else None
+    if not ok or (known is not None and known.num_classes != record["num_classes"]):
+        counts = ", ".join(f"{c.num_classes} for {n!r}" for n, c in COCO_CONVENTIONS.items())
+        raise UserError(f"{path} is not a mask convention record (expected 'convention', 'num_classes' "
+                        f"between 2 and {MAX_CLASSES} ({counts}) and optionally one class name per class); "
+                        f"{redo}")
+    return record
+
+
+# Where a class set came from (resolve_class_set), in the order in which they decide.
+CLASS_SOURCES = ("mask_convention", "convention", "label_file", "dataset_label_file", "dataset", "count")
+
+
+class ClassSetConflict(UserError):
+    """Two sources of the class set disagree: ``given`` (a source of :data:`CLASS_SOURCES`, or
+    ``"count"``) contradicts ``source``, the one that decides, whose class set is ``classes``."""
+
+    def __init__(self, given: str, source: str, classes: ClassSet):
+        super().__init__(f"the {given.replace('_', ' ')} contradicts the {source.replace('_', ' ')}, which "
+                         f"means {classes.num_classes} classes", about="class_set")
+        self.given, self.source, self.classes = given, source, classes
+
+
+def resolve_class_set(mask_convention: dict | None = None, convention: str | None = None,
+                      label_file: ClassSet | None = None, dataset_label_file: ClassSet | None = None,
+                      dataset: str = "voc", count: int | None = None) -> tuple[ClassSet, str]:
+    """The class set of an evaluation and its source (one of :data:`CLASS_SOURCES`).
+
+    The first source present decides: the convention record beside the masks
+    (:func:`read_mask_convention`), a COCO ``convention`` name, a given label file's classes,
+    the dataset's own label file (the one in its root), else ``dataset`` ("voc" or "coco").
+    A class ``count`` must agree with the deciding set; with the VOC default, another count
+    gives that many classes with generic names (the data defines no names). A ``convention``
+    must agree with the record, a given label file with a convention. A disagreement raises
+    :class:`ClassSetConflict`.
+    """
+    fixed = None
+    if mask_convention is not None:
+        if convention is not None and convention != mask_convention["convention"]:
+            raise ClassSetConflict("convention", "mask_convention", convention_classes(mask_convention))
+        fixed, source = convention_classes(mask_convention), "mask_convention"
+    elif convention is not None:
+        fixed, source = COCO_CONVENTIONS[convention], "convention"
+    if fixed is not None:
+        if count is not None and count != fixed.num_classes:
+            raise ClassSetConflict("count", source, fixed)
+        if label_file is not None and label_file.num_classes != fixed.num_classes:
+            raise ClassSetConflict("label_file", source, fixed)
+        return fixed, source
+    for labels, source in ((label_file, "label_file"), (dataset_label_file, "dataset_label_file")):
+        if labels is not None:
+            if count is not None and count != labels.num_classes:
+                raise ClassSetConflict("count", source, labels)
+            return labels, source
+    classes = DATASET_CLASSES[dataset]
+    if count is None or count == classes.num_classes:
+        return classes, "dataset"
+    if dataset == "coco":
+        raise ClassSetConflict("count", "dataset", classes)
+    return generic(count), "count"

@@ -38,6 +38,9 @@ DEFAULT_INFER_LISTS = {
     "coco": REPO_ROOT / "coco14" / "train.txt",
 }
 DEFAULT_VOC_ROOT = "VOCdevkit/VOC2012"
+# A dataset's own image-level label file, in its root (data/synthetic.py writes one); it names
+# the dataset's classes.
+DATASET_LABEL_FILE = "cls_labels.json"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ class DatasetLayout:
         """The ground-truth folder evaluated as a whole: the first of ``mask_dirs`` that exists
         (VOC: SegmentationClassAug when present, else SegmentationClass)."""
         return next((folder for folder in self.mask_dirs if folder.is_dir()), self.mask_dirs[-1])
+
+    def label_file(self) -> Path | None:
+        """The dataset's own label file, ``<root>/cls_labels.json``, or None when the root has none."""
+        path = self.root / DATASET_LABEL_FILE
+        return path if path.is_file() else None
 
     def annotation_path(self, name: str) -> Path:
         """Path of ``name``'s VOC XML annotation (VOC layout only)."""

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def voc_root(tmp_path_factory) -> Path:
     """A generated dataset in the VOC 2012 layout (JPEGImages, SegmentationClass, ...)."""
-    from apps.make_dataset import generate
+    from data.synthetic import generate
 
     root = tmp_path_factory.mktemp("voc") / "VOC2012"
     generate(root, num_train=12, num_val=6, size=64, seed=0)

@@ -185,3 +185,21 @@ def test_flag_misuse(data: Path) -> None:
     assert not (data / "x.png").exists()
     proc = run("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", "--workers", "0", cwd=data)
     assert proc.returncode == 2 and "argument --workers: must be >= 1, got 0" in proc.stderr
+
+
+def test_class_names_come_from_the_datasets_label_file(voc_root: Path, tmp_path: Path) -> None:
+    """A generated dataset names its six classes in its root's cls_labels.json: the table and the
+    JSON use them, never the VOC names; a class count that contradicts the file is refused."""
+    from data.synthetic import CLASSES
+
+    base = ("--predict_dir", str(voc_root / "SegmentationClassAug"), "--voc12_root", str(voc_root),
+            "--list", str(voc_root / "ImageSets" / "Segmentation" / "val.txt"), "--logfile", "")
+    proc = run(*base, "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "aeroplane" not in proc.stdout and "mIoU = 100.00 on 6 images" in proc.stdout
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:2 + len(CLASSES) + 1]]
+    assert rows == ["background", *CLASSES]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["num_classes"] == 7 and [c["class"] for c in report["result"]["classes"]] == ["background", *CLASSES]
+    assert_user_error(run(*base, "--num_classes", "21", cwd=tmp_path), "--num_classes 21 contradicts",
+                      str(voc_root / "cls_labels.json"), "6 foreground classes")

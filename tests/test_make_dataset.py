@@ -1,4 +1,4 @@
-"""Tests of apps/make_dataset.py: the synthetic dataset in the real VOC folder format."""
+"""Tests of data/synthetic.py and its command apps/make_dataset.py: the synthetic dataset in the real VOC folder format."""
 from __future__ import annotations
 
 import subprocess
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apps.make_dataset import CLASSES, generate
 from core.palette import read_label_png
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import DatasetLayout, labels_from_annotations
+from data.synthetic import CLASSES, generate
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_VAL, SIZE, SEED = 8, 4, 64, 3

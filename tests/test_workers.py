@@ -55,3 +55,18 @@ def test_default_workers_share_the_cpus_among_the_ranks_of_the_machine(monkeypat
     assert default_workers() == 1
     with pytest.raises(ValueError):
         TaskPool(-1)
+
+
+def square(value: int) -> int:
+    """A task returning its result (module level, so a spawned worker can import it)."""
+    if value < 0:
+        raise UserError(f"negative value {value}")
+    return value * value
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_returns_the_results_in_order_and_raises_a_task_error(workers):
+    with pytest.raises(UserError, match="negative value -3"):
+        with TaskPool(workers) as pool:
+            assert list(pool.map(square, range(9))) == [0, 1, 4, 9, 16, 25, 36, 49, 64]
+            list(pool.map(square, [1, -3, 2]))
