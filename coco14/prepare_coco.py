@@ -411,12 +411,15 @@ def main(args: argparse.Namespace) -> None:
         split_paths(coco_root, split)
     prepare_mask_dir(mask_dir, convention_record(args.convention), args.overwrite)
 
-    # The workers are spawned: they share none of the gigabytes of parsed JSON, and receive
-    # each image's own annotations with its task instead (see _write_mask). They ignore
-    # Ctrl-C: the main process stops, and leaving the block waits for the running masks.
+    # Fork the workers now, while this process is small: forked later, each would share
+    # (and, as its garbage collector touches them, copy) the gigabytes of parsed JSON. A first
+    # task starts them all (a pool of forked workers starts every one on its first task).
+    # Workers receive each image's own annotations with its task instead (see _write_mask).
+    # They ignore Ctrl-C: the main process stops, and leaving the block waits for the running masks.
     started: set[str] = set()
     try:
-        with TaskPool(args.workers if args.workers > 1 else 0) as pool:
+        with TaskPool(args.workers if args.workers > 1 else 0, start="fork") as pool:
+            list(pool.map(int, [0]))
             for split in splits:
                 # One split at a time, so only one parsed annotation file is in memory.
                 stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)

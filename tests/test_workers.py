@@ -64,9 +64,9 @@ def square(value: int) -> int:
     return value * value
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_map_returns_the_results_in_order_and_raises_a_task_error(workers):
+@pytest.mark.parametrize("workers, start", [(0, "spawn"), (2, "fork")])  # spawned map: tests/test_coco14.py
+def test_map_returns_the_results_in_order_and_raises_a_task_error(workers, start):
     with pytest.raises(UserError, match="negative value -3"):
-        with TaskPool(workers) as pool:
+        with TaskPool(workers, start) as pool:
             assert list(pool.map(square, range(9))) == [0, 1, 4, 9, 16, 25, 36, 49, 64]
             list(pool.map(square, [1, -3, 2]))

@@ -131,8 +131,9 @@ def _run(job: _Job | _LabelJob, names: Sequence[str], workers: int | None, progr
     workers = min(workers, len(chunks))
     total: list[np.ndarray | None] = [None, None]
     # One worker reads in this process (no pool); on an error (e.g. a UserError from one
-    # file) leaving the pool's block cancels the chunks not yet read.
-    with TaskPool(workers if workers > 1 else 0) as pool, \
+    # file) leaving the pool's block cancels the chunks not yet read. The workers are forked:
+    # the evaluation needs no CUDA and no torch, and forked readers start at once.
+    with TaskPool(workers if workers > 1 else 0, start="fork") as pool, \
             tqdm(total=len(names), desc=desc, unit="img", disable=not progress) as bar:
         for size, result in zip(map(len, chunks), pool.map(work, [(job, chunk) for chunk in chunks])):
             total = [r if t is None else (t if r is None else t + r) for t, r in zip(total, result)]
