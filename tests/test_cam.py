@@ -11,6 +11,7 @@ from data.datasets import collate_inference
 from data.transforms import multiscale_inputs
 from network.conformer import ConformerOutput
 from network.conformer_CAM import Net_tiny
+from tests.helpers import assert_labels_agree_where_clear, assert_maps_close
 from tool.cam import NORM_EPS, fold_views, normalize_maps, present_keys, pseudo_labels
 from tool.crf import crf_refine_labels
 from tool.predict import MultiScalePredictor
@@ -143,8 +144,9 @@ def test_predictor_folds_views_and_normalises():
 
 
 class _PooledInput(nn.Module):
-    """Per-sample maps that depend on the input: channel k = (k + 1) x colour channel k % 3,
-    averaged over 16 x 16 patches. Records whether labels were passed."""
+    """Per-sample maps that depend on the input: channel k = (k + 1) x colour channel k % 3
+    + k / 10 x colour channel (k + 1) % 3 (so that no two channels are proportional, which would tie
+    them after normalisation), averaged over 16 x 16 patches. Records whether labels were passed."""
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -154,7 +156,8 @@ class _PooledInput(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ConformerOutput:
         self.got_labels.append(labels is not None)
         pooled = nn.functional.avg_pool2d(x, 16)
-        maps = torch.stack([(k + 1) * pooled[:, k % 3] for k in range(self.num_classes)], dim=1)
+        maps = torch.stack([(k + 1) * pooled[:, k % 3] + k / 10 * pooled[:, (k + 1) % 3]
+                            for k in range(self.num_classes)], dim=1)
         zeros = torch.zeros(x.shape[0], self.num_classes)
         return ConformerOutput(zeros, zeros, maps, maps, maps)
 
@@ -170,10 +173,12 @@ def test_predictor_batches_and_chunks_like_single_images():
     alone = [MultiScalePredictor(model, "bao", cpu)(_batch([im], [lab], scales))[0] for im, lab in zip(images, labels)]
     for pixels in (1, 3 * 64 * 64, 10 ** 7):  # one input per forward, mixed chunks, everything at once
         batched = MultiScalePredictor(model, "bao", cpu, forward_pixels=pixels)(_batch(images, labels, scales))
-        for (k1, m1), (k2, m2), img in zip(alone, batched, images):
+        for i, ((k1, m1), (k2, m2), img) in enumerate(zip(alone, batched, images)):
             assert torch.equal(k1, k2)
             assert m1.shape == (len(k1),) + img.shape[:2]
-            assert torch.allclose(m1, m2, atol=1e-5)
+            what = f"image {i}, forward_pixels {pixels}"
+            assert_maps_close(m1, m2, 1e-5, what)
+            assert_labels_agree_where_clear(m1, k2[m2.argmax(dim=0)], keys=k1, what=what)
             assert m1.amax() > 0.99  # maps really vary, so the comparison means something
     assert all(model.got_labels)
     model.got_labels.clear()

@@ -273,6 +273,10 @@ class Engine:
         """Train from the current position to the end of the epoch, or until a stop or the step
         limit; returns True when the epoch was completed."""
         epoch = self.pos.epoch
+        if self.pos.step > self.iters_per_epoch:
+            raise UserError(f"the checkpoint's position ({self.where(self.pos)}) lies beyond the end of an epoch "
+                            f"of this run's data ({self.iters_per_epoch} steps): it was written with another list "
+                            "or batch size; resume with those, or start a new run")
         if self.task.start_epoch is not None:
             self.task.start_epoch(epoch)
         self.sampler.set_epoch(epoch)
@@ -282,6 +286,7 @@ class Engine:
         tic = last_log = time.perf_counter()
         logged_at = self.pos.global_step
         announced = False
+        exhausted = False
         # A context manager, so that the bar is closed (its line ended) before an error message.
         with tqdm(total=self.iters_per_epoch, initial=self.pos.step, desc=f"epoch {epoch + 1}/{self.max_epochs}",
                   unit="step", dynamic_ncols=True, disable=not self.rt.is_main) as bar:
@@ -311,7 +316,11 @@ class Engine:
                 self.stopping = values["stop"] > 0
                 if self.stopping or self._max_steps_reached() or self._schedule_done():
                     break
-        finished = self.pos.step == self.iters_per_epoch or self._schedule_done()
+            else:
+                exhausted = True
+        # The epoch ends when its sampler runs out, even short of the position's count: a sampler that
+        # yields fewer batches than len(loader) would otherwise restart the same epoch forever.
+        finished = exhausted or self.pos.step == self.iters_per_epoch or self._schedule_done()
         if finished:
             means = {k: v / steps for k, v in sums.items()}
             self.log.record("epoch", {"epoch": epoch + 1, "steps": steps, **means}, step=self.pos.global_step)
