@@ -302,9 +302,11 @@ class TrainingRun:
         return []
 
     def run(self) -> None:
-        """Write ``args.json`` (a new run), say what runs, and train."""
+        """Write ``args.json`` (a new run, or a resume into a folder without one), say what runs, and train."""
         args = self.args
-        if self.rt.is_main and not args.resume:
+        # Every weight file sits beside the settings that made it: a run resumed from another
+        # folder's checkpoint (--resume PATH) writes its own (the run-defining flags are those of PATH).
+        if self.rt.is_main and (not args.resume or not (Path(args.run_dir) / ARGS_FILE).is_file()):
             write_args_json(args)
         what, details = self.summary()
         self.log.message(f"{what} on {self.rt.device} x{self.rt.world_size} (amp {self.amp or 'off'}): {details}, "
