@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from apps.cli import (add_crf_workers_arg, add_prediction_args, check_threshold, crf_worker_count, dataset_from_args,
-                      run_cli)
+                      prediction_settings_from_run, run_cli)
 from core.errors import UserError
 from core.fileio import unfinished
 from core.palette import save_label_png
@@ -87,15 +87,17 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(args: argparse.Namespace) -> None:
+    taken = prediction_settings_from_run(args)
     outputs = output_dirs(args)
     runtime = setup_distributed(args.device)
     try:
-        _run(args, outputs, runtime)
+        _run(args, outputs, runtime, taken)
     finally:
         cleanup_distributed()
 
 
-def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
+def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, taken: str | None) -> None:
+    """Infer on this rank's share of the list; ``taken`` says which model flags came from the run's args.json."""
     spec = dataset_from_args(args)
     args.infer_list = str(args.infer_list or DEFAULT_INFER_LISTS[args.dataset])
     names = read_list(args.infer_list)
@@ -106,6 +108,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
                                runtime.device, args.refine)
     todo = unfinished({folder: SUFFIX[kind] for kind, folder in outputs.items()}, mine, args.overwrite, barrier)
     if runtime.is_main:
+        if taken:
+            print(taken)
         print(f"weights {args.weights}: {report.summary()}")
         where = ", ".join(f"--{k} {folder}" for k, folder in outputs.items())
         shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_workers_arg, add_dataset_args, add_device_args,
-                      add_segmentation_model_args, crf_worker_count, dataset_from_args, non_negative_int, run_cli)
+                      add_segmentation_model_args, crf_worker_count, dataset_from_args, non_negative_int, run_cli,
+                      segmentation_settings_from_run)
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import unfinished
 from core.workers import TaskPool
@@ -67,9 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True,
                         help="segmentation weights written by train_seg.py (<session>_final.pth, or a run's "
-                             "checkpoint.pth)")
+                             "checkpoint.pth); --model, --backbone and --label_file left out are those of the run "
+                             "that wrote them (its args.json)")
     # No --bn: in eval mode frozen and trained batch norm compute the same, and either's weights load.
-    add_segmentation_model_args(parser, batch_norm=False)
+    add_segmentation_model_args(parser, batch_norm=False, from_run=True)
     parser.add_argument("--infer_list", default=None,
                         help="images to segment (default: voc12/val.txt for voc, coco14/val_labelled.txt for coco: "
                              "the val images with a labelled class, written by coco14.prepare_coco)")
@@ -118,15 +120,17 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(args: argparse.Namespace) -> None:
+    taken = segmentation_settings_from_run(args)
     outputs = output_dirs(args)
     runtime = setup_distributed(args.device)
     try:
-        _run(args, outputs, runtime)
+        _run(args, outputs, runtime, taken)
     finally:
         cleanup_distributed()
 
 
-def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -> None:
+def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, taken: str | None) -> None:
+    """Segment this rank's share of the list; ``taken`` says which model flags came from the run's args.json."""
     spec = dataset_from_args(args)
     args.infer_list = str(args.infer_list or DEFAULT_SCORED_LISTS[args.dataset])
     names = read_list(args.infer_list)
@@ -142,6 +146,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime) -
                     bilateral_srgb=args.crf_bilateral[2], iterations=args.crf_iters)
     todo = unfinished({folder: ".png" for folder in outputs.values()}, mine, args.overwrite, barrier)
     if runtime.is_main:
+        if taken:
+            print(taken)
         print(f"weights {args.weights}: {report.summary()}")
         shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""
         print(f"{len(names)} images in {args.infer_list}{shard}: {len(mine) - len(todo)} already done (skipped), "

@@ -19,31 +19,26 @@ exactly there), and, once all ``--max_iters`` iterations are done, the plain wei
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 
-from apps.cli import (RESUME_HINT, DefaultsHelpFormatter, add_dataset_args, add_segmentation_model_args,
-                      add_training_args, args_dict, changed_on_resume, check_resumable, dataset_from_args,
-                      prepare_training_run, run_cli, run_training, write_args_json)
+from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_segmentation_model_args, add_training_args,
+                      dataset_from_args, run_cli)
 from core.errors import UserError
 from data.datasets import PseudoLabelDataset
 from data.labels import read_list
-from data.layout import REPO_ROOT
 from data.transforms import SegAugment
 from network.deeplab import DEFAULT_BN, build_segmentation_model, head_and_backbone_parameters, load_backbone_weights
-from tool.device import Runtime, amp_dtype, autocast
-from tool.engine import (Engine, Hints, Position, Task, cpu_state, load_checkpoint, make_loader, save_weights,
-                         seed_everything)
+from tool.device import Runtime, autocast
+from tool.engine import Engine, Position, Task
+from tool.runtime import cpu_state, save_weights, seed_everything
 from tool.segmentation import segmentation_loss, set_poly_lr
-from tool.train_log import RunLog
+from tool.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
+                           resolve_train_list, run_training)
 
-DEFAULT_TRAIN_LISTS = {"voc": REPO_ROOT / "voc12" / "train_aug.txt", "coco": REPO_ROOT / "coco14" / "train.txt"}
 # Flags that define the optimisation: a resumed run must keep them.
 RUN_DEFINING = ("model", "backbone", "bn", "batch_size", "max_iters", "wt_dec", "momentum", "head_lr_mult",
                 "poly_power", "crop_size", "scale_range", "flip", "seed", "dataset")
@@ -94,12 +89,8 @@ def validate_args(args: argparse.Namespace) -> None:
     lo, hi = args.scale_range
     if not 0 < lo <= hi:
         raise UserError(f"--scale_range needs 0 < LO <= HI, got {lo} {hi}")
-    for flag in ("lr", "head_lr_mult"):
-        if not getattr(args, flag) > 0 or not math.isfinite(getattr(args, flag)):
-            raise UserError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
-    for flag in ("wt_dec", "poly_power"):
-        if not getattr(args, flag) >= 0 or not math.isfinite(getattr(args, flag)):
-            raise UserError(f"--{flag} must be zero or positive, got {getattr(args, flag)}")
+    require_positive(args, "lr", "head_lr_mult")
+    require_non_negative(args, "wt_dec", "poly_power")
     if not 0.0 <= args.momentum < 1.0:
         raise UserError(f"--momentum must lie in [0, 1), got {args.momentum}")
     if args.from_scratch and args.bn == "frozen":
@@ -109,45 +100,33 @@ def validate_args(args: argparse.Namespace) -> None:
                         "were learnt (--backbone_weights)")
     args.bn = args.bn or ("train" if args.from_scratch else DEFAULT_BN[args.model])
     args.session_name = args.session_name or args.model
-    args.train_list = str(args.train_list or DEFAULT_TRAIN_LISTS[args.dataset])
-    if not Path(args.train_list).is_file():
-        raise UserError(f"train list not found: {args.train_list}; pass --train_list")
-    new_run = prepare_training_run(args, int(os.environ.get("WORLD_SIZE", "1")), weights_flag="backbone_weights")
-    if new_run and not args.backbone_weights and not args.from_scratch:
-        raise UserError("give --backbone_weights (ImageNet weights of the backbone) or, to train from random "
-                        "initialisation, --from_scratch")
+    resolve_train_list(args)
+    prepare_training_run(args, "backbone_weights", "ImageNet weights of the backbone")
 
 
-class SegTraining:
+class SegTraining(TrainingRun):
     """One rank of a segmentation training run: data, model, SGD with the poly schedule, and the
     step the engine runs."""
 
+    run_defining = RUN_DEFINING
+    adjustable = ADJUSTABLE_ON_RESUME
+
     def __init__(self, args: argparse.Namespace, rt: Runtime):
-        self.args, self.rt = args, rt
-        self.amp = amp_dtype(args.amp, rt.device)
-        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        super().__init__(args, rt)
         spec = dataset_from_args(args)
         names = read_list(args.train_list)
-        self.data_id = {"num_images": len(names), "num_classes": spec.num_classes,
-                        "names_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()}
-        if checkpoint is not None:
-            check_resumable(checkpoint, args, RUN_DEFINING, self.data_id)
+        self.identify_data(names, spec.num_classes)
         # Checks every image and label map (presence, mode, size) before anything is built.
         self.dataset = PseudoLabelDataset(
             spec.layout, names, args.label_dir, spec.num_classes,
             SegAugment(args.crop_size, tuple(args.scale_range), args.flip), seed=args.seed, source=args.train_list)
-        per_rank_batch = args.batch_size // rt.world_size
-        loader, sampler = make_loader(self.dataset, default_collate, rt, per_rank_batch, args.num_workers, args.seed)
-        if len(loader) == 0:
-            raise UserError(f"{args.train_list} has {len(names)} images, fewer than one batch per process "
-                            f"({per_rank_batch}); lower --batch_size")
+        loader, sampler = self.make_loader(self.dataset, len(names))
 
         seed_everything(args.seed)
         self.model = build_segmentation_model(args.model, args.backbone, spec.num_classes, args.bn)
-        report = None
-        if checkpoint is None and args.backbone_weights:
-            report = load_backbone_weights(self.model, args.backbone_weights, args.backbone)
-        self.log = RunLog(args.run_dir, args.tblog_dir, enabled=rt.is_main)
+        report = (load_backbone_weights(self.model, args.backbone_weights, args.backbone)
+                  if self.checkpoint is None and args.backbone_weights else None)
+        self.open_log()
         if report is not None:
             self.log.message(f"backbone weights {args.backbone_weights}: {report.summary()}")
         self.model.to(rt.device).train()
@@ -157,28 +136,10 @@ class SegTraining:
                                      {"params": head, "lr": self.base_lrs[1]}],
                                     lr=args.lr, momentum=args.momentum, weight_decay=args.wt_dec)
         task = Task(model=self.model, optimizer=optimizer, step=self._step, modules={"model": self.model},
-                    before_step=self._schedule, save_epoch=self._save_final, start_epoch=self.dataset.set_epoch,
-                    checkpoint_meta={"args": args_dict(args), "data": self.data_id})
-        epochs = math.ceil(args.max_iters / len(loader))
-        self.engine = Engine(task, rt, args.run_dir, self.log, loader, sampler, args.batch_size, epochs,
-                             args.max_steps, args.log_every, self.amp, self._hints(per_rank_batch), args.debug_fault,
-                             total_steps=args.max_iters)
-        if checkpoint is not None:
-            self.engine.restore(checkpoint, args.resume, args.seed)
-            adjusted = changed_on_resume(checkpoint, args, ADJUSTABLE_ON_RESUME)
-            if adjusted:
-                self.log.message(f"changed on resume: {adjusted}")
-            self.log.record("resume", {"checkpoint": args.resume, "iter": self.engine.pos.global_step,
-                                       "args": args_dict(args)}, step=self.engine.pos.global_step)
-        else:
-            seed_everything(args.seed + rt.rank)
-
-    def _hints(self, per_rank_batch: int) -> Hints:
-        args = self.args
-        oom = (f" at --batch_size {args.batch_size} (per process {per_rank_batch}) and --crop_size "
-               f"{args.crop_size}: start a new run with a lower --batch_size or --crop_size"
-               + (", or use --amp bf16" if self.rt.device.type == "cuda" and self.amp is None else ""))
-        return Hints(resume=RESUME_HINT, out_of_memory=oom, non_finite="lower --lr")
+                    before_step=self._schedule, save_epoch=self._save_final, start_epoch=self.dataset.set_epoch)
+        self.start_engine(task, loader, sampler, math.ceil(args.max_iters / len(loader)),
+                          out_of_memory="start a new run with a lower --batch_size or --crop_size",
+                          non_finite="lower --lr", total_steps=args.max_iters)
 
     def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["img"].to(self.rt.device, non_blocking=True)
@@ -201,16 +162,11 @@ class SegTraining:
             save_weights(Path(self.args.run_dir) / name, cpu_state(self.model))
         return [name]
 
-    def run(self) -> None:
+    def summary(self) -> tuple[str, str]:
         args = self.args
-        if self.rt.is_main and not args.resume:
-            write_args_json(args)
-        self.log.message(
-            f"segmentation training ({args.model}, {args.backbone}, batch norm {args.bn}) on {self.rt.device} "
-            f"x{self.rt.world_size} (amp {self.amp or 'off'}): {len(self.dataset)} images with labels from "
-            f"{args.label_dir}, {args.max_iters} iterations ({self.engine.iters_per_epoch} per epoch), run "
-            f"directory {args.run_dir}")
-        self.engine.run()
+        return (f"segmentation training ({args.model}, {args.backbone}, batch norm {args.bn})",
+                f"{len(self.dataset)} images with labels from {args.label_dir}, {args.max_iters} iterations "
+                f"({self.engine.iters_per_epoch} per epoch)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.cli import add_prediction_args, check_threshold, dataset_from_args, positive_int, run_cli
+from apps.cli import (add_prediction_args, check_threshold, dataset_from_args, positive_int,
+                      prediction_settings_from_run, run_cli)
 from core.errors import UserError
 from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask
@@ -68,6 +69,9 @@ def _file_part(class_name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    taken = prediction_settings_from_run(args)
+    if taken:
+        print(taken)
     check_threshold(args)
     device = resolve_device(args.device)
     amp = amp_dtype(args.amp, device)

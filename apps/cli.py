@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from core.errors import UserError
 from core.errors import run_cli as run_with_hints
 from core.workers import default_workers
 from data.layout import DEFAULT_LABEL_FILES, DEFAULT_VOC_ROOT, DatasetLayout, DatasetSpec, load_dataset
+
+DEFAULT_ARCH = "sm"
+DEFAULT_SEG_MODEL = "deeplabv2"
+DEFAULT_BACKBONE = "resnet101"
 
 # What the library's errors are about -> the flags that fix them (core.errors.UserError.about).
 FLAG_HINTS = {
@@ -198,16 +201,26 @@ def _with_root_flag(err: UserError, flag: str, hint: str = "") -> UserError:
 
 
 def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, weights_help: str,
-                   weights_required: bool) -> None:
-    """``--weights``, ``--network`` and ``--arch``."""
+                   weights_required: bool, from_run: bool = False) -> None:
+    """``--weights``, ``--network`` and ``--arch``.
+
+    ``from_run``: the model flags default to None, for :func:`settings_from_run` to fill them
+    from the run that wrote ``--weights`` (else with the defaults the help states).
+    """
     from network.factory import DEFAULT_NETWORK
 
     parser.add_argument("--weights", required=weights_required, default=None, help=weights_help)
-    parser.add_argument("--network", default=DEFAULT_NETWORK,
-                        help=f"module with the ARCHS table of model builders (default: {DEFAULT_NETWORK})")
-    parser.add_argument("--arch", default="sm",
+    parser.add_argument("--network", default=None if from_run else DEFAULT_NETWORK,
+                        help="module with the ARCHS table of model builders (default: "
+                             f"{_run_or(from_run)}{DEFAULT_NETWORK})")
+    parser.add_argument("--arch", default=None if from_run else DEFAULT_ARCH,
                         help="model size: sm (all published weights), ti, bs, or tiny (tests and the demo) "
-                             "(default: sm)")
+                             f"(default: {_run_or(from_run)}{DEFAULT_ARCH})")
+
+
+def _run_or(from_run: bool) -> str:
+    """The start of a default's help when :func:`settings_from_run` may take it from the training run."""
+    return "that of the training run, from the args.json beside --weights, else " if from_run else ""
 
 
 def check_arch(args: argparse.Namespace) -> None:
@@ -219,17 +232,35 @@ def check_arch(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --arch {args.arch!r} for {args.network}; choose one of {', '.join(choices)}")
 
 
-def add_refine_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--refine``: how the TransCAM CAMs and the BAO activation map are refined (a model option)."""
+def add_refine_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, from_run: bool = False) -> None:
+    """``--refine``: how the TransCAM CAMs and the BAO activation map are refined (a model option);
+    ``from_run`` as in :func:`add_model_args`."""
     from network.conformer import REFINE_MODES
 
-    parser.add_argument("--refine", choices=REFINE_MODES, default=REFINE_MODES[0],
+    parser.add_argument("--refine", choices=REFINE_MODES, default=None if from_run else REFINE_MODES[0],
                         help="attention: the TransCAM CAMs and the BAO activation map are refined by the "
                              "transformer's attention, refine(M)[i] = sum_j A[i,j] M[:,j] (published); none: "
                              "refine(M) = M, both maps straight from their heads, an ablation for attention "
                              "that does not localise (e.g. a model trained from scratch on few images). The "
                              "weights are the same either way; a training run records it and keeps it on "
-                             "resume (default: attention)")
+                             "resume (default: " + _run_or(from_run) + REFINE_MODES[0] + ")")
+
+
+def add_validation_args(parser: argparse.ArgumentParser) -> None:
+    """``--val_list``, ``--val_every``, ``--val_scales``: scoring the pseudo-labels between epochs."""
+    parser.add_argument("--val_list", default=None,
+                        help="images whose pseudo-labels are scored against their ground-truth masks every "
+                             "--val_every epochs (published flag, declared there but never used; default: "
+                             "voc12/val.txt for voc, coco14/val.txt for coco)")
+    parser.add_argument("--val_every", type=non_negative_int, default=0,
+                        help="every this many epochs, score on --val_list the teacher's threshold-free "
+                             "pseudo-labels (bao) or the CAMs at their best background score (transcam, which "
+                             "has no background map) and log the mIoU to log.jsonl and TensorBoard; images "
+                             "without a mask are left out, and without any mask nothing is validated. 0: never, "
+                             "as the published loop (default: %(default)s)")
+    parser.add_argument("--val_scales", type=parse_scales, default=None,
+                        help="input sides of the validation, comma-separated multiples of 16, each also run "
+                             "flipped (default: one scale, --crop_size; 256,512,768 = the inference scales)")
 
 
 def add_crf_workers_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -267,14 +298,15 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MAP_KINDS
 
     group = parser.add_argument_group("model and multi-scale inference")
-    add_model_args(group, weights_required=True,
+    add_model_args(group, weights_required=True, from_run=True,
                    weights_help="checkpoint: BAO weights from train_bao.py (--method bao) or TransCAM weights "
-                                "(--method transcam, cnn); plain state_dicts and {'model': ...} wrappers are read")
+                                "(--method transcam, cnn); plain state_dicts and {'model': ...} wrappers are read; "
+                                "the model flags left out are those of the run that wrote them (its args.json)")
     group.add_argument("--method", default="bao", choices=MAP_KINDS,
                        help="bao: learned background map + TransCAM foreground maps (threshold-free); "
                             "transcam: foreground CAMs only, for threshold sweeps; cnn: the CNN branch's "
                             "CAMs before attention refinement (ablation), foreground only (default: bao)")
-    add_refine_arg(group)
+    add_refine_arg(group, from_run=True)
     group.add_argument("--scales", type=parse_scales, default=DEFAULT_SCALES,
                        help="square input sides, comma-separated multiples of 16; each is also run "
                             f"flipped (default: {','.join(map(str, DEFAULT_SCALES))})")
@@ -327,45 +359,6 @@ def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epoch
     add_device_args(parser)
 
 
-RESUME_HINT = "continue with the same command and --resume auto"
-
-
-def prepare_training_run(args: argparse.Namespace, world_size: int, weights_flag: str = "weights") -> bool:
-    """Check the shared training flags and settle the run directory; returns True for a new run.
-
-    Sets ``args.run_dir``, ``args.tblog_dir``, ``args.resume`` (a checkpoint path or None) and
-    parses ``args.debug_fault``. Refuses to start a new run over an existing one, and starting
-    weights (the flag ``weights_flag``) given together with ``--from_scratch``.
-    """
-    from network.checkpoint import require_file
-    from tool.engine import parse_fault
-
-    if args.batch_size % world_size:
-        raise UserError(f"--batch_size {args.batch_size} is the global batch and must be divisible by the "
-                        f"{world_size} processes")
-    try:
-        args.debug_fault = parse_fault(args.debug_fault)
-    except ValueError as err:
-        raise UserError(f"--debug_fault: {err}") from None
-    weights = getattr(args, weights_flag)
-    if weights and args.from_scratch:
-        raise UserError(f"--{weights_flag} and --from_scratch contradict each other; give one of them")
-    run_dir = Path(args.save_dir) / args.session_name
-    args.run_dir = str(run_dir)
-    args.tblog_dir = str(args.tblog_dir or run_dir / "tb")
-    own_checkpoint = run_dir / "checkpoint.pth"
-    if args.resume == "auto":
-        args.resume = str(own_checkpoint) if own_checkpoint.is_file() else None
-    elif args.resume is not None:
-        require_file(args.resume, "checkpoint to resume")
-    if args.resume is None and own_checkpoint.is_file():
-        raise UserError(f"{run_dir} already holds a run ({own_checkpoint}); continue it with --resume auto, "
-                        "or choose another --session_name or --save_dir")
-    if weights:
-        require_file(weights, "weights file")
-    return args.resume is None
-
-
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: ...)`` to a flag's help unless the help states its default already
     (as the shared help texts here do) or there is none to show (None, False, '')."""
@@ -391,17 +384,19 @@ def voc_layout_from_args(args: argparse.Namespace, hint: str = "") -> DatasetLay
 
 
 def add_segmentation_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                                batch_norm: bool = True) -> None:
-    """``--model``, ``--backbone`` and (for training, ``batch_norm``) ``--bn`` of the segmentation stage."""
+                                batch_norm: bool = True, from_run: bool = False) -> None:
+    """``--model``, ``--backbone`` and (for training, ``batch_norm``) ``--bn`` of the segmentation stage;
+    ``from_run`` as in :func:`add_model_args`."""
     from network.deeplab import BACKBONES, BN_MODES, DEFAULT_BN, MODELS
 
-    parser.add_argument("--model", choices=sorted(MODELS), default="deeplabv2",
+    parser.add_argument("--model", choices=sorted(MODELS), default=None if from_run else DEFAULT_SEG_MODEL,
                         help="deeplabv2: ResNet-101 at output stride 8 with DeepLab-V2's ASPP (dilations "
                              "6/12/18/24, summed), what most WSSS papers report; deeplabv3: torchvision's "
-                             "DeepLab-V3 (default: deeplabv2)")
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet101",
+                             f"DeepLab-V3 (default: {_run_or(from_run)}{DEFAULT_SEG_MODEL})")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default=None if from_run else DEFAULT_BACKBONE,
                         help="resnet101 (ImageNet weights in torchvision's layout load into it) or tiny (a "
-                             "small network for tests and the CPU demo) (default: resnet101)")
+                             f"small network for tests and the CPU demo) (default: {_run_or(from_run)}"
+                             f"{DEFAULT_BACKBONE})")
     if not batch_norm:
         return
     recipe = ", ".join(f"{m} {bn}" for m, bn in DEFAULT_BN.items())
@@ -411,70 +406,37 @@ def add_segmentation_model_args(parser: argparse.ArgumentParser | argparse._Argu
                              "--from_scratch)")
 
 
+def settings_from_run(args: argparse.Namespace, defaults: dict[str, object]) -> str | None:
+    """Fill the model flags the command line left out (None) from the ``args.json`` of the
+    training run that wrote ``--weights``, else with ``defaults`` (flag name -> its default).
 
-def args_dict(args: argparse.Namespace) -> dict:
-    """The parsed flags as a JSON-able dict (tuples as lists): ``args.json`` and the checkpoint's settings."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
-def write_args_json(args: argparse.Namespace) -> None:
-    """Write ``<run_dir>/args.json`` (sorted keys) atomically."""
-    import json
-
-    from core.fileio import atomic_write
-
-    text = json.dumps(args_dict(args), indent=2, sort_keys=True) + "\n"
-    atomic_write(Path(args.run_dir) / "args.json", lambda tmp: Path(tmp).write_text(text))
-
-
-def check_resumable(checkpoint: dict, args: argparse.Namespace, run_defining: tuple[str, ...],
-                    data_id: dict) -> None:
-    """Refuse to resume ``checkpoint`` (``--resume``) with other run-defining flags or other data.
-
-    ``data_id`` identifies this run's list and label file (``num_images``, ``num_classes``, ...).
+    A flag given on the command line wins. Returns the line to print naming what was taken from
+    where, or None when nothing was.
     """
-    from tool.engine import changed_settings
+    from tool.trainrun import read_run_args
 
-    saved = checkpoint["args"]
-    changed = changed_settings(saved, vars(args), run_defining)
-    if changed:
-        detail = "; ".join(f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in changed)
-        raise UserError(f"{args.resume} was trained with other settings: {detail}. A resumed run must keep them; "
-                        "pass the original values or start a new --session_name")
-    if checkpoint["data"] != data_id:
-        raise UserError(f"{args.resume} was trained on another image list or label file "
-                        f"({checkpoint['data']['num_images']} images, {checkpoint['data']['num_classes']} classes); "
-                        "resume with the original --train_list and --label_file")
-
-
-def changed_on_resume(checkpoint: dict, args: argparse.Namespace, adjustable: tuple[str, ...]) -> str | None:
-    """``"--lr 0.1 -> 0.05; ..."`` for the ``adjustable`` flags a resumed run changed, or None."""
-    saved = checkpoint["args"]
-    adjusted = [f"--{k} {saved.get(k)} -> {getattr(args, k)}" for k in adjustable if saved.get(k) != getattr(args, k)]
-    return "; ".join(adjusted) or None
+    found = read_run_args(args.weights)
+    taken = []
+    for key, default in defaults.items():
+        if getattr(args, key) is not None:
+            continue
+        value = found[1].get(key) if found else None
+        setattr(args, key, default if value is None else value)
+        if value is not None:
+            taken.append(f"--{key} {value}")
+    return f"model settings from {found[0]} (the run that wrote --weights): {', '.join(taken)}" if taken else None
 
 
-def run_training(build, args: argparse.Namespace) -> None:
-    """Run a training script's ``build(args, runtime).run()`` under ``torchrun`` or alone.
+def prediction_settings_from_run(args: argparse.Namespace) -> str | None:
+    """:func:`settings_from_run` for the flags of :func:`add_prediction_args` that define the model
+    (``--network``, ``--arch``, ``--refine``, ``--label_file``)."""
+    from network.conformer import REFINE_MODES
+    from network.factory import DEFAULT_NETWORK
 
-    ``build`` returns an object with ``run()``, ``log`` (:class:`tool.train_log.RunLog`) and
-    ``engine``; a user error during training is recorded in the run's log before it ends the
-    script, and the log is closed and the process group left whatever happens.
-    """
-    from tool.device import barrier, cleanup_distributed, setup_distributed
+    return settings_from_run(args, {"network": DEFAULT_NETWORK, "arch": DEFAULT_ARCH, "refine": REFINE_MODES[0],
+                                    "label_file": None})
 
-    rt = setup_distributed(args.device)
-    try:
-        training = build(args, rt)
-        try:
-            training.run()
-        except UserError as err:
-            training.log.record("error", {"message": str(err)}, step=training.engine.pos.global_step)
-            raise
-        finally:
-            training.log.close()
-        # Leave together: a rank tearing the process group down while another still writes its
-        # files and logs made gloo abort the early rank at exit ("terminate called ...").
-        barrier()
-    finally:
-        cleanup_distributed()
+
+def segmentation_settings_from_run(args: argparse.Namespace) -> str | None:
+    """:func:`settings_from_run` for ``--model``, ``--backbone`` and ``--label_file`` of infer_seg.py."""
+    return settings_from_run(args, {"model": DEFAULT_SEG_MODEL, "backbone": DEFAULT_BACKBONE, "label_file": None})

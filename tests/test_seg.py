@@ -21,7 +21,7 @@ from data.transforms import scaled_input
 from network.deeplab import (ASPP_V2_DILATIONS, build_segmentation_model, head_and_backbone_parameters,
                              load_backbone_weights, load_segmentation_weights)
 from tests.helpers import assert_refused, call_main, run_cli
-from tool.engine import state_digest
+from tool.runtime import state_digest
 from tool.segmentation import VOC_SERVER_DIR, multiscale_probs, poly_lr, segmentation_loss, set_poly_lr
 
 
@@ -235,17 +235,19 @@ def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, 
     assert changed.returncode == 2 and "--crop_size 48 (now 64)" in changed.stderr
 
 
-def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_path):
+def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_path, capsys):
     ok = run_cli(*_train(voc_root, tmp_path, "m"))
     assert ok.returncode == 0, ok.stderr
     names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
     out = {k: tmp_path / k for k in ("pred", "crf", "server")}
-    infer = ["infer_seg.py", *_data(voc_root), "--weights", str(tmp_path / "m" / "m_final.pth"), "--backbone", "tiny",
-             "--infer_list", str(voc_root / "ImageSets/Segmentation/val.txt"), "--scales", "0.5,1.0",
+    # No --backbone: infer_seg.py takes tiny (and --model) from the run's args.json beside the weights.
+    infer = ["infer_seg.py", *_data(voc_root), "--weights", str(tmp_path / "m" / "m_final.pth"), "--infer_list", str(voc_root / "ImageSets/Segmentation/val.txt"), "--scales", "0.5,1.0",
              "--num_workers", "0", "--out_pred", str(out["pred"]), "--out_crf", str(out["crf"]),
              "--out_server", str(out["server"]), "--server_labels", "pred"]
     done = run_cli(*infer)
     assert done.returncode == 0, done.stderr
+    assert (f"model settings from {tmp_path / 'm' / 'args.json'} (the run that wrote --weights): "
+            "--model deeplabv2, --backbone tiny\n") in done.stdout
     for name in names:
         size = Image.open(voc_root / "JPEGImages" / f"{name}.jpg").size
         for kind in ("pred", "crf"):
@@ -261,6 +263,18 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
     inline = run_cli(*infer[:infer.index("--out_pred")], "--out_crf", str(tmp_path / "inline"), "--crf_workers", "0")
     assert inline.returncode == 0, inline.stderr
     assert all((tmp_path / "inline" / f"{n}.png").read_bytes() == (out["crf"] / f"{n}.png").read_bytes()
+               for n in names)
+    # Given flags win over the args.json beside the weights: the same labels as from the run's own settings.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(tmp_path / "m" / "m_final.pth", other / "m_final.pth")
+    (other / "args.json").write_text(json.dumps({"model": "deeplabv3", "backbone": "resnet101"}))
+    code, stdout, err = call_main("infer_seg", [*infer[1:infer.index("--out_pred")], "--weights",
+                                                str(other / "m_final.pth"), "--model", "deeplabv2", "--backbone",
+                                                "tiny", "--out_pred", str(tmp_path / "explicit")], capsys)
+    assert code == 0, err
+    assert "model settings from" not in stdout
+    assert all((tmp_path / "explicit" / f"{n}.png").read_bytes() == (out["pred"] / f"{n}.png").read_bytes()
                for n in names)
     evaluated = run_cli("evaluation_bao.py", "--predict_dir", str(out["crf"]), "--gt_dir",
                         str(voc_root / "SegmentationClass"), "--list", str(voc_root / "ImageSets/Segmentation/val.txt"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from network.checkpoint import load_weights
 from network.conformer_CAM import Net_tiny
 from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
-from tool.engine import ResumableSampler, state_digest
+from tool.runtime import ResumableSampler, state_digest
 
 
 def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -289,6 +290,34 @@ def test_validation_logs_val_miou_and_leaves_training_unchanged(full_run, voc_ro
     assert code == 0, err
     # (the training model is not channels_last as inference's is: allow a rounding-flipped pixel)
     assert vals[1]["miou"] == pytest.approx(json.loads((tmp_path / "e.json").read_text())["result"]["miou"], abs=1e-3)
+
+
+def test_inference_takes_the_model_settings_of_the_run_beside_the_weights(full_run, voc_root, tmp_path, capsys):
+    """infer_bao.py without --arch/--refine/--network reads them from the args.json beside --weights
+    (full_run trained --arch tiny); flags given on the command line win over that file."""
+    names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()[:2]
+    listed = tmp_path / "two.txt"
+    listed.write_text("\n".join(names) + "\n")
+    common = ["--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"), "--scales", "64",
+              "--num_workers", "0", "--device", "cpu", "--infer_list", str(listed)]
+    weights = "bao_1epochs_modelt.pth"
+    code, out, err = call_main("infer_bao", [*common, "--weights", str(full_run / weights),
+                                             "--out_pred", str(tmp_path / "from_run")], capsys)
+    assert code == 0, err
+    assert (f"model settings from {full_run / 'args.json'} (the run that wrote --weights): "
+            "--network network.conformer_CAM, --arch tiny, --refine attention\n") in out
+    # The same weights beside an args.json naming other settings: the flags given are used, not the file's.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(full_run / weights, other / weights)
+    (other / "args.json").write_text(json.dumps({"arch": "bs", "refine": "none", "network": "no.such.module"}))
+    code, out, err = call_main("infer_bao", [*common, "--weights", str(other / weights), "--arch", "tiny",
+                                             "--refine", "attention", "--network", "network.conformer_CAM",
+                                             "--out_pred", str(tmp_path / "explicit")], capsys)
+    assert code == 0, err
+    assert "model settings from" not in out
+    for name in names:
+        assert (tmp_path / "explicit" / f"{name}.png").read_bytes() == (tmp_path / "from_run" / f"{name}.png").read_bytes()
 
 
 def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_weights, tmp_path):

@@ -5,7 +5,7 @@ A script builds its model, data and optimizer, then hands the engine a *step fun
 The engine owns what every training run needs and what is easy to get wrong:
 
 - the loop over epochs and steps, with a sampler that resumes mid-epoch on exactly the
-  batches an uninterrupted run would have seen next (:class:`ResumableSampler`);
+  batches an uninterrupted run would have seen next (:class:`tool.runtime.ResumableSampler`);
 - DistributedDataParallel when launched by ``torchrun`` (losses averaged over ranks,
   buffers broadcast from rank 0, a final check that every rank holds the same weights);
 - mixed precision (a gradient scaler for fp16);
@@ -16,39 +16,38 @@ The engine owns what every training run needs and what is easy to get wrong:
   rank), written atomically at every epoch end and at every stop;
 - logging: text, JSON lines, TensorBoard and a tqdm bar (:class:`tool.train_log.RunLog`).
 
+The sampler, the random state, the checkpoint and weight files and the collectives it uses
+live in :mod:`tool.runtime`; what a training script does around the loop (the run directory,
+resume checks, messages) in :mod:`tool.trainrun`.
+
 The engine speaks of no flag and no dataset: what a message should advise comes from the
 script, in :class:`Hints`.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core.errors import UserError, quiet_loader_worker
-from core.fileio import atomic_path
-from data.datasets import CollateOrError, ErrorsAsItems, raise_batch_error
-from network.checkpoint import safe_load
+from core.errors import UserError
+from data.datasets import raise_batch_error
 from tool.device import Runtime, barrier
+from tool.runtime import (broadcast_buffers, cpu_state, gather_objects, rng_state, save_checkpoint, seed_everything,
+                          set_rng_state, state_digest)
 from tool.train_log import RunLog
 
-CHECKPOINT_FORMAT = "bao-train-checkpoint"
-CHECKPOINT_VERSION = 1
 FAULTS = ("nan", "oom")
+
 
 @dataclass
 class Position:
@@ -152,7 +151,7 @@ class Engine:
         run_dir: the run directory (``checkpoint.pth`` lives there).
         log: the run's log (disabled on ranks other than 0).
         loader: the training batches, drawn by ``sampler``.
-        sampler: the :class:`ResumableSampler` of ``loader``.
+        sampler: the :class:`tool.runtime.ResumableSampler` of ``loader``.
         global_batch: images per step over all ranks (for throughput).
         max_epochs: epochs of the run.
         max_steps: stop after this many steps in total (a resumable stop), or None.
@@ -190,7 +189,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- resume
     def restore(self, checkpoint: dict[str, Any], source: str, seed: int) -> None:
-        """Continue from a checkpoint of :meth:`save_checkpoint` (read with :func:`load_checkpoint`);
+        """Continue from a checkpoint of :meth:`save_checkpoint` (read with :func:`tool.runtime.load_checkpoint`);
         ``seed`` reseeds the ranks when the checkpoint was written by another number of processes."""
         for name, module in self.task.modules.items():
             module.load_state_dict(checkpoint[name])
@@ -406,23 +405,6 @@ class Engine:
             self.log.message("warning: the processes ended with different weights; only rank 0's are saved")
 
 
-def make_loader(dataset, collate, rt: Runtime, per_rank_batch: int, num_workers: int,
-                seed: int) -> tuple[DataLoader, ResumableSampler]:
-    """The training DataLoader of one rank and its :class:`ResumableSampler`.
-
-    A sample that fails to load (a corrupt image) reaches the loop as an error item, i.e. one
-    clear message rather than a worker's traceback (:class:`data.datasets.ErrorsAsItems`);
-    workers ignore Ctrl-C so that the main process can finish its step and save; the loader
-    has its own generator, so creating iterators does not consume the global torch RNG.
-    """
-    sampler = ResumableSampler(dataset, rt.world_size, rt.rank, seed)
-    loader = DataLoader(ErrorsAsItems(dataset), collate_fn=CollateOrError(collate), batch_size=per_rank_batch,
-                        sampler=sampler, num_workers=num_workers, pin_memory=rt.device.type == "cuda",
-                        drop_last=True, worker_init_fn=quiet_loader_worker,
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
-
-
 def is_out_of_memory(err: BaseException) -> bool:
     """True for a device or host allocation failure."""
     if isinstance(err, torch.OutOfMemoryError):
@@ -439,140 +421,3 @@ def parse_fault(text: str | None) -> tuple[str, int] | None:
     if kind not in FAULTS or not step.isdigit() or int(step) < 1:
         raise ValueError(f"expected KIND:STEP with KIND in {', '.join(FAULTS)} and STEP >= 1, got {text!r}")
     return kind, int(step)
-
-
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    """The ``keys`` whose value differs between a checkpoint's settings and this run's."""
-    return [k for k in keys if saved.get(k) != current.get(k)]
-
-
-class ResumableSampler(DistributedSampler):
-    """:class:`DistributedSampler` (shuffled with ``seed`` and the epoch, sharded over
-    ranks) that can skip the first samples of an epoch, to resume mid-epoch on exactly
-    the batches an uninterrupted run would have seen next. Also used with one process.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        """Skip the first ``start`` samples of this rank's share of the current epoch."""
-        if not 0 <= start <= self.num_samples:
-            raise ValueError(f"start {start} outside 0..{self.num_samples}")
-        self.start = int(start)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random-number state (torch CPU and CUDA, numpy, python), in a form
-    that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (the previous one stays until the new one
-    is complete)."""
-    full = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(full, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (safely: ``weights_only=True``)."""
-    state = safe_load(path, "checkpoint to resume")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(
-            f"{path} is not a resumable checkpoint of a training run (plain weights such as *_modelt.pth "
-            "cannot be resumed; start a new run from them)", about="plain_weights")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint version {state.get('version')}; this code reads version "
-                        f"{CHECKPOINT_VERSION}")
-    return state
-
-
-def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write a plain state_dict (the published ``.pth`` layout) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(state_dict, tmp)
-
-
-def cpu_state(module: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module.state_dict()`` without keys starting with ``exclude``."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
-            if not k.startswith(exclude)}
-
-
-def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Give every rank the buffers of rank ``src`` (one broadcast per dtype).
-
-    DDP keeps the gradients, hence the parameters, identical on all ranks, but batch-norm
-    running statistics are updated from each rank's own batch; this makes them equal too.
-    No-op outside distributed mode.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for buf in module.buffers():
-        by_dtype.setdefault(buf.dtype, []).append(buf)
-    for bufs in by_dtype.values():
-        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
-        dist.broadcast(flat, src)
-        offset = 0
-        with torch.no_grad():
-            for b in bufs:
-                n = b.numel()
-                b.copy_(flat[offset:offset + n].view_as(b))
-                offset += n
-
-
-def state_digest(module: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` with one process)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out

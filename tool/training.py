@@ -7,10 +7,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from core.errors import UserError
+from data.labels import ImageLabels
+from network.checkpoint import BAO_HEADS
 from tool.device import autocast
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
 
 STAGES = ("bao", "transcam")  # the trainable stages; each has its loss function below
+
+
+def labelled_names(names: list[str], labels: ImageLabels, source: str) -> tuple[list[str], int]:
+    """Drop the names whose image-level label is empty; return the kept names and how many were dropped.
+
+    An image without any foreground class gives the multi-label classification loss nothing
+    to learn and BAO's pseudo-label loss no class to condition on (the usual COCO training
+    lists leave these images out). Names without a label at all are kept, for the dataset's
+    check to report them.
+    """
+    kept = [n for n in names if n not in labels or labels.ids[n]]
+    if not kept:
+        raise UserError(f"no image of {source} has a foreground class in its image-level label; "
+                        "check the list and --label_file")
+    return kept, len(names) - len(kept)
+
+
+def freeze_bao_heads(model: nn.Module) -> None:
+    """Freeze the BAO heads for the TransCAM stage: they take no part in its loss, so DDP then
+    needs no unused-parameter search and AdamW's weight decay leaves them at initialisation."""
+    for name, p in model.named_parameters():
+        if name.startswith(BAO_HEADS):
+            p.requires_grad_(False)
 
 
 def bao_losses(student: nn.Module, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor,
