@@ -10,7 +10,8 @@ from torch.utils.data import DistributedSampler, default_collate
 from core.errors import UserError
 from tests.helpers import deadline
 from tool.device import Runtime
-from tool.engine import Engine, ResumableSampler, Task, load_checkpoint, make_loader
+from tool.engine import Engine, Task
+from tool.runtime import ResumableSampler, load_checkpoint, make_loader
 from tool.train_log import RunLog
 
 CPU = Runtime(device=torch.device("cpu"))
