@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) -m apps.demo
+	$(PY) -m protocol.demo
 
 clean-demo:
 	rm -rf demo_out

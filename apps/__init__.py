@@ -1,1 +1,1 @@
-"""Programs built on the method: the demo, the dataset generator, the miniature reproduction, diagnostics, and the command-line helpers shared by every entry script."""
+"""The command-line helpers shared by every entry script (cli.py), the results-file sections of the benchmarks (report.py), and the dataset generator."""

@@ -159,7 +159,7 @@ def add_label_file_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 def add_generated_dataset_args(parser: argparse.ArgumentParser, num_train: int = 300, num_val: int = 100,
                                size: int = 128) -> None:
-    """``--num_train``, ``--num_val``, ``--size``: the generated VOC-format dataset (apps/make_dataset.py)."""
+    """``--num_train``, ``--num_val``, ``--size``: the generated VOC-format dataset (protocol/make_dataset.py)."""
     parser.add_argument("--num_train", type=positive_int, default=num_train,
                         help="generated images in ImageSets/Segmentation/train.txt (default: %(default)s)")
     parser.add_argument("--num_val", type=non_negative_int, default=num_val,

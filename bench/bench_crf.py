@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> str:
         same = all((one / p.name).read_bytes() == p.read_bytes() for p in sorted(many.iterdir())) and \
             len(list(many.iterdir())) == args.images
     body = (f"## Dense CRF of the segmentation stage (bench/bench_crf.py)\n\n{machine_line()}\n"
-            f"{args.images} generated images of about 448 px (apps/make_dataset.py), 21 classes of smooth random "
+            f"{args.images} generated images of about 448 px (protocol/make_dataset.py), 21 classes of smooth random "
             f"probabilities, infer_seg.py's CRF (10 iterations, Gaussian 3/1, "
             f"bilateral 4/67/3) and PNG writing; worker processes timed from their start.\n\n"
             "| variant | seconds | images/s |\n|---|---|---|\n"

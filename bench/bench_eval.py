@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> None:
         f"Python {platform.python_version()}, NumPy {np.__version__}, Pillow {PIL.__version__}.",
         f"Command: `python bench/bench_eval.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Synthetic VOC-size data from apps.make_dataset (300-500 x 300-500 pixels, 1-3 objects of 1-2 "
+        f"Synthetic VOC-size data from protocol.make_dataset (300-500 x 300-500 pixels, 1-3 objects of 1-2 "
         f"classes with 255 boundary bands, ids spread over the {NUM_CLASSES - 1} VOC classes; evaluated with "
         f"{NUM_CLASSES} classes; CAM files float16 with a background map). Both sides read the same files from the "
         "page cache; the published approach runs in one process (per class: boolean masks and sums; "

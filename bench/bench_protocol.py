@@ -6,7 +6,7 @@
         --seg_scales 1.0 --no_write                  # CPU smoke run of the script itself
 
 It generates a VOC-format dataset of ``--num_train`` + ``--num_val`` images of about ``--size``
-pixels (data/synthetic.py) and runs ``apps.pipeline`` on it, every stage (the TransCAM
+pixels (data/synthetic.py) and runs ``protocol.pipeline`` on it, every stage (the TransCAM
 stage and the CNN CAM ablation included, not the overlays and the upper bound; the val images
 are also the test list) with the
 scripts' published settings except three: random initialisation (no weights are read:
@@ -29,11 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from apps import pipeline
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, parse_scales, positive_int, run_cli
 from apps.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
 from data.synthetic import generate_once
+from protocol import pipeline
 
 # The VOC protocol's sizes and the published schedules the estimate is for.
 VOC = {"train_aug": 10582, "train": 1464, "val": 1449, "test": 1456}
@@ -85,8 +85,8 @@ def protocol(args: argparse.Namespace, voc: Path) -> pipeline.Protocol:
                               *_flags(batch_size=args.seg_batch, crop_size=args.seg_crop)],
                 "seg_infer": ["--backbone", args.seg_backbone, *_flags(scales=args.seg_scales)]}
     # The CNN CAM ablation is timed; the overlays and the upper bound repeat timed work.
-    return pipeline.Protocol(train_list=train, score_list=train, seg_train_list=train, seg_val_list=val,
-                             seg_test_list=val, published={}, settings=settings, extras=("cnn_score",))
+    return pipeline.Protocol(lists={"train": train, "score": train, "seg_train": train, "seg_val": val,
+                                    "seg_test": val}, settings=settings, extras=("cnn_score",))
 
 
 def train_rate(log: Path) -> float:

@@ -349,8 +349,7 @@ def _annotation(name: str, img: np.ndarray, instances: np.ndarray, objects: list
     ET.SubElement(root, "folder").text = "VOC2012"
     ET.SubElement(root, "filename").text = f"{name}.jpg"
     source = ET.SubElement(root, "source")
-    # The generator's former path, kept so that the files stay byte-identical to earlier datasets.
-    ET.SubElement(source, "database").text = f"synthetic (apps/make_dataset.py, seed {seed})"
+    ET.SubElement(source, "database").text = f"synthetic (data/synthetic.py, seed {seed})"
     size = ET.SubElement(root, "size")
     for tag, value in (("width", img.shape[1]), ("height", img.shape[0]), ("depth", 3)):
         ET.SubElement(size, tag).text = str(value)

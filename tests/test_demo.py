@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apps import pipeline
-from apps.demo import REGIMES, apply_quick, get_args_parser
-from apps.repro_demo import summarize
+from protocol import pipeline
+from protocol.demo import REGIMES, apply_quick, get_args_parser, write_seed_tables
 from core.palette import read_label_png
 from network.conformer import REFINE_MODES
 from tests.helpers import assert_refused, call_main, run_cli
@@ -32,7 +31,7 @@ def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
+    proc = run_cli("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best background threshold",
                 "TransCAM CAMs, fixed threshold t = 0.44"):
@@ -88,15 +87,18 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert abs(none["transcam_fixed"]["t"] - 0.44) < 1e-6 and none["transcam_fixed"]["miou"] == cnn_sweep[0.44]
     assert set(none) == {"bao_pseudo", "bao_maps_best", "transcam_best", "transcam_fixed"}
     assert list((nrun / "overlays").glob("*_sheet.png"))
-    # apps/repro_demo.py sets the two regimes side by side: BAO's row holds both, the segmentation rows one.
-    rows = summarize([table, table]).splitlines()
-    assert "no refinement (`--refine none`)" in rows[0]
-    bao_row, seg_row = rows[2].split(" | "), rows[-1].split(" | ")
-    assert bao_row[1] == f"{100 * res['bao_pseudo']['miou']:.2f} ± 0.00"
-    assert bao_row[4] == f"{100 * none['bao_pseudo']['miou']:.2f} ± 0.00"
-    assert seg_row[4:7] == ["-", "-", "-"]
+    # --seeds' table, per regime (two equal seeds here: sd 0): every row the regime scored, once.
+    args = get_args_parser().parse_args(["--quick", "--out", str(out)])
+    apply_quick(args)
+    text = write_seed_tables(args, {0: table, 1: table})
+    attention, refine_none = text.split("## refine_none")
+    bao = f"| BAO pseudo-labels, threshold-free | {100 * res['bao_pseudo']['miou']:.2f} ± 0.00 |"
+    assert bao in attention and "| segmentation model on the BAO pseudo-labels |" in attention
+    assert f"| BAO pseudo-labels, threshold-free | {100 * none['bao_pseudo']['miou']:.2f} ± 0.00 |" in refine_none
+    assert "segmentation" not in refine_none
+    assert json.loads((out / "seeds.json").read_text())["regimes"]["refine_none"]["bao_pseudo"]["sd"] == 0
 
-    again = run_cli("-m", "apps.demo", "--quick", "--out", str(out), timeout=600)
+    again = run_cli("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     # the dataset and every stage of both runs are reused
     assert "== dataset: done before" in again.stdout
@@ -110,6 +112,6 @@ def test_regimes_default_to_attention_and_quick_runs_both(tmp_path, capsys):
     quick = get_args_parser().parse_args(["--quick"])
     apply_quick(quick)
     assert quick.regimes == ["attention", "none"]
-    code, _, err = call_main("apps.demo", ["--regimes", "none", "--out", str(tmp_path / "demo")], capsys)
+    code, _, err = call_main("protocol.demo", ["--regimes", "none", "--out", str(tmp_path / "demo")], capsys)
     assert_refused(code, err, "--regimes must include attention")
     assert not (tmp_path / "demo").exists()

@@ -505,7 +505,7 @@ def test_make_dataset_errors(bad, tmp_path, capsys):
                                 (f"cannot write {bad['a_file'] / 'VOC2012' / 'JPEGImages'}",)),
     }
     for argv, phrases in cases.values():
-        code, _, err = call_main("apps.make_dataset", argv, capsys)
+        code, _, err = call_main("protocol.make_dataset", argv, capsys)
         assert_refused(code, err, *phrases)
     assert not list(tmp_path.iterdir())
 

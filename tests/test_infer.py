@@ -278,9 +278,10 @@ def test_refine_none_writes_the_maps_of_the_unrefined_heads(voc_root, tiny_bao_w
 
 
 def test_background_diagnostic_scores_the_published_labels_as_written(bao_run, voc_root, tiny_bao_weights, capsys):
-    """apps/background_diag.py's "published" background is BAO's own rule: its mIoU is that of the PNGs
+    """protocol/background_diag.py's "published" background is BAO's own rule: its mIoU is that of the PNGs
     infer_bao.py wrote (same weights, scales and masks)."""
-    from apps.background_diag import BACKGROUNDS, get_args_parser, main
+    from protocol.background_diag import get_args_parser, main
+    from tool.background import BACKGROUNDS
     from data.classes import ClassSet
     from data.datasets import read_mask
     from data.layout import load_dataset

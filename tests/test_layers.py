@@ -66,3 +66,13 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     assert _our_imports(bad) == [(2, "tool"), (3, "data")]
     assert LEVEL["tool"] > LEVEL["data"] > LEVEL["core"]
     assert LEVEL["data"] == LEVEL["network"]  # neither may import the other
+
+
+def test_the_commands_on_top_sit_above_the_entry_scripts_they_run():
+    """protocol/ runs the entry scripts and parses their command lines with their own parsers: it may
+    import them, and they (and everything below them) may not import it; bench/ times the runner."""
+    scripts = ("train_bao", "infer_bao", "evaluation_bao", "visual_bao", "train_seg", "infer_seg")
+    assert all(LEVEL["apps"] < LEVEL[s] < LEVEL["protocol"] for s in scripts)
+    assert LEVEL["protocol"] < LEVEL["bench"]
+    imports = {name for path in sorted((ROOT / "protocol").rglob("*.py")) for _, name in _our_imports(path)}
+    assert set(scripts) <= imports  # the runner's check of every stage's command line

@@ -1,4 +1,4 @@
-"""Tests of data/synthetic.py and its command apps/make_dataset.py: the synthetic dataset in the real VOC folder format."""
+"""Tests of data/synthetic.py and its command protocol/make_dataset.py: the synthetic dataset in the real VOC folder format."""
 from __future__ import annotations
 
 import subprocess
@@ -149,7 +149,7 @@ def test_train_images_do_not_depend_on_num_val(dataset, tmp_path):
 
 def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "VOC2012"
-    cmd = [sys.executable, "-m", "apps.make_dataset", "--out", str(out), "--num_train", "3",
+    cmd = [sys.executable, "-m", "protocol.make_dataset", "--out", str(out), "--num_train", "3",
            "--num_val", "1", "--size", "48", "--seed", "1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -163,7 +163,7 @@ def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path):
     assert forced.returncode == 0, forced.stderr
     bad = subprocess.run(cmd[:-2] + ["--size", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--size 8 is too small" in bad.stderr
-    helped = subprocess.run([sys.executable, "-m", "apps.make_dataset", "--help"], cwd=REPO,
+    helped = subprocess.run([sys.executable, "-m", "protocol.make_dataset", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0
     for flag in ("--out", "--num_train", "--num_val", "--size", "--seed", "--quality", "--overwrite"):

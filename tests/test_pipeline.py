@@ -1,32 +1,40 @@
-"""apps/pipeline.py: the protocol tables, and the whole protocol on the generated dataset with tiny
+"""protocol/pipeline.py: the protocol files, and the whole protocol on the generated dataset with tiny
 settings, interrupted between stages and inside one, resumed, and redone from a stage."""
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from apps import pipeline
 from core.errors import UserError
-from tests.helpers import run_cli
+from data.classes import COCO_CLASSES
+from protocol import demo, pipeline, rows
+from tests.helpers import ROOT, assert_refused, call_main, run_cli
 
 TINY_TRAIN = ["--arch", "tiny", "--max_epoches", "1", "--crop_size", "64", "--resize_long", "48", "80",
               "--batch_size", "4", "--num_workers", "0"]
 
 
-def test_protocol_tables_name_the_field_s_lists():
-    voc, coco = pipeline.PROTOCOLS["voc"], pipeline.PROTOCOLS["coco"]
-    assert (voc.train_list, voc.score_list, voc.seg_train_list, voc.seg_val_list, voc.seg_test_list) == (
-        "voc12/train_aug.txt", "voc12/train.txt", "voc12/train_aug.txt", "voc12/val.txt", "voc12/test.txt")
-    assert (coco.score_list, coco.seg_train_list, coco.seg_val_list, coco.seg_test_list) == (
-        "coco14/train.txt", "coco14/train.txt", "coco14/val_labelled.txt", None)
+def test_protocol_files_name_the_field_s_lists():
+    voc, coco = pipeline.preset("voc"), pipeline.preset("coco")
+    assert voc.lists == {"train": "{repo}/voc12/train_aug.txt", "score": "{repo}/voc12/train.txt",
+                         "seg_train": "{repo}/voc12/train_aug.txt", "seg_val": "{repo}/voc12/val.txt",
+                         "seg_test": "{repo}/voc12/test.txt"}
+    assert coco.lists == {"train": "{repo}/coco14/train.txt", "score": "{repo}/coco14/train.txt",
+                          "seg_train": "{repo}/coco14/train.txt", "seg_val": "{repo}/coco14/val_labelled.txt",
+                          "seg_val_full": "{repo}/coco14/val.txt"}
+    assert voc.settings == coco.settings == {} and voc.extras == coco.extras == () and voc.fixed_t == 0.44
     for table in (voc, coco):
-        assert set(table.published) >= {key for key, _, _, stage in pipeline.ROWS if stage not in pipeline.EXTRAS}
-    args = pipeline.get_args_parser().parse_args(["--run_dir", "r", "--dataset", "coco", "--coco_val", "full"])
-    assert pipeline.make_plan(args).lists["seg_val"].endswith("coco14/val.txt")
+        published = rows.PUBLISHED[table.published]
+        assert set(published) >= {"bao_pseudo", "seg_val", "seg_val_crf"}
+    # the threshold-free row's figure is in the paper; 74.97 is the BAO maps' at their best threshold
+    assert rows.PUBLISHED["voc"]["bao_pseudo"] == "paper"
+    assert rows.PUBLISHED["voc"]["bao_maps_best"] == "74.97 (t = 0.49-0.50)"
+    assert rows.PUBLISHED["voc"]["transcam_best"] == "64.85 (t = 0.44)"
     assert len(read_lines("voc12/train.txt")) == 1464 and len(read_lines("voc12/train_aug.txt")) == 10582
     assert len(read_lines("voc12/val.txt")) == 1449 and len(read_lines("voc12/test.txt")) == 1456
 
@@ -37,13 +45,80 @@ def read_lines(path: str) -> list[str]:
     return read_list(pipeline.REPO_ROOT / path)
 
 
+def _fake_roots(tmp_path: Path) -> dict[str, str]:
+    """Dataset roots and files enough for command lines (nothing is run): name -> path."""
+    voc = tmp_path / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClassAug").mkdir()
+    coco = tmp_path / "COCO"
+    (coco / "train2014").mkdir(parents=True)
+    (coco / "val2014").mkdir()
+    (tmp_path / "coco_labels.json").write_text(json.dumps({"classes": list(COCO_CLASSES), "labels": {}}))
+    (tmp_path / "w.pth").touch()
+    (tmp_path / "b.pth").touch()
+    return {"voc": str(voc), "coco": str(coco), "coco_labels": str(tmp_path / "coco_labels.json"),
+            "weights": str(tmp_path / "w.pth"), "backbone": str(tmp_path / "b.pth")}
+
+
+def test_voc_and_coco_protocol_files_make_the_command_lines_of_the_former_built_in_tables(tmp_path):
+    """tests/data/protocol_commands.json: every stage's command lines as the runner made them from its
+    built-in VOC and COCO tables (before the protocol files), with the paths as placeholders."""
+    expected = json.loads((ROOT / "tests" / "data" / "protocol_commands.json").read_text())
+    f = _fake_roots(tmp_path)
+    coco = ["--dataset", "coco", "--coco_root", f["coco"], "--label_file", f["coco_labels"]]
+    cases = {"voc": ["--voc12_root", f["voc"]], "coco": coco, "coco_full": [*coco, "--coco_val", "full"]}
+    for name, extra in cases.items():
+        for start in ("transcam", "imagenet"):
+            run = tmp_path / f"run_{name}_{start}"
+            args = pipeline.get_args_parser().parse_args(["--run_dir", str(run), "--weights", f["weights"],
+                                                          "--backbone_weights", f["backbone"], "--start", start,
+                                                          *extra])
+            plan = pipeline.make_plan(args)  # the dataset's protocol file
+            for folder, weights in (("transcam", "transcam_4epochs.pth"), ("bao", "bao_9epochs_modelt.pth")):
+                (run / folder / folder).mkdir(parents=True)
+                (run / folder / folder / weights).touch()
+            made = json.dumps({s: pipeline.commands(plan, s) for s in pipeline.STAGES})
+            made = made.replace(str(run), "{run}").replace(str(tmp_path), "{tmp}").replace(str(ROOT), "{repo}")
+            assert json.loads(made) == expected[f"{name}_{start}"], (name, start)
+
+
+def test_every_stage_s_command_line_parses_with_its_script_s_parser(tmp_path):
+    """VOC, COCO and the demo preset: every stage's argv (the TransCAM stage and the optional stages
+    included) goes through the script's own get_args_parser; a flag a script does not know is one
+    error naming the stage and the flag, when the plan is made."""
+    f = _fake_roots(tmp_path)
+    parsers = pipeline.script_parsers()
+    protocols = {"voc": (pipeline.preset("voc"), ["--voc12_root", f["voc"]]),
+                 "coco": (pipeline.preset("coco"), ["--dataset", "coco", "--coco_root", f["coco"], "--label_file",
+                                                    f["coco_labels"]]),
+                 "demo": (demo.demo_protocol(demo.get_args_parser().parse_args([])), ["--voc12_root", f["voc"]])}
+    for name, (protocol, extra) in protocols.items():
+        protocol = replace(protocol, extras=pipeline.EXTRAS)
+        args = pipeline.get_args_parser().parse_args(["--run_dir", str(tmp_path / name), "--weights", f["weights"],
+                                                      "--backbone_weights", f["backbone"], "--start", "imagenet",
+                                                      *extra])
+        plan = pipeline.make_plan(args, protocol, seed=3)
+        parsed = 0
+        for stage in pipeline.STAGES:
+            for cmd in pipeline.commands(plan, stage, planned=True):
+                parsed_args = parsers[cmd[0]]().parse_args(cmd[1:])
+                if cmd[0] in ("train_bao.py", "train_seg.py"):
+                    assert parsed_args.seed == 3, (name, stage)
+                parsed += 1
+        assert parsed >= 18, name  # every stage of the protocol has its command lines
+        for stage, key in (("bao", "bao"), ("seg_val", "seg_infer")):
+            bad = replace(protocol, settings={**protocol.settings, key: ["--no_such_flag", "1"]})
+            with pytest.raises(UserError, match=rf"stage {stage}: \S+ refuses .*--no_such_flag"):
+                pipeline.make_plan(args, bad)
+
+
 def _tiny_protocol(voc_root: Path) -> pipeline.Protocol:
     sets = voc_root / "ImageSets" / "Segmentation"
     # Pseudo-labels scored on val, so that the segmentation training list needs its own (pseudo_seg).
     return pipeline.Protocol(
-        train_list=str(sets / "train.txt"), score_list=str(sets / "val.txt"), seg_train_list=str(sets / "train.txt"),
-        seg_val_list=str(sets / "val.txt"), seg_test_list=str(sets / "val.txt"),
-        published=dict(pipeline.PROTOCOLS["voc"].published),
+        lists={"train": str(sets / "train.txt"), "score": str(sets / "val.txt"), "seg_train": str(sets / "train.txt"),
+               "seg_val": str(sets / "val.txt"), "seg_test": str(sets / "val.txt")},
+        published="voc",
         settings={"bao": TINY_TRAIN, "infer": ["--arch", "tiny", "--scales", "32,64", "--num_workers", "0"],
                   "seg_train": ["--backbone", "tiny", "--bn", "train", "--crop_size", "48", "--batch_size", "4",
                                 "--max_iters", "4", "--lr", "0.01", "--num_workers", "0"],
@@ -65,7 +140,7 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
                                                                           tmp_path, capsys):
     whole = _run(voc_root, tmp_path / "whole", tiny_transcam_weights)
     results = json.loads((whole.run_dir / "results.json").read_text())["results"]
-    assert set(results) == {key for key, *_ in pipeline.ROWS}
+    assert set(results) == {row.key for row in rows.ROWS}
     assert all(0 <= r["miou"] <= 1 for r in results.values())
     assert (whole.out("seg_test") / "results.tar.gz").is_file()
     assert list(whole.out("overlays").glob("*_sheet.png"))
@@ -153,18 +228,18 @@ def test_refine_none_reaches_every_bao_and_transcam_command(voc_root, tiny_trans
 
 def test_protocol_without_segmentation_and_with_one_list_runs_fewer_stages(voc_root, tiny_transcam_weights, tmp_path):
     protocol = _tiny_protocol(voc_root)
-    same = replace(protocol, score_list=protocol.seg_train_list)
+    same = replace(protocol, lists={**protocol.lists, "score": protocol.lists["seg_train"]})
     plan = _plan(voc_root, tmp_path / "r", tiny_transcam_weights, same)
     assert not plan.runs("pseudo_seg") and pipeline.commands(plan, "pseudo_seg") == []
     (seg_cmd,) = pipeline.commands(plan, "seg_train")
     assert seg_cmd[seg_cmd.index("--label_dir") + 1] == str(plan.out("pseudo_score") / "bao_pred")
     none = _plan(voc_root, tmp_path / "n", tiny_transcam_weights,
-                 replace(protocol, seg_train_list=None, seg_val_list=None, seg_test_list=None))
+                 replace(protocol, lists={k: protocol.lists[k] for k in ("train", "score")}))
     assert set(none.lists) == {"train", "score"}
     assert [s for s in pipeline.STAGES if none.runs(s)] == ["bao", "pseudo_score", "eval_score", "cnn_score",
                                                              "overlays", "table"]
     with pytest.raises(ValueError, match="both segmentation lists or neither"):
-        pipeline.make_plan(none.args, replace(protocol, seg_val_list=None))
+        pipeline.make_plan(none.args, replace(protocol, lists={**none.lists, "seg_train": protocol.lists["seg_train"]}))
 
 
 def test_a_rerun_with_other_settings_is_refused(voc_root, tiny_transcam_weights, tmp_path):
@@ -174,14 +249,65 @@ def test_a_rerun_with_other_settings_is_refused(voc_root, tiny_transcam_weights,
     assert json.loads((tmp_path / "r" / "run.json").read_text())["refine"] == "attention"
     # --status with nothing but --run_dir sees the run as it was made (its preset's lists and stages)
     bare = pipeline.get_args_parser().parse_args(["--run_dir", str(tmp_path / "r"), "--status"])
-    recorded = pipeline.recorded_plan(bare)
+    (recorded,) = pipeline.recorded_plans(bare)
     assert recorded.lists == plan.lists and recorded.protocol.settings == plan.protocol.settings
     assert [s for s in pipeline.STAGES if recorded.runs(s)] == [s for s in pipeline.STAGES if plan.runs(s)]
     assert pipeline.status(recorded) == pipeline.status(plan)
     other = _plan(voc_root, tmp_path / "r", tiny_transcam_weights, _tiny_protocol(voc_root), "--refine", "none")
     with pytest.raises(UserError, match="refine attention -> none"):
         pipeline.run(other)
-    more = replace(_tiny_protocol(voc_root), settings={"bao": ["--max_epoches", "3"]})
-    with pytest.raises(UserError, match=r"other settings \(settings\)"):
+    tiny = _tiny_protocol(voc_root)
+    more = replace(tiny, settings={**tiny.settings, "bao": [*TINY_TRAIN, "--max_epoches", "3"]})
+    with pytest.raises(UserError, match=r"other settings \(settings\.bao \[.*\] -> \[.*'--max_epoches', '3'\]\)"):
         pipeline.check_definition(_plan(voc_root, tmp_path / "r", tiny_transcam_weights, more))
     assert not (tmp_path / "r" / "stages").exists()
+
+
+def test_status_of_a_folder_without_a_run_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = call_main("protocol.pipeline", ["--run_dir", str(tmp_path / "empty"), "--status"], capsys)
+    assert_refused(code, err, "holds no run (no run.json)")
+    code, _, err = call_main("protocol.pipeline", ["--run_dir", str(tmp_path / "nowhere"), "--status"], capsys)
+    assert_refused(code, err, "does not exist")
+
+
+def test_two_seeds_of_a_protocol_file_on_a_subset_write_mean_and_sample_sd(voc_root, tiny_transcam_weights, tmp_path,
+                                                                             capsys):
+    """A user's protocol file (a subset of the generated train list, tiny settings) run with --seeds 0 1:
+    one folder per seed, the CNN CAM stage of the given TransCAM weights run once, and seeds.json's mean
+    and sd (sample sd, n - 1) equal to statistics.mean / stdev of the two seeds' results.json."""
+    names = pipeline.read_list(voc_root / "ImageSets" / "Segmentation" / "train.txt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "subset.txt").write_text("\n".join(names[:8]) + "\n")
+    (mine / "protocol.json").write_text(json.dumps({
+        "lists": {"train": "subset.txt", "score": "{root}/ImageSets/Segmentation/val.txt"},
+        "settings": {"bao": TINY_TRAIN, "infer": ["--arch", "tiny", "--scales", "32,64", "--num_workers", "0"]},
+        "extras": ["cnn_score"]}))
+    run_dir = tmp_path / "run"
+    code, out, err = call_main("protocol.pipeline", [
+        "--protocol", str(mine / "protocol.json"), "--seeds", "0", "1", "--run_dir", str(run_dir), "--weights",
+        str(tiny_transcam_weights), "--device", "cpu", "--voc12_root", str(voc_root), "--label_file",
+        str(voc_root / "cls_labels.json")], capsys)
+    assert code == 0, err
+    per_seed = {s: json.loads((run_dir / f"seed{s}" / "results.json").read_text())["results"] for s in (0, 1)}
+    for s in (0, 1):
+        (bao,) = json.loads((run_dir / f"seed{s}" / "stages" / "bao.json").read_text())["commands"]
+        assert bao[bao.index("--seed") + 1] == str(s) and bao[bao.index("--train_list") + 1] == str(mine / "subset.txt")
+        assert not (run_dir / f"seed{s}" / "cnn_score").exists()
+    assert (run_dir / "stages" / "cnn_score.json").is_file() and "== cnn_score: done before, skipped" in out
+    assert per_seed[0]["cnn_best"] == per_seed[1]["cnn_best"]  # the shared stage's row
+    assert per_seed[0]["bao_pseudo"] != per_seed[1]["bao_pseudo"]  # the seeds trained differently
+    table = json.loads((run_dir / "seeds.json").read_text())
+    assert table["seeds"] == [0, 1] and set(table["rows"]) == set(per_seed[0])
+    for key, row in table["rows"].items():
+        values = [per_seed[0][key]["miou"], per_seed[1][key]["miou"]]
+        assert row["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert row["sd"] == pytest.approx(statistics.stdev(values), abs=1e-12)  # sample sd (n - 1)
+        assert row["miou"] == {"0": values[0], "1": values[1]}
+    bao_line = next(line for line in (run_dir / "seeds.md").read_text().splitlines()
+                    if line.startswith("| BAO pseudo-labels, threshold-free"))
+    mean, sd = table["rows"]["bao_pseudo"]["mean"], table["rows"]["bao_pseudo"]["sd"]
+    assert f"| {100 * mean:.2f} ± {100 * sd:.2f} |" in bao_line and bao_line.endswith("| - |")
+    code, out, _ = call_main("protocol.pipeline", ["--run_dir", str(run_dir), "--status"], capsys)
+    assert code == 0 and out.count("table          done") == 2 and "seed 1 (" in out

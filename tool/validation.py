@@ -83,6 +83,19 @@ class PseudoLabelValidation:
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         """Score ``model`` (eval mode meanwhile); returns ``miou`` (fraction), ``images``,
         ``rule`` and, for TransCAM, ``best_t``. Every rank must call it."""
+        counts = self.counts(model)
+        result: dict[str, Any] = {"images": len(self.names), "rule": self.rule}
+        if self.method == "bao":
+            result["miou"] = scores(counts, self.classes)["miou"]
+            return result
+        mious = np.array([scores(c, self.classes)["miou"] for c in confusions_from_bins(counts)])
+        best = int(np.nanargmax(mious)) if not np.all(np.isnan(mious)) else 0
+        result.update(miou=float(mious[best]), best_t=float(round(float(self.thresholds[best]), 6)))
+        return result
+
+    def counts(self, model: nn.Module) -> np.ndarray:
+        """The confusion matrix (C, C) (BAO) or sweep bins (T+1, C, C) (TransCAM) of ``model``'s
+        pseudo-labels over the whole list (eval mode meanwhile), int64. Every rank must call it."""
         was_training = model.training
         model.eval()
         error = None
@@ -97,14 +110,7 @@ class PseudoLabelValidation:
         counts, failed = self._sum_over_ranks(counts, error is not None)
         if failed:
             raise UserError(error or "validation failed in another process (its message is above)")
-        result: dict[str, Any] = {"images": len(self.names), "rule": self.rule}
-        if self.method == "bao":
-            result["miou"] = scores(counts, self.classes)["miou"]
-            return result
-        mious = np.array([scores(c, self.classes)["miou"] for c in confusions_from_bins(counts)])
-        best = int(np.nanargmax(mious)) if not np.all(np.isnan(mious)) else 0
-        result.update(miou=float(mious[best]), best_t=float(round(float(self.thresholds[best]), 6)))
-        return result
+        return counts
 
     def _zero_counts(self) -> np.ndarray:
         c = self.classes.num_classes

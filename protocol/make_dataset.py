@@ -1,6 +1,6 @@
 """Generate a small synthetic segmentation dataset in the real PASCAL VOC on-disk format.
 
-    python -m apps.make_dataset --out demo_data/VOC2012 --num_train 300 --num_val 100 --size 128
+    python -m protocol.make_dataset --out demo_data/VOC2012 --num_train 300 --num_val 100 --size 128
 
 The command of :mod:`data.synthetic`, which describes the output (``--out`` is used like a
 VOC root, i.e. pass it as ``--voc12_root``).

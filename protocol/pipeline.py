@@ -1,14 +1,18 @@
 """The whole WSSS protocol as one resumable command: from TransCAM (or ImageNet) weights to the results table.
 
-    python -m apps.pipeline --dataset voc --voc12_root VOCdevkit/VOC2012 --weights weights/transcam_voc.pth \\
+    python -m protocol.pipeline --dataset voc --voc12_root VOCdevkit/VOC2012 --weights weights/transcam_voc.pth \\
         --backbone_weights weights/resnet101-63fe2227.pth --run_dir runs/protocol_voc
-    python -m apps.pipeline --run_dir runs/protocol_voc --status
+    python -m protocol.pipeline --run_dir runs/protocol_voc --status
+    python -m protocol.pipeline --protocol my_protocol.json ... --seeds 0 1 2   # own lists/settings, three seeds
 
 Each stage runs the real entry script (train_bao.py, infer_bao.py, evaluation_bao.py,
 train_seg.py, infer_seg.py) in a subprocess, with the list the protocol names for it
-(:data:`PROTOCOLS`, data rather than code), its output in ``<run_dir>/<stage>/`` and its log
-in ``<run_dir>/logs/<stage>.log``. ``make demo`` is this runner's small preset on a generated
-dataset (apps/demo.py). A finished stage leaves ``<run_dir>/stages/<stage>.json``
+(a protocol file: ``protocol/presets/<dataset>.json`` or ``--protocol FILE``, see
+:func:`load_protocol`), its output in ``<run_dir>/<stage>/`` and its log in
+``<run_dir>/logs/<stage>.log``. Every command line is parsed by its script's own
+``get_args_parser()`` when the plan is made, so a flag a script does not know stops the run
+before it starts. ``make demo`` is this runner's small preset on a generated dataset
+(protocol/demo.py). A finished stage leaves ``<run_dir>/stages/<stage>.json``
 and is skipped on a rerun; a stage interrupted inside continues where it stopped (training
 with ``--resume auto``, inference skipping finished images). ``--from STAGE`` redoes that stage
 and the following ones (their folders are removed first); ``--until STAGE`` stops after one.
@@ -30,6 +34,12 @@ demo's): ``cnn_score`` (the CNN CAMs before attention refinement, swept: an abla
 ground-truth masks and scored on val: the fully supervised upper bound). A protocol without
 segmentation lists stops at the pseudo-labels.
 
+``--seeds 0 1 2`` runs the protocol once per training seed (``--seed`` of train_bao.py and
+train_seg.py), each in ``<run_dir>/seed<S>/``; stages that no training of the seed feeds (the
+CNN CAM ablation from given TransCAM weights) run once in ``<run_dir>/``. The mean ± sample
+standard deviation (n - 1) of every result row, with the per-seed values, goes to
+``<run_dir>/seeds.md`` and ``seeds.json``.
+
 ``--refine none`` runs the ablation without attention refinement (train_bao.py's flag) in
 every BAO and TransCAM stage; the TransCAM CAMs are then the CNN CAMs.
 """
@@ -45,72 +55,102 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Callable
+
 from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_refine_arg, add_stages_device_arg, dataset_from_args,
                       run_cli)
 from core.errors import UserError
 from core.fileio import atomic_path
 from data.labels import read_list
 from data.layout import REPO_ROOT
+from protocol import rows
 
 STAGES = ("transcam", "bao", "pseudo_score", "eval_score", "cnn_score", "overlays", "pseudo_seg", "seg_train",
           "seg_val", "seg_upper", "seg_test", "table")
 EXTRAS = ("cnn_score", "overlays", "seg_upper")  # run only when the protocol names them
 # The fixed background score carried over without pixel labels: TransCAM's best on VOC.
 FIXED_T = 0.44
+PRESETS = Path(__file__).resolve().parent / "presets"
+LIST_KEYS = ("train", "score", "seg_train", "seg_val", "seg_test", "seg_val_full")
+# settings keys besides the stages: both training stages, every infer_bao.py / visual_bao.py run, every infer_seg.py run
+SETTING_GROUPS = ("train", "infer", "seg_infer")
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """Which list each stage of one dataset's protocol uses, and the published figures it is compared with.
+    """Which list each stage of a protocol uses, the scripts' extra flags, and the published figures it is
+    compared with.
 
     Attributes:
-        train_list: BAO / TransCAM training.
-        score_list: pseudo-label and CAM quality (scored against the masks).
-        seg_train_list: the segmentation model's training images (their pseudo-labels); None: no
-            segmentation stage (the run ends with the pseudo-labels).
-        seg_val_list: the segmentation model's score (None with ``seg_train_list``).
-        seg_test_list: images written for an evaluation server (None: no server).
-        published: row key of the results table -> the published figure.
-        settings: stage -> extra flags of its entry script (the protocol's published defaults need none);
-            keys: the stages, "train" (both training stages), "infer" (every infer_bao.py / visual_bao.py
-            run) and "seg_infer".
+        lists: "train" (BAO / TransCAM training), "score" (pseudo-label and CAM quality, scored against the
+            masks), "seg_train" and "seg_val" (the segmentation model's training images and score; both or
+            neither: without them the run ends with the pseudo-labels), "seg_test" (images written for an
+            evaluation server), "seg_val_full" (the val list of ``--coco_val full``). Paths may start with
+            ``{repo}`` (this repository) or ``{root}`` (the dataset root); other relative paths are relative
+            to ``base``.
+        published: the column of :data:`protocol.rows.PUBLISHED` the table shows ("voc", "coco"; None: none).
+        settings: stage -> extra flags of its entry script (the published protocols need none); keys: the
+            stages, "train" (both training stages), "infer" (every infer_bao.py / visual_bao.py run) and
+            "seg_infer".
         extras: the optional stages of :data:`EXTRAS` this protocol runs.
         fixed_t: the background threshold of the fixed-threshold row (carried over without pixel labels).
+        base: the folder relative list paths start from (a protocol file's folder).
     """
 
-    train_list: str
-    score_list: str
-    seg_train_list: str | None
-    seg_val_list: str | None
-    seg_test_list: str | None
-    published: dict[str, str]
+    lists: dict[str, str]
+    published: str | None = None
     settings: dict[str, list[str]] = field(default_factory=dict)
     extras: tuple[str, ...] = ()
     fixed_t: float = FIXED_T
+    base: str = str(REPO_ROOT)
 
 
-PROTOCOLS = {
-    "voc": Protocol(
-        train_list="voc12/train_aug.txt", score_list="voc12/train.txt", seg_train_list="voc12/train_aug.txt",
-        seg_val_list="voc12/val.txt", seg_test_list="voc12/test.txt",
-        published={"bao_pseudo": "not in the published repository", "bao_maps_best": "74.97 (t = 0.49-0.50)",
-                   "transcam_best": "64.85 (t = 0.44)", "transcam_fixed": "64.85 (t = 0.44)",
-                   "seg_val": "TransCAM 69.3; BAO: in the paper", "seg_val_crf": "TransCAM 69.3; BAO: in the paper",
-                   "seg_test": "TransCAM 69.6 (server)"}),
-    "coco": Protocol(
-        train_list="coco14/train.txt", score_list="coco14/train.txt", seg_train_list="coco14/train.txt",
-        seg_val_list="coco14/val_labelled.txt", seg_test_list=None,
-        published={"bao_pseudo": "not in the published repository", "bao_maps_best": "-", "transcam_best": "-",
-                   "transcam_fixed": "-", "seg_val": "ToCo 42.2, DuPL 43.5 (their READMEs)",
-                   "seg_val_crf": "ToCo 42.2, DuPL 43.5 (their READMEs)", "seg_test": "-"}),
-}
-COCO_FULL_VAL = "coco14/val.txt"  # all 40,504 val images (MCTformer's figure)
+def load_protocol(path: str | os.PathLike) -> Protocol:
+    """A protocol file: JSON with "lists" (required), "published", "settings", "extras", "fixed_t" and
+    "about" (free text), the fields of :class:`Protocol`. Refuses unknown keys, stages and extras."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"protocol file {path} cannot be read: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"protocol file {path} is not JSON: {err}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("lists"), dict):
+        raise UserError(f"protocol file {path} has no \"lists\" object (list key -> list file)")
+    known = {"about", "lists", "published", "settings", "extras", "fixed_t"}
+    problems = [f"key {k!r}" for k in d if k not in known]
+    problems += [f"list {k!r}" for k in d["lists"] if k not in LIST_KEYS]
+    problems += [f"settings of {k!r}" for k in d.get("settings", {}) if k not in (*STAGES, *SETTING_GROUPS)]
+    problems += [f"extra stage {k!r}" for k in d.get("extras", []) if k not in EXTRAS]
+    if problems:
+        raise UserError(f"protocol file {path}: unknown {', '.join(problems)} (lists: {', '.join(LIST_KEYS)}; "
+                        f"settings: the stages and {', '.join(SETTING_GROUPS)}; extras: {', '.join(EXTRAS)})")
+    for k in ("train", "score"):
+        if k not in d["lists"]:
+            raise UserError(f"protocol file {path} names no {k!r} list")
+    settings = d.get("settings", {})
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in settings.values()):
+        raise UserError(f"protocol file {path}: every setting is a list of strings (a command line's words)")
+    return Protocol(lists=dict(d["lists"]), published=d.get("published"), settings=settings,
+                    extras=tuple(d.get("extras", ())), fixed_t=float(d.get("fixed_t", FIXED_T)),
+                    base=str(path.resolve().parent))
+
+
+def preset(name: str) -> Protocol:
+    """A shipped protocol: "voc", "coco" or "demo" (protocol/presets/<name>.json)."""
+    return load_protocol(PRESETS / f"{name}.json")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run_dir", required=True, help="folder of the whole run: every stage's outputs and logs")
     parser.add_argument("--status", action="store_true", help="show which stages are done, then exit")
+    parser.add_argument("--protocol", default=None,
+                        help="protocol file (JSON: lists per stage, per-stage flags, see protocol/presets/*.json); "
+                             "default: protocol/presets/<--dataset>.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds: the protocol once per seed in <run_dir>/seed<S>/, then seeds.md and "
+                             "seeds.json (mean ± sample sd over the seeds); default: one run, the scripts' seed")
     parser.add_argument("--weights", default=None,
                         help="starting weights: TransCAM weights (--start transcam) or ImageNet Conformer weights "
                              "(--start imagenet)")
@@ -123,7 +163,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train the segmentation model from random initialisation (no --backbone_weights)")
     parser.add_argument("--coco_val", choices=("labelled", "full"), default="labelled",
                         help="COCO val list of the segmentation score: the 40,137 images with a labelled class "
-                             "(coco14/val_labelled.txt) or all 40,504 (coco14/val.txt)")
+                             "(coco14/val_labelled.txt) or all 40,504 (the protocol's seg_val_full, coco14/val.txt)")
     parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
                         help="redo this stage and every later one (their outputs are removed first)")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
@@ -135,15 +175,30 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Plan:
-    """The lists, settings and folders of one run (what :func:`commands` turns into command lines)."""
+    """The lists, settings and folders of one run (what :func:`commands` turns into command lines).
+
+    ``run_dir`` is this run's folder (``<root>/seed<S>`` for one seed of ``--seeds``); ``root`` the
+    folder of the stages shared by the seeds (:meth:`shared`) and of ``run.json``; ``seed``: the
+    ``--seed`` given to the training scripts (None: their default).
+    """
 
     args: argparse.Namespace
     protocol: Protocol
     run_dir: Path
     lists: dict[str, str]
+    root: Path
+    seed: int | None = None
+
+    def shared(self, stage: str) -> bool:
+        """Whether ``stage`` is common to the seeds of the root: the CNN CAMs of given TransCAM weights."""
+        return self.root != self.run_dir and stage == "cnn_score" and self.args.start == "transcam"
+
+    def home(self, stage: str) -> Path:
+        """The folder of ``stage``'s output, marker and log."""
+        return self.root if self.shared(stage) else self.run_dir
 
     def out(self, stage: str) -> Path:
-        return self.run_dir / stage
+        return self.home(stage) / stage
 
     def settings(self, stage: str) -> list[str]:
         return list(self.protocol.settings.get(stage, []))
@@ -168,20 +223,80 @@ class Plan:
         return self.out("pseudo_seg") if self.runs("pseudo_seg") else self.out("pseudo_score") / "bao_pred"
 
 
-def make_plan(args: argparse.Namespace, protocol: Protocol | None = None) -> Plan:
-    """The run's plan; ``protocol`` overrides the dataset's table (the demo's preset)."""
-    protocol = protocol or PROTOCOLS[args.dataset]
-    if (protocol.seg_train_list is None) != (protocol.seg_val_list is None):
+def _resolve_list(value: str, protocol: Protocol, args: argparse.Namespace) -> str:
+    """A protocol's list path as an absolute path (``{repo}``, ``{root}``, relative to the protocol's folder)."""
+    if "{root}" in value:
+        root = args.voc12_root if args.dataset == "voc" else args.coco_root
+        if not root:
+            raise UserError(f"the protocol's list {value} is in the dataset root: give --"
+                            f"{'voc12_root' if args.dataset == 'voc' else 'coco_root'}")
+        value = value.replace("{root}", str(Path(root).resolve()))
+    value = value.replace("{repo}", str(REPO_ROOT))
+    return str(Path(value) if Path(value).is_absolute() else Path(protocol.base) / value)
+
+
+def make_plan(args: argparse.Namespace, protocol: Protocol | None = None, seed: int | None = None,
+              run_dir: Path | None = None, check: bool = True) -> Plan:
+    """The run's plan: ``protocol`` (default: ``--protocol``, else the dataset's preset); ``seed`` and
+    ``run_dir`` (default: ``<run_dir>/seed<S>`` with a seed, else ``--run_dir``) for one seed's run.
+    With ``check``, every stage's command line is parsed by its script's parser (:func:`check_commands`)."""
+    protocol = protocol or (load_protocol(args.protocol) if args.protocol else preset(args.dataset))
+    given = protocol.lists
+    if ("seg_train" in given) != ("seg_val" in given):
         raise ValueError("a protocol names both segmentation lists or neither")
-    lists = {"train": protocol.train_list, "score": protocol.score_list}
-    if protocol.seg_train_list:
-        lists["seg_train"] = protocol.seg_train_list
-        lists["seg_val"] = (COCO_FULL_VAL if args.dataset == "coco" and args.coco_val == "full"
-                            else protocol.seg_val_list)
-        if protocol.seg_test_list:
-            lists["seg_test"] = protocol.seg_test_list
-    lists = {k: str(v if Path(v).is_absolute() else REPO_ROOT / v) for k, v in lists.items()}
-    return Plan(args, protocol, Path(args.run_dir).resolve(), lists)
+    lists = {k: given[k] for k in ("train", "score", "seg_train", "seg_val", "seg_test") if k in given}
+    if "seg_val" in lists and args.dataset == "coco" and args.coco_val == "full":
+        if "seg_val_full" not in given:
+            raise UserError("--coco_val full: the protocol names no seg_val_full list")
+        lists["seg_val"] = given["seg_val_full"]
+    if "seg_train" not in lists:
+        lists.pop("seg_test", None)
+    lists = {k: _resolve_list(v, protocol, args) for k, v in lists.items()}
+    root = Path(args.run_dir).resolve()
+    if run_dir is None:
+        run_dir = root / f"seed{seed}" if seed is not None else root
+    plan = Plan(args, protocol, Path(run_dir).resolve(), lists, root, seed)
+    if check:
+        check_commands(plan)
+    return plan
+
+
+def make_plans(args: argparse.Namespace, protocol: Protocol | None = None) -> list[Plan]:
+    """One plan, or one per ``--seeds`` (in ``<run_dir>/seed<S>``)."""
+    if not args.seeds:
+        return [make_plan(args, protocol)]
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}")
+    return [make_plan(args, protocol, seed=s) for s in args.seeds]
+
+
+def script_parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    """Entry script -> its ``get_args_parser`` (imported here: the scripts import torch)."""
+    import evaluation_bao
+    import infer_bao
+    import infer_seg
+    import train_bao
+    import train_seg
+    import visual_bao
+
+    return {f"{m.__name__}.py": m.get_args_parser
+            for m in (train_bao, infer_bao, evaluation_bao, visual_bao, train_seg, infer_seg)}
+
+
+def check_commands(plan: Plan) -> None:
+    """Parse every command line of the plan with its script's own parser: a flag the script does not
+    know, or a bad value, is one UserError naming the stage, before any stage runs."""
+    parsers = script_parsers()
+    for stage in STAGES:
+        for cmd in commands(plan, stage, planned=True):
+            parser = parsers[cmd[0]]()
+
+            def refuse(message: str, stage: str = stage, script: str = cmd[0]) -> None:
+                raise UserError(f"stage {stage}: {script} refuses its command line: {message} (check the protocol's "
+                                f"settings of {stage} and its groups)")
+
+            parser.error = refuse  # argparse reports every parse error through error()
+            parser.parse_args(cmd[1:])
 
 
 def _data_flags(args: argparse.Namespace) -> list[str]:
@@ -209,46 +324,53 @@ def _label_flags(args: argparse.Namespace) -> list[str]:
     return ["--dataset", args.dataset]
 
 
-def transcam_weights(plan: Plan) -> str:
-    """The TransCAM weights BAO starts from: the given ones, or the TransCAM stage's last epoch."""
+def transcam_weights(plan: Plan, planned: bool = False) -> str:
+    """The TransCAM weights BAO starts from: the given ones, or the TransCAM stage's last epoch
+    (``planned``: a stand-in name when that stage has not run yet)."""
     if plan.args.start == "transcam":
-        return str(Path(plan.args.weights).resolve())
-    return str(_last_weights(plan.out("transcam") / "transcam", "epochs.pth"))
+        return str(Path(plan.args.weights or "").resolve())
+    return str(_last_weights(plan.out("transcam") / "transcam", "epochs.pth", planned))
 
 
-def bao_weights(plan: Plan) -> str:
-    return str(_last_weights(plan.out("bao") / "bao", "epochs_modelt.pth"))
+def bao_weights(plan: Plan, planned: bool = False) -> str:
+    return str(_last_weights(plan.out("bao") / "bao", "epochs_modelt.pth", planned))
 
 
-def _last_weights(run: Path, suffix: str) -> Path:
-    """The highest-epoch ``*_{ep}{suffix}`` file of a training run folder."""
+def _last_weights(run: Path, suffix: str, planned: bool = False) -> Path:
+    """The highest-epoch ``*_{ep}{suffix}`` file of a training run folder; ``planned``: a stand-in
+    name when there is none yet (a command line checked before its stage can run)."""
     found = sorted(run.glob(f"*_*{suffix}"), key=lambda p: int(p.name[:-len(suffix)].rsplit("_", 1)[1]))
+    if not found and planned:
+        return run / f"<last epoch>{suffix}"
     if not found:
         raise UserError(f"no weights *{suffix} in {run}: the training stage did not finish; rerun the pipeline")
     return found[-1]
 
 
-def commands(plan: Plan, stage: str) -> list[list[str]]:
-    """The entry-script command lines of ``stage`` (run in order; [] when the stage has nothing to do)."""
+def commands(plan: Plan, stage: str, planned: bool = False) -> list[list[str]]:
+    """The entry-script command lines of ``stage`` (run in order; [] when the stage has nothing to do);
+    ``planned``: before the earlier stages ran (weights they write get stand-in names)."""
     a, data = plan.args, _data_flags(plan.args)
+    seed = [] if plan.seed is None else ["--seed", str(plan.seed)]
     if not plan.runs(stage) or stage == "table":
         return []
     refine = ["--refine", a.refine]
     train = ["train_bao.py", *data, *refine, "--train_list", plan.lists["train"], "--save_dir", str(plan.out(stage)),
-             "--resume", "auto", *plan.settings("train")]
+             "--resume", "auto", *plan.settings("train"), *seed]
     infer = ["infer_bao.py", *data]
     if stage == "transcam":
-        start = ["--from_scratch"] if a.start == "scratch" else ["--weights", str(Path(a.weights).resolve())]
+        start = ["--from_scratch"] if a.start == "scratch" else ["--weights", str(Path(a.weights or "").resolve())]
         return [[*train, "--method", "transcam", *start, "--session_name", "transcam", *plan.settings("transcam")]]
     if stage == "bao":
-        return [[*train, "--weights", transcam_weights(plan), "--session_name", "bao", *plan.settings("bao")]]
+        return [[*train, "--weights", transcam_weights(plan, planned), "--session_name", "bao",
+                 *plan.settings("bao")]]
     if stage == "pseudo_score":
         out, settings = plan.out(stage), plan.settings("infer")
-        return [[*infer, *refine, "--weights", bao_weights(plan), "--infer_list", plan.lists["score"], "--out_pred",
-                 str(out / "bao_pred"), "--out_cam", str(out / "bao_cams"), *settings],
+        return [[*infer, *refine, "--weights", bao_weights(plan, planned), "--infer_list", plan.lists["score"],
+                 "--out_pred", str(out / "bao_pred"), "--out_cam", str(out / "bao_cams"), *settings],
                 _eval(plan, "score", "--predict_dir", str(out / "bao_pred"), "--json", str(out / "bao_pseudo.json"),
                       "--comment", "pipeline: BAO pseudo-labels"),
-                [*infer, *refine, "--method", "transcam", "--weights", transcam_weights(plan), "--infer_list",
+                [*infer, *refine, "--method", "transcam", "--weights", transcam_weights(plan, planned), "--infer_list",
                  plan.lists["score"], "--out_cam", str(out / "transcam_cams"), *settings]]
     if stage == "eval_score":
         src, out = plan.out("pseudo_score"), plan.out(stage)
@@ -260,23 +382,25 @@ def commands(plan: Plan, stage: str) -> list[list[str]]:
                       "--comment", f"pipeline: {_cams(plan)} sweep", "--no_progress")]
     if stage == "cnn_score":
         out = plan.out(stage)
-        return [[*infer, "--method", "cnn", "--weights", transcam_weights(plan), "--infer_list", plan.lists["score"],
-                 "--out_cam", str(out / "cnn_cams"), *plan.settings("infer")],
+        line = [] if plan.shared(stage) else _bao_line(plan)  # one seed's BAO line would not fit the others
+        return [[*infer, "--method", "cnn", "--weights", transcam_weights(plan, planned), "--infer_list",
+                 plan.lists["score"], "--out_cam", str(out / "cnn_cams"), *plan.settings("infer")],
                 _eval(plan, "score", "--type", "npy", "--predict_dir", str(out / "cnn_cams"), "--json",
-                      str(out / "cnn.json"), "--plot", str(out / "cnn_sweep.png"), *_bao_line(plan),
+                      str(out / "cnn.json"), "--plot", str(out / "cnn_sweep.png"), *line,
                       "--comment", "pipeline: CNN CAM sweep (ablation)", "--no_progress")]
     if stage == "overlays":
-        return [["visual_bao.py", *data, *refine, "--weights", bao_weights(plan), "--list", plan.lists["score"],
-                 "--out_dir", str(plan.out(stage)), *plan.settings("infer"), *plan.settings("overlays")]]
+        return [["visual_bao.py", *data, *refine, "--weights", bao_weights(plan, planned), "--list",
+                 plan.lists["score"], "--out_dir", str(plan.out(stage)), *plan.settings("infer"),
+                 *plan.settings("overlays")]]
     if stage == "pseudo_seg":
-        return [[*infer, *refine, "--weights", bao_weights(plan), "--infer_list", plan.lists["seg_train"],
+        return [[*infer, *refine, "--weights", bao_weights(plan, planned), "--infer_list", plan.lists["seg_train"],
                  "--out_pred", str(plan.out(stage)), *plan.settings("infer")]]
     if a.seg_from_scratch or not a.backbone_weights:  # the latter refused by check_prerequisites
         start = ["--from_scratch"]
     else:
         start = ["--backbone_weights", str(Path(a.backbone_weights).resolve())]
     seg_train = ["train_seg.py", *data, "--train_list", plan.lists["seg_train"], "--session_name", "seg",
-                 "--resume", "auto", *start, *plan.settings("seg_train")]
+                 "--resume", "auto", *start, *plan.settings("seg_train"), *seed]
     if stage == "seg_train":
         return [[*seg_train, "--label_dir", str(plan.seg_labels()), "--save_dir", str(plan.out(stage))]]
     seg_weights = plan.out("seg_train") / "seg" / "seg_final.pth"
@@ -351,31 +475,31 @@ def check_prerequisites(plan: Plan, stages: list[str]) -> None:
 
 
 def _done_file(plan: Plan, stage: str) -> Path:
-    return plan.run_dir / "stages" / f"{stage}.json"
+    return plan.home(stage) / "stages" / f"{stage}.json"
 
 
 def status(plan: Plan) -> list[tuple[str, str]]:
     """(stage, "done in N s" | "partly done" | "to do" | "not in this run") for every stage."""
-    rows = []
+    states = []
     for stage in STAGES:
         done = _done_file(plan, stage)
         if not plan.runs(stage) and stage != "pseudo_seg":
-            rows.append((stage, "not in this run"))
+            states.append((stage, "not in this run"))
         elif not plan.runs(stage):
-            rows.append((stage, "not in this run (the scoring list's pseudo-labels are reused)"))
+            states.append((stage, "not in this run (the scoring list's pseudo-labels are reused)"))
         elif done.is_file():
-            rows.append((stage, f"done in {json.loads(done.read_text())['seconds']:.0f} s"))
+            states.append((stage, f"done in {json.loads(done.read_text())['seconds']:.0f} s"))
         elif plan.out(stage).exists():
-            rows.append((stage, "partly done (resumes)"))
+            states.append((stage, "partly done (resumes)"))
         else:
-            rows.append((stage, "to do"))
-    return rows
+            states.append((stage, "to do"))
+    return states
 
 
 def _run_stage(plan: Plan, stage: str) -> None:
     """Run the stage's commands, teeing their output to ``logs/<stage>.log``; mark it done."""
     start = time.time()
-    log_path = plan.run_dir / "logs" / f"{stage}.log"
+    log_path = plan.home(stage) / "logs" / f"{stage}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     plan.out(stage).mkdir(parents=True, exist_ok=True)
     cmds = commands(plan, stage)
@@ -398,20 +522,6 @@ def _run_stage(plan: Plan, stage: str) -> None:
         write_table(plan)
     with atomic_path(_done_file(plan, stage)) as tmp:
         Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
-
-
-# The results table: (key, title, list, stage that scores it); "{cams}" is what the TransCAM
-# stage's CAMs are in the run (refined by attention, or the CNN CAMs with --refine none).
-ROWS = (("bao_pseudo", "BAO pseudo-labels, threshold-free", "score", "pseudo_score"),
-        ("bao_maps_best", "BAO maps, best background threshold (reference)", "score", "eval_score"),
-        ("transcam_best", "{cams}, best background threshold (tuned on pixel labels)", "score", "eval_score"),
-        ("transcam_fixed", "{cams}, fixed threshold t = {fixed_t}", "score", "eval_score"),
-        ("cnn_best", "CNN CAMs before attention refinement, best threshold (ablation)", "score", "cnn_score"),
-        ("seg_val", "segmentation model on the BAO pseudo-labels", "seg_val", "seg_val"),
-        ("seg_val_crf", "segmentation model on the BAO pseudo-labels, + CRF", "seg_val", "seg_val"),
-        ("seg_upper", "segmentation model on the ground-truth masks (upper bound)", "seg_val", "seg_upper"),
-        ("seg_upper_crf", "segmentation model on the ground-truth masks, + CRF (upper bound)", "seg_val",
-         "seg_upper"))
 
 
 def collect(plan: Plan) -> dict:
@@ -440,6 +550,15 @@ def collect(plan: Plan) -> dict:
     return results
 
 
+def _regime(plan: Plan) -> str:
+    return "attention refinement" if plan.args.refine == "attention" else "`--refine none`"
+
+
+def published_column(plan: Plan) -> str | None:
+    """The published figures the table compares with: none without attention refinement (an ablation)."""
+    return plan.protocol.published if plan.args.refine == "attention" else None
+
+
 def write_table(plan: Plan) -> str:
     """``results.json`` and ``results.md`` in the run folder; returns the Markdown."""
     results = collect(plan)
@@ -449,18 +568,17 @@ def write_table(plan: Plan) -> str:
              "No attention refinement (`--refine none`, an ablation): the TransCAM stage's CAMs are the CNN CAMs; "
              "the published figures are with refinement.", "",
              "| result | list | mIoU % | threshold | published |", "|---|---|---|---|---|"]
-    for key, title, list_key, stage in ROWS:
-        if key not in results:
+    for row in rows.ROWS:
+        if row.key not in results:
             continue
-        r = results[key]
+        r = results[row.key]
         t = f"{r['t']:.2f}" if "t" in r else "none"
-        published = plan.protocol.published.get(key, "-") if attention else "-"
-        title = title.format(cams=_cams(plan), fixed_t=plan.protocol.fixed_t)
-        lines.append(f"| {title} | {names[list_key]} | {100 * r['miou']:.2f} | {t} | {published} |")
+        lines.append(f"| {rows.title(row, _cams(plan), plan.protocol.fixed_t)} | {names[row.list_key]} | "
+                     f"{100 * r['miou']:.2f} | {t} | {rows.published(published_column(plan), row.key)} |")
     if plan.runs("seg_test"):
         archive = plan.out("seg_test") / "results.tar.gz"
         lines.append(f"\nTest set ({names['seg_test']}): upload `{archive}` to the evaluation server; published: "
-                     f"{plan.protocol.published.get('seg_test', '-')}.")
+                     f"{rows.published(plan.protocol.published, 'seg_test')}.")
     text = "\n".join(lines) + "\n"
     with atomic_path(plan.run_dir / "results.json") as tmp:
         Path(tmp).write_text(json.dumps({"lists": plan.lists, "refine": plan.args.refine, "results": results},
@@ -470,35 +588,61 @@ def write_table(plan: Plan) -> str:
     return text
 
 
+def write_seed_table(plans: list[Plan], folder: Path) -> str:
+    """``seeds.json`` and ``seeds.md`` in ``folder``: :func:`protocol.rows.seed_summary` of the plans'
+    ``results.json`` (every plan one seed, all finished); returns the Markdown."""
+    per_seed = {p.seed: json.loads((p.run_dir / "results.json").read_text())["results"] for p in plans}
+    summary = rows.seed_summary(per_seed)
+    first = plans[0]
+    text = (f"Seeds {', '.join(map(str, sorted(per_seed)))}: mean ± sample standard deviation (n - 1) over the "
+            f"seeds, then each seed's value ({_regime(first)}).\n\n"
+            + rows.seed_table(summary, _cams(first), first.protocol.fixed_t, published_column(first)))
+    with atomic_path(folder / "seeds.json") as tmp:
+        Path(tmp).write_text(json.dumps({"seeds": sorted(per_seed), "sd": "sample (n - 1)", "rows": summary},
+                                        indent=1) + "\n")
+    with atomic_path(folder / "seeds.md") as tmp:
+        Path(tmp).write_text(text)
+    return text
+
+
 def definition(plan: Plan) -> dict:
     """What makes a run's results what they are: kept in ``run.json``, and a rerun must agree with it."""
     p = plan.protocol
     return {"dataset": plan.args.dataset, "refine": plan.args.refine, "start": plan.args.start,
             "seg_from_scratch": plan.args.seg_from_scratch, "lists": plan.lists, "settings": p.settings,
-            "extras": list(p.extras), "fixed_t": p.fixed_t}
+            "extras": list(p.extras), "fixed_t": p.fixed_t, "published": p.published,
+            "seed": plan.seed if plan.run_dir == plan.root else "one folder per seed"}
+
+
+def _differences(before, now, name: str) -> list[str]:
+    """``name old -> new`` for every value that differs, descending into dicts (``settings.bao ...``)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(before) | set(now), key=str)
+                for d in _differences(before.get(k), now.get(k), f"{name}.{k}" if name else str(k))]
+    return [] if before == now else [f"{name} {before} -> {now}"]
 
 
 def check_definition(plan: Plan) -> None:
     """Write ``run.json`` on a new run; refuse a rerun whose :func:`definition` differs (its finished
-    stages would be mixed with stages of other settings)."""
-    path = plan.run_dir / "run.json"
+    stages would be mixed with stages of other settings), naming every setting that differs."""
+    path = plan.root / "run.json"
     now = definition(plan)
     if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        # a run made before "published" and "seed" were recorded had neither (published figures change no result)
+        before = {"published": now["published"], "seed": None, **json.loads(path.read_text())}
+        changed = _differences(before, now, "")
         if changed:
-            values = [f"{k} {before.get(k)} -> {now.get(k)}" for k in changed
-                      if not isinstance(now.get(k), (dict, list))]
-            raise UserError(f"{plan.run_dir} holds a run made with other settings ({', '.join(values or changed)}); "
-                            "rerun it with the same flags, or give another --run_dir")
+            raise UserError(f"{plan.root} holds a run made with other settings ({'; '.join(changed)}); rerun it "
+                            "with the same flags and protocol, or give another --run_dir")
         return
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    plan.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(now, indent=1) + "\n")
 
 
-def run(plan: Plan, show_table: bool = True) -> None:
-    """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end."""
+def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
+    """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end.
+    ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them)."""
     a = plan.args
     first = STAGES.index(a.from_stage) if a.from_stage else 0
     last = STAGES.index(a.until) if a.until else len(STAGES) - 1
@@ -509,7 +653,7 @@ def run(plan: Plan, show_table: bool = True) -> None:
     check_prerequisites(plan, todo)
     check_definition(plan)
     if a.from_stage:
-        for stage in STAGES[first:]:
+        for stage in (s for s in STAGES[first:] if redo_shared or not plan.shared(s)):
             _done_file(plan, stage).unlink(missing_ok=True)
             shutil.rmtree(plan.out(stage), ignore_errors=True)
     for stage in selected:
@@ -524,31 +668,51 @@ def run(plan: Plan, show_table: bool = True) -> None:
         print("\n" + (plan.run_dir / "results.md").read_text())
 
 
-def recorded_plan(args: argparse.Namespace) -> Plan | None:
-    """The plan of the run in ``args.run_dir`` as its ``run.json`` recorded it (None: no run there
-    yet), whatever flags and preset (the demo's) made it."""
-    path = Path(args.run_dir) / "run.json"
+def run_seeds(plans: list[Plan]) -> None:
+    """Run every seed's plan (a shared stage once: the first seed runs it, the others find it done); with
+    the table stage reached, write and print the seeds table in the root."""
+    for plan in plans:
+        print(f"\n=== seed {plan.seed}: {plan.run_dir}", flush=True)
+        run(plan, show_table=False, redo_shared=plan is plans[0])  # --from redoes a shared stage once
+    if plans[0].args.until in (None, "table"):
+        print("\n" + write_seed_table(plans, plans[0].root))
+
+
+def recorded_plans(args: argparse.Namespace) -> list[Plan]:
+    """The plans of the run in ``args.run_dir`` as its ``run.json`` recorded them, whatever flags and
+    preset (the demo's) made it: one, or one per ``seed<S>`` folder. A folder without ``run.json``
+    holds no run: UserError."""
+    root = Path(args.run_dir)
+    path = root / "run.json"
     if not path.is_file():
-        return None
+        state = "does not exist" if not root.exists() else "holds no run (no run.json)"
+        raise UserError(f"{root} {state}: give the --run_dir of a run (a run folder has run.json)")
     d = json.loads(path.read_text())
-    lists = d["lists"]
-    protocol = Protocol(train_list=lists["train"], score_list=lists["score"], seg_train_list=lists.get("seg_train"),
-                        seg_val_list=lists.get("seg_val"), seg_test_list=lists.get("seg_test"), published={},
-                        settings=d["settings"], extras=tuple(d["extras"]), fixed_t=d["fixed_t"])
+    protocol = Protocol(lists=d["lists"], published=d.get("published"), settings=d["settings"],
+                        extras=tuple(d["extras"]), fixed_t=d["fixed_t"])
     recorded = argparse.Namespace(**{**vars(args), "dataset": d["dataset"], "refine": d["refine"],
                                      "start": d["start"], "seg_from_scratch": d["seg_from_scratch"],
                                      "coco_val": "labelled"})
-    return make_plan(recorded, protocol)
+    if d.get("seed") != "one folder per seed":
+        return [make_plan(recorded, protocol, seed=d.get("seed"), run_dir=root, check=False)]
+    seeds = sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].isdigit() and p.is_dir())
+    return [make_plan(recorded, protocol, seed=s, check=False) for s in seeds]
 
 
 def main(args: argparse.Namespace) -> None:
     if args.status:
-        for stage, state in status(recorded_plan(args) or make_plan(args)):
-            print(f"{stage:<14} {state}")
+        for plan in recorded_plans(args):
+            if plan.run_dir != plan.root:
+                print(f"seed {plan.seed} ({plan.run_dir}):")
+            for stage, state in status(plan):
+                print(f"{stage:<14} {state}")
         return
-    plan = make_plan(args)
-    os.makedirs(plan.run_dir, exist_ok=True)
-    run(plan)
+    plans = make_plans(args)
+    os.makedirs(plans[0].root, exist_ok=True)
+    if args.seeds:
+        run_seeds(plans)
+    else:
+        run(plans[0])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ CAM after ``refine`` (spec section 2), and measures where the attention goes: th
 attention mass that object patches and background patches give to object patches,
 normalised by the object's share of patches (1.0 = no preference).
 
-    python apps/attention_diag.py --arch tiny \\
+    python -m protocol.attention_diag --arch tiny \\
         --weights demo_out/seed0/attention/transcam/transcam/transcam_29epochs.pth \\
         --voc12_root demo_out/data/VOC2012 --label_file demo_out/data/VOC2012/cls_labels.json
 """
