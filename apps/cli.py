@@ -11,11 +11,13 @@ the dataset commands use this module too, and must start without loading torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
 from core.errors import UserError
 from core.errors import run_cli as run_with_hints
+from core.runlock import RunLock, refuse_if_locked
 from core.workers import default_workers
 from data.layout import DEFAULT_LABEL_FILES, DEFAULT_VOC_ROOT, DatasetLayout, DatasetSpec, load_dataset
 
@@ -313,6 +315,14 @@ def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epoch
 
 
 RESUME_HINT = "continue with the same command and --resume auto"
+# What a training run refused for a run directory in use is told (core.runlock.RunLock).
+RUN_DIR_IN_USE = "wait for it to end, stop it, or choose another --session_name or --save_dir"
+
+
+def leads_launch() -> bool:
+    """Whether this process locks the run directory: a lone process, or rank 0 of a torchrun
+    launch (its other ranks follow rank 0 and take no lock)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def prepare_training_run(args: argparse.Namespace, world_size: int, weights_flag: str = "weights") -> bool:
@@ -339,6 +349,8 @@ def prepare_training_run(args: argparse.Namespace, world_size: int, weights_flag
     args.run_dir = str(run_dir)
     args.tblog_dir = str(args.tblog_dir or run_dir / "tb")
     own_checkpoint = run_dir / "checkpoint.pth"
+    if leads_launch():  # refused here, before --resume reads the other run's checkpoint
+        refuse_if_locked(run_dir, RUN_DIR_IN_USE)
     if args.resume == "auto":
         args.resume = str(own_checkpoint) if own_checkpoint.is_file() else None
     elif args.resume is not None:
@@ -444,8 +456,14 @@ def run_training(build, args: argparse.Namespace) -> None:
 
     ``build`` returns an object with ``run()``, ``log`` (:class:`tool.train_log.RunLog`) and
     ``engine``; a user error during training is recorded in the run's log before it ends the
-    script, and the log is closed and the process group left whatever happens.
+    script, and the log is closed and the process group left whatever happens. The run
+    directory is locked (:class:`core.runlock.RunLock`) for the whole run.
     """
+    with RunLock(args.run_dir, RUN_DIR_IN_USE) if leads_launch() else contextlib.nullcontext():
+        _run_training(build, args)
+
+
+def _run_training(build, args: argparse.Namespace) -> None:
     from tool.device import barrier, cleanup_distributed, setup_distributed
 
     rt = setup_distributed(args.device)

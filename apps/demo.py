@@ -36,6 +36,7 @@ from apps.cli import add_generated_dataset_args, add_stages_device_arg, run_cli
 from apps.make_dataset import generate_once
 from core.errors import UserError
 from core.fileio import atomic_path
+from core.runlock import RunLock
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
 # checks), spelled out so that --help needs no model import.
@@ -198,6 +199,12 @@ def run_pipeline(args: argparse.Namespace, variants: tuple[Variant, ...] = ()) -
 
 
 def main(args: argparse.Namespace) -> dict:
+    # One demo per --out: a second one would train in the same run folders.
+    with RunLock(args.out, "wait for it to end, stop it, or give another --out"):
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> dict:
     if args.quick:
         apply_quick(args)
     start = time.time()

@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ from pathlib import Path
 
 from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_refine_arg, add_stages_device_arg, dataset_from_args,
                       run_cli)
-from core.errors import UserError
+from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
+from core.runlock import RunLock, describe, lock_holder
 from data.labels import read_list
 from data.layout import REPO_ROOT
 
@@ -385,12 +387,16 @@ def _run_stage(plan: Plan, stage: str) -> None:
             log.flush()
             proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
-            # Raw chunks, not lines: a progress bar redraws its line with carriage returns, which a
-            # line reader would turn into one printed line per refresh.
-            while chunk := proc.stdout.read1(65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                log.write(chunk)
+            try:
+                _pass_output(proc, log)
+            except KeyboardInterrupt:
+                # Stop the stage's script as the runner was stopped, and let it save: Ctrl-C in a
+                # terminal reached it too; a SIGTERM sent to the runner alone is passed on.
+                if stop_signal() == signal.SIGTERM:
+                    proc.send_signal(signal.SIGTERM)
+                _pass_output(proc, log)
+                proc.wait()
+                raise
             if proc.wait() != 0:
                 raise UserError(f"stage {stage} failed (exit {proc.returncode}); its output is in {log_path}; fix the "
                                 "cause and rerun the same command, which continues from this stage")
@@ -398,6 +404,16 @@ def _run_stage(plan: Plan, stage: str) -> None:
         write_table(plan)
     with atomic_path(_done_file(plan, stage)) as tmp:
         Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
+
+
+def _pass_output(proc: subprocess.Popen, log) -> None:
+    """Copy a stage's output to the screen and its log until it ends."""
+    # Raw chunks, not lines: a progress bar redraws its line with carriage returns, which a
+    # line reader would turn into one printed line per refresh.
+    while chunk := proc.stdout.read1(65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        log.write(chunk)
 
 
 # The results table: (key, title, list, stage that scores it); "{cams}" is what the TransCAM
@@ -498,7 +514,15 @@ def check_definition(plan: Plan) -> None:
 
 
 def run(plan: Plan, show_table: bool = True) -> None:
-    """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end."""
+    """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end.
+
+    The run folder is locked for the whole run (:class:`core.runlock.RunLock`): a second runner
+    on it is refused before it writes anything."""
+    with RunLock(plan.run_dir, "wait for it to end, stop it, or give another --run_dir"):
+        _run_stages(plan, show_table)
+
+
+def _run_stages(plan: Plan, show_table: bool) -> None:
     a = plan.args
     first = STAGES.index(a.from_stage) if a.from_stage else 0
     last = STAGES.index(a.until) if a.until else len(STAGES) - 1
@@ -543,6 +567,9 @@ def recorded_plan(args: argparse.Namespace) -> Plan | None:
 
 def main(args: argparse.Namespace) -> None:
     if args.status:
+        holder = lock_holder(args.run_dir)
+        if holder is not None:
+            print(f"a run is in progress: {describe(holder)}")
         for stage, state in status(recorded_plan(args) or make_plan(args)):
             print(f"{stage:<14} {state}")
         return

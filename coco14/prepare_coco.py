@@ -58,7 +58,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from apps.cli import positive_int
-from core.errors import UserError, ignore_sigint, run_cli
+from core.errors import UserError, run_cli, worker_process_init
 from core.fileio import atomic_path, is_temporary, remove_temporaries
 from core.palette import IGNORE_INDEX, save_label_png
 from data.classes import COCO, COCO_CATEGORY_IDS, COCO_CONVENTIONS, CONVENTION_FILE
@@ -418,7 +418,7 @@ def main(args: argparse.Namespace) -> None:
     # They ignore Ctrl-C: the main process stops, and leaving the block terminates them.
     started: set[str] = set()
     try:
-        with Pool(args.workers, initializer=ignore_sigint) if args.workers > 1 else contextlib.nullcontext() as pool:
+        with Pool(args.workers, initializer=worker_process_init) if args.workers > 1 else contextlib.nullcontext() as pool:
             for split in splits:
                 # One split at a time, so only one parsed annotation file is in memory.
                 stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)

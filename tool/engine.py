@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core.errors import UserError, quiet_loader_worker
+from core.errors import UserError, quiet_loader_worker, record_stop_signal
 from core.fileio import atomic_path
 from data.datasets import CollateOrError, ErrorsAsItems, raise_batch_error
 from network.checkpoint import safe_load
@@ -137,6 +137,7 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame) -> None:
         # Only set a flag: printing here could re-enter a write the main thread is doing.
+        record_stop_signal(signum)  # SIGTERM ends the script with status 143 (core.errors.run_cli)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
