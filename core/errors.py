@@ -39,6 +39,8 @@ def run_cli(main: Callable[[object], object], args: object, hints: Mapping[str, 
     SIGTERM raises KeyboardInterrupt as Ctrl-C does (code that stops cleanly on Ctrl-C stops
     cleanly on it too); the exit status is then 143 instead of 130.
     """
+    global _main_pid
+    _main_pid = os.getpid()
     _received.clear()
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
@@ -73,15 +75,24 @@ def stop_signal() -> int | None:
 
 
 def _terminate(signum: int, _frame: object) -> None:
+    if os.getpid() != _main_pid:  # a forked child inherited the handler: end as SIGTERM ends it by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     record_stop_signal(signum)
     raise KeyboardInterrupt
 
 
+_main_pid = os.getpid()
+
+
 def worker_process_init(*_args: object) -> None:
     """Initializer of a worker process (``multiprocessing.Pool``, ``ProcessPoolExecutor``):
-    ignore Ctrl-C (the main process decides) and die with the main process
-    (:func:`die_with_parent`)."""
+    ignore Ctrl-C (the main process decides), end on SIGTERM (a pool terminates its workers
+    with it; a forked worker would inherit the main process's handler) and die with the main
+    process (:func:`die_with_parent`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
 
 
