@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
-from core.errors import ignore_sigint
+from core.errors import worker_process_init
 
 
 def default_workers() -> int:
@@ -36,8 +36,9 @@ class TaskPool:
     during the call (for a progress bar). Leaving the block on an exception (a worker's error,
     Ctrl-C) cancels the tasks not started and waits for the running ones, whose outputs are
     written atomically by the tasks themselves. Workers ignore Ctrl-C: the main process
-    decides. They are spawned, not forked (``start``), so that a parent holding CUDA or thread
-    pools hands them nothing; a caller that holds neither may fork them, which starts them in
+    decides; they die with the main process however it ends (core.errors.die_with_parent).
+    They are spawned, not forked (``start``), so that a parent holding CUDA or thread pools
+    hands them nothing; a caller that holds neither may fork them, which starts them in
     milliseconds rather than the seconds a spawned worker takes to import its modules.
     """
 
@@ -47,7 +48,7 @@ class TaskPool:
         self.workers = workers
         self._pending: deque[Future] = deque()
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start),
-                                          initializer=ignore_sigint) if workers else None)
+                                          initializer=worker_process_init) if workers else None)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> int:
         """Queue one task; when ``2 * workers`` are in flight, wait for the oldest first."""

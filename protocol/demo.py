@@ -38,9 +38,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, run_cli
-from data.synthetic import generate_once
 from core.errors import UserError
 from core.fileio import atomic_path
+from core.runlock import RunLock
+from data.synthetic import generate_once
 from protocol import pipeline, rows
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
@@ -230,6 +231,12 @@ def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> st
 
 def main(args: argparse.Namespace) -> dict:
     """Run the demo for every seed; returns seed -> :func:`run_pipeline`'s results."""
+    # One demo per --out: a second one would train in the same run folders.
+    with RunLock(args.out, "wait for it to end, stop it, or give another --out"):
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> dict:
     if args.quick:
         apply_quick(args)
     if len(set(args.seeds)) != len(args.seeds):

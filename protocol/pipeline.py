@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,8 +60,9 @@ from typing import Callable
 
 from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_refine_arg, add_stages_device_arg, dataset_from_args,
                       run_cli)
-from core.errors import UserError
+from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
+from core.runlock import RunLock, describe, lock_holder
 from data.labels import read_list
 from data.layout import REPO_ROOT
 from protocol import rows
@@ -509,12 +511,16 @@ def _run_stage(plan: Plan, stage: str) -> None:
             log.flush()
             proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
-            # Raw chunks, not lines: a progress bar redraws its line with carriage returns, which a
-            # line reader would turn into one printed line per refresh.
-            while chunk := proc.stdout.read1(65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                log.write(chunk)
+            try:
+                _pass_output(proc, log)
+            except KeyboardInterrupt:
+                # Stop the stage's script as the runner was stopped, and let it save: Ctrl-C in a
+                # terminal reached it too; a SIGTERM sent to the runner alone is passed on.
+                if stop_signal() == signal.SIGTERM:
+                    proc.send_signal(signal.SIGTERM)
+                _pass_output(proc, log)
+                proc.wait()
+                raise
             if proc.wait() != 0:
                 raise UserError(f"stage {stage} failed (exit {proc.returncode}); its output is in {log_path}; fix the "
                                 "cause and rerun the same command, which continues from this stage")
@@ -522,6 +528,16 @@ def _run_stage(plan: Plan, stage: str) -> None:
         write_table(plan)
     with atomic_path(_done_file(plan, stage)) as tmp:
         Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
+
+
+def _pass_output(proc: subprocess.Popen, log) -> None:
+    """Copy a stage's output to the screen and its log until it ends."""
+    # Raw chunks, not lines: a progress bar redraws its line with carriage returns, which a
+    # line reader would turn into one printed line per refresh.
+    while chunk := proc.stdout.read1(65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        log.write(chunk)
 
 
 def collect(plan: Plan) -> dict:
@@ -640,9 +656,20 @@ def check_definition(plan: Plan) -> None:
         Path(tmp).write_text(json.dumps(now, indent=1) + "\n")
 
 
+RUN_DIR_IN_USE = "wait for it to end, stop it, or give another --run_dir"
+
+
 def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
     """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end.
-    ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them)."""
+    ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them).
+
+    The run folder is locked for the whole run (:class:`core.runlock.RunLock`): a second runner
+    on it is refused before it writes anything."""
+    with RunLock(plan.run_dir, RUN_DIR_IN_USE):
+        _run_stages(plan, show_table, redo_shared)
+
+
+def _run_stages(plan: Plan, show_table: bool, redo_shared: bool) -> None:
     a = plan.args
     first = STAGES.index(a.from_stage) if a.from_stage else 0
     last = STAGES.index(a.until) if a.until else len(STAGES) - 1
@@ -671,11 +698,12 @@ def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
 def run_seeds(plans: list[Plan]) -> None:
     """Run every seed's plan (a shared stage once: the first seed runs it, the others find it done); with
     the table stage reached, write and print the seeds table in the root."""
-    for plan in plans:
-        print(f"\n=== seed {plan.seed}: {plan.run_dir}", flush=True)
-        run(plan, show_table=False, redo_shared=plan is plans[0])  # --from redoes a shared stage once
-    if plans[0].args.until in (None, "table"):
-        print("\n" + write_seed_table(plans, plans[0].root))
+    with RunLock(plans[0].root, RUN_DIR_IN_USE):  # each seed's folder is locked by run() too
+        for plan in plans:
+            print(f"\n=== seed {plan.seed}: {plan.run_dir}", flush=True)
+            run(plan, show_table=False, redo_shared=plan is plans[0])  # --from redoes a shared stage once
+        if plans[0].args.until in (None, "table"):
+            print("\n" + write_seed_table(plans, plans[0].root))
 
 
 def recorded_plans(args: argparse.Namespace) -> list[Plan]:
@@ -701,6 +729,9 @@ def recorded_plans(args: argparse.Namespace) -> list[Plan]:
 
 def main(args: argparse.Namespace) -> None:
     if args.status:
+        holder = lock_holder(args.run_dir)
+        if holder is not None:
+            print(f"a run is in progress: {describe(holder)}")
         for plan in recorded_plans(args):
             if plan.run_dir != plan.root:
                 print(f"seed {plan.seed} ({plan.run_dir}):")

@@ -39,7 +39,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from core.errors import UserError
+from core.errors import UserError, record_stop_signal
 from data.datasets import raise_batch_error
 from tool.device import Runtime, barrier
 from tool.runtime import (broadcast_buffers, cpu_state, gather_objects, rng_state, save_checkpoint, seed_everything,
@@ -136,6 +136,7 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame) -> None:
         # Only set a flag: printing here could re-enter a write the main thread is doing.
+        record_stop_signal(signum)  # SIGTERM ends the script with status 143 (core.errors.run_cli)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

@@ -21,6 +21,7 @@ flags that every training script has.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from core.errors import UserError
 from core.fileio import atomic_write
+from core.runlock import RunLock, refuse_if_locked
 from data.layout import REPO_ROOT
 from network.checkpoint import require_file
 from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
@@ -81,6 +83,16 @@ def resolve_val_list(args: argparse.Namespace) -> None:
     args.val_scales = args.val_scales or (args.crop_size,)
 
 
+# What a training run refused for a run directory in use is told (core.runlock.RunLock).
+RUN_DIR_IN_USE = "wait for it to end, stop it, or choose another --session_name or --save_dir"
+
+
+def leads_launch() -> bool:
+    """Whether this process locks the run directory: a lone process, or rank 0 of a torchrun
+    launch (its other ranks follow rank 0 and take no lock)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def prepare_training_run(args: argparse.Namespace, weights_flag: str, weights_what: str,
                          world_size: int | None = None) -> bool:
     """The start of a training run: check the shared training flags and settle the run directory.
@@ -107,6 +119,8 @@ def prepare_training_run(args: argparse.Namespace, weights_flag: str, weights_wh
     args.run_dir = str(run_dir)
     args.tblog_dir = str(args.tblog_dir or run_dir / "tb")
     own_checkpoint = run_dir / "checkpoint.pth"
+    if leads_launch():  # refused here, before --resume reads the other run's checkpoint
+        refuse_if_locked(run_dir, RUN_DIR_IN_USE)
     if args.resume == "auto":
         args.resume = str(own_checkpoint) if own_checkpoint.is_file() else None
     elif args.resume is not None:
@@ -322,8 +336,13 @@ def run_training(build, args: argparse.Namespace) -> None:
     ``build`` returns an object with ``run()``, ``log`` (:class:`tool.train_log.RunLog`) and
     ``engine`` (a :class:`TrainingRun`); a user error during training is recorded in the run's
     log before it ends the script, and the log is closed and the process group left whatever
-    happens.
+    happens. The run directory is locked (:class:`core.runlock.RunLock`) for the whole run.
     """
+    with RunLock(args.run_dir, RUN_DIR_IN_USE) if leads_launch() else contextlib.nullcontext():
+        _run_training(build, args)
+
+
+def _run_training(build, args: argparse.Namespace) -> None:
     rt = setup_distributed(args.device)
     try:
         training = build(args, rt)
