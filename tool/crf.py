@@ -81,9 +81,9 @@ def check_prob_inputs(image: np.ndarray, probs: np.ndarray) -> None:
                          f"{image.dtype}")
 
 
-def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_prob: float = GT_PROB,
-                      iterations: int = ITERATIONS, backend: str = "auto", device: str = "cpu") -> np.ndarray:
-    """Refine a label map with a fully connected CRF on the image colours.
+def crf_label_marginals(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_prob: float = GT_PROB,
+                        iterations: int = ITERATIONS, backend: str = "auto", device: str = "cpu") -> np.ndarray:
+    """Mean-field marginals of the label-map CRF (:func:`crf_refine_labels` is their argmax).
 
     Args:
         image: (H, W, 3) uint8 RGB original image.
@@ -94,12 +94,12 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_p
         backend: one of :data:`BACKENDS` (see :func:`resolve_backend`).
         device: where the torch backend computes (pydensecrf2 runs on the CPU).
     Returns:
-        (H, W) uint8 refined class ids.
+        (n_labels, H, W) float32 marginals.
     """
     check_label_inputs(image, labels, n_labels)
     if resolve_backend(backend) == "torch":
         from tool import densecrf
-        return densecrf.crf_refine_labels(image, labels, n_labels, gt_prob, iterations, device)
+        return densecrf.crf_label_marginals_batch([image], [labels], n_labels, gt_prob, iterations, device)[0]
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels
     h, w = labels.shape
@@ -108,8 +108,18 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_p
     crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_COMPAT)
     crf.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB, rgbim=np.ascontiguousarray(image),
                              compat=BILATERAL_COMPAT)
-    q = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(n_labels, h, w)
-    return q.argmax(axis=0).astype(np.uint8)
+    return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(n_labels, h, w)
+
+
+def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_prob: float = GT_PROB,
+                      iterations: int = ITERATIONS, backend: str = "auto", device: str = "cpu") -> np.ndarray:
+    """Refine a label map with a fully connected CRF on the image colours.
+
+    Args: as :func:`crf_label_marginals`.
+    Returns:
+        (H, W) uint8 refined class ids.
+    """
+    return crf_label_marginals(image, labels, n_labels, gt_prob, iterations, backend, device).argmax(0).astype(np.uint8)
 
 
 @dataclass(frozen=True)

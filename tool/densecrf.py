@@ -17,8 +17,8 @@ conventions are pydensecrf2's, so that both give the same labels:
   messages of an iteration come from the previous Q, then a softmax over the labels.
 
 They differ by float summation order only (the lattice's splatting sums a vertex's pixels in
-another order, torch's exp and log are not the C library's), which moves the marginals by a
-few 1e-6 and flips a label only where two labels tie to that precision.
+another order, torch's exp and log are not the C library's), which moves the marginals by
+1e-6 to 1e-4 after 10 iterations and flips a label only where two labels tie to that precision.
 
 Several images are refined in one lattice (their keys carry the image's index), so a batch
 of images costs a few large tensor operations instead of many small ones.
@@ -279,13 +279,18 @@ def softmax_unary(probs: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probs.astype(np.float32), 1e-5, 1.0)).reshape(c, -1).T
 
 
-def crf_refine_labels_batch(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_labels: int,
-                            gt_prob: float = GT_PROB, iterations: int = ITERATIONS, device: str | torch.device = "cpu",
-                            pixels_per_call: int = PIXELS_PER_CALL) -> list[np.ndarray]:
-    """:func:`crf_refine_labels` of several images, up to ``pixels_per_call`` pixels per lattice.
+def crf_label_marginals_batch(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_labels: int,
+                              gt_prob: float = GT_PROB, iterations: int = ITERATIONS,
+                              device: str | torch.device = "cpu",
+                              pixels_per_call: int = PIXELS_PER_CALL) -> list[np.ndarray]:
+    """Marginals of the label-map CRF (tool.crf's) of several images, up to ``pixels_per_call``
+    pixels per lattice.
 
+    Args:
+        images: B (H_b, W_b, 3) uint8 RGB images.
+        labels: B (H_b, W_b) integer class ids in 0..n_labels-1.
     Returns:
-        B (H_b, W_b) uint8 refined class ids.
+        B (n_labels, H_b, W_b) float32 marginals.
     """
     for image, label in zip(images, labels, strict=True):
         check_label_inputs(image, label, n_labels)
@@ -293,13 +298,25 @@ def crf_refine_labels_batch(images: Sequence[np.ndarray], labels: Sequence[np.nd
     for group in _chunks([label.size for label in labels], pixels_per_call):
         unary = torch.from_numpy(np.concatenate([label_unary(labels[i], n_labels, gt_prob) for i in group]))
         q = mean_field([images[i] for i in group], unary.to(device), (GAUSSIAN_SXY, GAUSSIAN_COMPAT),
-                       (BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT), iterations)
-        ids = q.argmax(1).to(torch.uint8).cpu().numpy()
+                       (BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT), iterations).cpu().numpy()
         start = 0
         for i in group:
-            out.append(ids[start:start + labels[i].size].reshape(labels[i].shape))
-            start += labels[i].size
+            h, w = labels[i].shape
+            out.append(np.ascontiguousarray(q[start:start + h * w].T).reshape(n_labels, h, w))
+            start += h * w
     return out
+
+
+def crf_refine_labels_batch(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_labels: int,
+                            gt_prob: float = GT_PROB, iterations: int = ITERATIONS, device: str | torch.device = "cpu",
+                            pixels_per_call: int = PIXELS_PER_CALL) -> list[np.ndarray]:
+    """:func:`crf_refine_labels` of several images (arguments as :func:`crf_label_marginals_batch`).
+
+    Returns:
+        B (H_b, W_b) uint8 refined class ids.
+    """
+    return [q.argmax(0).astype(np.uint8) for q in crf_label_marginals_batch(images, labels, n_labels, gt_prob,
+                                                                            iterations, device, pixels_per_call)]
 
 
 def crf_refine_probs_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndarray], params: CRFParams = CRFParams(),
