@@ -1,0 +1,165 @@
+"""tool/densecrf.py: the permutohedral lattice against an exact Gaussian filter, the torch CRF
+against pydensecrf2, and tool/crf.py's backend switch."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import UserError
+from tool import crf, densecrf
+from tool.crf import CRFParams
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    """(h, w, 3) uint8: colour ramps with blocks and noise, so that the bilateral kernel has edges."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([xx * 4, yy * 5, (xx + yy) * 3], -1) + 90 * ((xx // 9 + yy // 7) % 2)[..., None]
+    return np.clip(base + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _noisy_labels(h: int, w: int, n_labels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    labels = ((xx // 9 + yy // 7) % 3).astype(np.uint8)
+    flip = rng.random((h, w)) < 0.25
+    labels[flip] = rng.integers(0, n_labels, int(flip.sum()))
+    return labels
+
+
+def _smooth_probs(c: int, h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(c, h // 8 + 1, w // 8 + 1)).astype(np.float32) * 3
+    logits = np.kron(coarse, np.ones((8, 8), np.float32))[:, :h, :w] + rng.normal(size=(c, h, w)).astype(np.float32)
+    probs = np.exp(logits - logits.max(0))
+    return probs / probs.sum(0)
+
+
+@pytest.mark.parametrize("sxy, srgb", [(1.0, None), (2.0, 30.0)])
+def test_lattice_filter_matches_brute_force_gaussian(sxy, srgb):
+    """The lattice filters with exp(-|f_i - f_j|^2 / 2) up to its approximation error.
+
+    The permutohedral lattice replaces the Gaussian by splatting to the d + 1 vertices of each
+    point's simplex, a [1/2, 1, 1/2] blur per lattice axis and linear interpolation back
+    (Adams, Baek and Davis 2010): a kernel of about the right width, with a gain below 1 that
+    varies with where a point sits in its simplex. The CRF divides that gain out (its kernel
+    normalisation), so the comparison is of the normalised filters K v / K 1, and the error is
+    measured against the smoothing the exact filter does, |exact - v|: the lattice's is a few
+    percent (3-4% here, 12 x 10 pixels, 2-D positions and 5-D positions and colours), bounded
+    at 8%. A lattice without blur is off by 30-50%, one with an axis' blur missing by 14% (2-D).
+    """
+    image = _image(10, 12, 0)
+    features = densecrf._features([image], sxy, srgb, torch.device("cpu"))
+    lattice = densecrf.Lattice(features, torch.zeros(features.shape[0], dtype=torch.int64))
+    values = torch.from_numpy(np.random.default_rng(1).random((features.shape[0], 3)).astype(np.float32))
+    f = features.double()
+    kernel = torch.exp(-((f[:, None, :] - f[None, :, :]) ** 2).sum(2) / 2)  # every pixel pair
+    exact = kernel @ values.double() / kernel.sum(1, keepdim=True)
+    approx = lattice.compute(values).double() / lattice.compute(torch.ones(features.shape[0], 1)).double()
+    assert ((approx - exact).norm() / (exact - values.double()).norm()).item() < 0.08
+    assert (approx - exact).abs().max().item() < 0.08
+    # Each pixel's simplex weights are barycentric: non-negative (to rounding), summing to 1.
+    assert lattice.weights.min().item() > -1e-6
+    torch.testing.assert_close(lattice.weights.sum(1), torch.ones(features.shape[0]), atol=1e-6, rtol=0)
+
+
+def _pydensecrf_marginals(image, unary, gaussian, bilateral, iterations):
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    h, w = image.shape[:2]
+    model = dcrf.DenseCRF2D(w, h, unary.shape[0])
+    model.setUnaryEnergy(np.ascontiguousarray(unary))
+    model.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1])
+    model.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=bilateral[2])
+    return np.asarray(model.inference(iterations), np.float32).reshape(unary.shape[0], h, w)
+
+
+def test_label_map_crf_agrees_with_pydensecrf():
+    """gt_prob 0.7, the published pairwise terms, 21 labels; 45 x 61 pixels (not a multiple of 4:
+    pydensecrf's padded lattice points are reproduced)."""
+    utils = pytest.importorskip("pydensecrf.utils")
+    image, labels = _image(45, 61, 2), _noisy_labels(45, 61, 21, 3)
+    unary = utils.unary_from_labels(labels.astype(np.int64), 21, gt_prob=0.7, zero_unsure=False)
+    np.testing.assert_allclose(densecrf.label_unary(labels, 21, 0.7).T, unary, rtol=1e-6)
+    ref = _pydensecrf_marginals(image, unary, (crf.GAUSSIAN_SXY, crf.GAUSSIAN_COMPAT),
+                                (crf.BILATERAL_SXY, crf.BILATERAL_SRGB, crf.BILATERAL_COMPAT), crf.ITERATIONS)
+    q = densecrf.mean_field([image], torch.from_numpy(densecrf.label_unary(labels, 21, 0.7)),
+                            (crf.GAUSSIAN_SXY, crf.GAUSSIAN_COMPAT),
+                            (crf.BILATERAL_SXY, crf.BILATERAL_SRGB, crf.BILATERAL_COMPAT), crf.ITERATIONS)
+    q = q.numpy().T.reshape(ref.shape)
+    assert np.abs(q - ref).max() < 1e-4  # measured 3e-6: float summation order only
+    refined = densecrf.crf_refine_labels(image, labels, 21)
+    assert (refined == ref.argmax(0)).mean() >= 0.995
+    assert (refined != labels).mean() > 0.05  # the CRF did change the noisy map
+
+
+def test_probability_crf_agrees_with_pydensecrf():
+    """DeepLab-V2's terms (CRFParams) on softmax probabilities."""
+    utils = pytest.importorskip("pydensecrf.utils")
+    image, probs = _image(40, 56, 4), _smooth_probs(6, 40, 56, 5)
+    params = CRFParams()
+    ref = _pydensecrf_marginals(image, utils.unary_from_softmax(probs),
+                                (params.gaussian_sxy, params.gaussian_compat),
+                                (params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat), params.iterations)
+    q = densecrf.crf_refine_probs(image, probs, params)
+    assert q.shape == probs.shape and q.dtype == np.float32
+    assert np.abs(q - ref).max() < 1e-4
+    assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.995
+    # Through tool/crf.py's switch, both backends.
+    np.testing.assert_allclose(crf.crf_refine_probs(image, probs, params, backend="torch"), q, atol=0, rtol=0)
+    np.testing.assert_allclose(crf.crf_refine_probs(image, probs, params, backend="pydensecrf"), ref, atol=0, rtol=0)
+
+
+def test_batch_of_different_sizes_equals_one_by_one():
+    """Images sharing one lattice (keys carry the image) give what each gives alone."""
+    images = [_image(20, 28, 6), _image(17, 23, 7), _image(20, 28, 8)]
+    labels = [_noisy_labels(*image.shape[:2], 5, 9 + i) for i, image in enumerate(images)]
+    together = densecrf.crf_refine_labels_batch(images, labels, 5)
+    alone = [densecrf.crf_refine_labels(image, label, 5) for image, label in zip(images, labels)]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
+    # A budget of one image per lattice gives the same too.
+    split = densecrf.crf_refine_labels_batch(images, labels, 5, pixels_per_call=1)
+    for a, b in zip(split, alone):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def no_pydensecrf(monkeypatch):
+    """Make ``import pydensecrf`` fail, as where pydensecrf2 is not installed."""
+    for name in [n for n in sys.modules if n == "pydensecrf" or n.startswith("pydensecrf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_auto_backend_without_pydensecrf_uses_torch(no_pydensecrf, monkeypatch):
+    assert not crf.pydensecrf_installed()
+    assert crf.resolve_backend("auto") == "torch"
+    assert crf.resolve_backend("torch") == "torch"
+    # tool/crf.py imports without it, and refines with torch.
+    monkeypatch.delitem(sys.modules, "tool.crf")
+    fresh = importlib.import_module("tool.crf")
+    image, labels = _image(12, 16, 10), _noisy_labels(12, 16, 4, 11)
+    np.testing.assert_array_equal(fresh.crf_refine_labels(image, labels, 4),
+                                  densecrf.crf_refine_labels(image, labels, 4))
+
+
+def test_pydensecrf_backend_without_it_is_one_user_error(no_pydensecrf):
+    with pytest.raises(UserError) as err:
+        crf.resolve_backend("pydensecrf")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "pip install pydensecrf2" in message and "--crf_backend torch" in message
+    with pytest.raises(UserError):
+        crf.crf_refine_labels(_image(8, 8, 12), np.zeros((8, 8), np.uint8), 3, backend="pydensecrf")
+    with pytest.raises(ValueError):
+        crf.resolve_backend("gpu")
+
+
+def test_auto_backend_with_pydensecrf_is_pydensecrf():
+    pytest.importorskip("pydensecrf.densecrf")
+    assert crf.resolve_backend("auto") == "pydensecrf"
