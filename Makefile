@@ -1,6 +1,8 @@
 # The two commands of the README. Both create .venv from requirements.txt when it is
-# missing or older than requirements.txt or pyproject.toml, and install this repository in it
-# (editable); nothing else needs to be typed.
+# missing or older than requirements.txt, requirements-crf.txt or pyproject.toml, and install
+# this repository in it (editable); nothing else needs to be typed. pydensecrf2
+# (requirements-crf.txt) is optional: when it does not build, one line says so, its pip output
+# stays in .venv/pydensecrf2-install.log, and the torch CRF runs instead.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +12,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-crf.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-crf.txt > $(VENV)/pydensecrf2-install.log 2>&1 \
+		|| echo "pydensecrf2 did not install (see $(VENV)/pydensecrf2-install.log): the dense CRF runs on the torch backend (tool/densecrf.py)"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from apps.cli import (FLAG_HINTS, DefaultsHelpFormatter, add_label_file_arg, add_voc_root_arg, int_at_least,
-                      non_negative_int, parse_bool, run_cli, voc_layout_from_args, worker_count)
+from apps.cli import (FLAG_HINTS, DefaultsHelpFormatter, add_crf_backend_arg, add_label_file_arg, add_voc_root_arg,
+                      crf_backend_from_args, int_at_least, non_negative_int, parse_bool, run_cli, voc_layout_from_args,
+                      worker_count)
 from core.errors import UserError
 from core.fileio import atomic_path, prepare_output_dir
 from core.workers import default_workers
@@ -139,6 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "published switch) the refined labels replace the plain ones in --out-dir")
     parser.add_argument("--img_dir", default=None, metavar="DIR",
                         help=f"images read by --out-crf: DIR/<name>{IMAGE_SUFFIX} (default: <voc12_root>/JPEGImages)")
+    add_crf_backend_arg(parser, device_flag=False)
     parser.add_argument("--bg_from_file", action="store_true",
                         help="--type npy: also score the threshold-free argmax over all maps including "
                              "the learned background map (key 0, BAO maps); shown as the plot's reference line")
@@ -196,6 +198,7 @@ def check_args(args: argparse.Namespace) -> bool:
     if (args.out_dir or args.out_crf) and args.thresholds.size != 1:
         raise UserError("--out-dir / --out-crf write the labels at one background score: add --t (e.g. the best "
                         "t of a sweep)")
+    args.crf_backend = crf_backend_from_args(args, args.out_crf is not None)
     if cams and args.cam_type not in (None, *CAM_TYPES):
         print(f"note: --cam-type {args.cam_type} names a key of the published .npy dictionaries; the CAM files "
               "read here hold one kind of map (the normalised maps of the present classes), read as --cam-type cam")
@@ -374,7 +377,7 @@ def _write_labels(args: argparse.Namespace, names: list[str], classes: ClassSet,
     t = float(args.thresholds[0])
     label_dir = None if args.out_crf == CRF_INTO_OUT_DIR else args.out_dir
     crf_conf = write_threshold_labels(names, args.predict_dir, gt_dir, classes, t, label_dir, image_dir,
-                                      args.crf_dir, args.workers, not args.no_progress)
+                                      args.crf_dir, args.workers, not args.no_progress, args.crf_backend)
     report["outputs"] = {"t": round(t, 6), "out_dir": label_dir, "out_crf": args.crf_dir}
     written = [f"{what} to {folder}" for what, folder in (("labels", label_dir), ("CRF labels", args.crf_dir))
                if folder]

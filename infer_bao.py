@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.cli import (add_crf_workers_arg, add_prediction_args, check_threshold, crf_worker_count, dataset_from_args,
-                      prediction_settings_from_run, run_cli)
+from apps.cli import (CRFSetup, add_crf_backend_arg, add_crf_workers_arg, add_prediction_args, check_threshold,
+                      crf_backend_from_args, crf_setup, dataset_from_args, prediction_settings_from_run, run_cli)
 from core.errors import UserError
 from core.fileio import unfinished
 from core.palette import save_label_png
@@ -67,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs already exist (default: skip them)")
     add_crf_workers_arg(parser)
+    add_crf_backend_arg(parser)
     add_prediction_args(parser)
     return parser
 
@@ -89,6 +90,7 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
 def main(args: argparse.Namespace) -> None:
     taken = prediction_settings_from_run(args)
     outputs = output_dirs(args)
+    args.crf_backend = crf_backend_from_args(args, "out_crf" in outputs)
     runtime = setup_distributed(args.device)
     try:
         _run(args, outputs, runtime, taken)
@@ -121,13 +123,16 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                                    return_image="out_crf" in outputs)
         predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
-        # The CRF (seconds per image on one core) runs in worker processes while the model goes on.
+        # The CRF (seconds per image on one core) runs in worker processes while the model goes on;
+        # the torch CRF on a GPU runs in this process, beside the model.
+        crf = crf_setup(args, runtime.device, "out_crf" in outputs)
         with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar, \
-                TaskPool(crf_worker_count(args, "out_crf" in outputs)) as pool:
+                TaskPool(crf.workers) as pool:
             for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
                 images = batch.get("images", [None] * len(batch["names"]))
                 for name, image, (keys, maps) in zip(batch["names"], images, predictor(batch)):
-                    bar.update(_write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes, pool))
+                    bar.update(_write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes, pool,
+                                              crf))
             bar.update(pool.drain())
     barrier()
     if runtime.is_main:
@@ -135,7 +140,8 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
 
 
 def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps: torch.Tensor,
-                   outputs: dict[str, Path], t: float | None, num_classes: int, pool: TaskPool) -> int:
+                   outputs: dict[str, Path], t: float | None, num_classes: int, pool: TaskPool,
+                   crf: CRFSetup) -> int:
     """Write the requested files of one image, each atomically; the CRF's goes to ``pool``.
 
     image (H, W, 3) uint8 (needed for the CRF), keys (K',) int64 class ids, maps (K', H, W)
@@ -150,7 +156,8 @@ def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps
         save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy(), half=True)
     if "out_crf" not in outputs:
         return 1
-    return pool.submit(write_crf_png, outputs["out_crf"] / f"{name}.png", image, label, num_classes)
+    return pool.submit(write_crf_png, outputs["out_crf"] / f"{name}.png", image, label, num_classes, crf.backend,
+                       crf.device, crf.threads)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_workers_arg, add_dataset_args, add_device_args,
-                      add_segmentation_model_args, crf_worker_count, dataset_from_args, non_negative_int, run_cli,
+from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_backend_arg, add_crf_workers_arg, add_dataset_args,
+                      add_device_args, add_segmentation_model_args, crf_backend_from_args, crf_setup,
+                      dataset_from_args, non_negative_int, run_cli,
                       segmentation_settings_from_run)
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import unfinished
@@ -96,6 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         default=[crf.bilateral_compat, crf.bilateral_sxy, crf.bilateral_srgb],
                         metavar=("WEIGHT", "SXY", "SRGB"), help="bilateral pairwise term (DeepLab-V2: 4 67 3)")
     add_crf_workers_arg(parser)
+    add_crf_backend_arg(parser)
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
                         help="data-loading processes reading images (0: in the main process)")
     parser.add_argument("--overwrite", action="store_true",
@@ -119,9 +121,15 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
     return outputs
 
 
+def needs_crf(args: argparse.Namespace, outputs: dict[str, Path]) -> bool:
+    """Whether the requested outputs hold CRF labels (--out_crf, or --out_server with --server_labels crf)."""
+    return "crf" in outputs or ("server" in outputs and args.server_labels == "crf")
+
+
 def main(args: argparse.Namespace) -> None:
     taken = segmentation_settings_from_run(args)
     outputs = output_dirs(args)
+    args.crf_backend = crf_backend_from_args(args, needs_crf(args, outputs))
     runtime = setup_distributed(args.device)
     try:
         _run(args, outputs, runtime, taken)
@@ -157,16 +165,17 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                             num_workers=args.num_workers, collate_fn=CollateOrError(collate_images),
                             worker_init_fn=quiet_loader_worker)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes
-        # on; without it, writing the PNGs inline costs next to nothing.
-        needs_crf = "crf" in outputs or ("server" in outputs and args.server_labels == "crf")
+        # on; without it, writing the PNGs inline costs next to nothing, and so does the torch CRF
+        # on a GPU, which runs in this process beside the model.
+        setup = crf_setup(args, runtime.device, needs_crf(args, outputs))
         with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar, \
-                TaskPool(crf_worker_count(args, needs_crf)) as pool:
+                TaskPool(setup.workers) as pool:
             for batch in loader:
                 raise_batch_error(batch)
                 name, image = batch["names"][0], batch["images"][0]
                 probs = multiscale_probs(model, image, args.scales, args.flip, runtime.device, amp)
                 bar.update(pool.submit(write_label_pngs, name, image, probs.cpu().numpy(), outputs,
-                                       args.server_labels, crf))
+                                       args.server_labels, crf, setup.backend, setup.device, setup.threads))
             bar.update(pool.drain())
     barrier()
     if runtime.is_main:

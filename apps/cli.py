@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 from core.errors import UserError
 from core.errors import run_cli as run_with_hints
@@ -263,21 +264,68 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
                              "flipped (default: one scale, --crop_size; 256,512,768 = the inference scales)")
 
 
+def add_crf_backend_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, device_flag: bool = True) -> None:
+    """``--crf_backend``: which implementation runs the dense CRF (tool/crf.py); ``device_flag``:
+    whether the script has ``--device`` (without it the torch CRF runs on the CPU)."""
+    from tool.crf import BACKENDS
+
+    where = "on --device" if device_flag else "on the CPU"
+    parser.add_argument("--crf_backend", choices=BACKENDS, default="auto",
+                        help="dense CRF implementation: auto = pydensecrf2 when it is installed (the published "
+                             "numbers), else the torch CRF; pydensecrf = pydensecrf2 (an error when it is not "
+                             f"installed); torch = the torch CRF (tool/densecrf.py, same labels on >= 99.5%% of "
+                             f"pixels), {where} (default: auto)")
+
+
+def crf_backend_from_args(args: argparse.Namespace, needed: bool) -> str:
+    """``--crf_backend`` resolved once, before any work, when the run writes CRF labels (``needed``):
+    "pydensecrf" or "torch" (pydensecrf2 asked for but missing is a UserError); else the flag as given."""
+    from tool.crf import resolve_backend
+
+    return resolve_backend(args.crf_backend) if needed else args.crf_backend
+
+
 def add_crf_workers_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--crf_workers``: processes running the dense CRF beside the model (core.workers.TaskPool)."""
     parser.add_argument("--crf_workers", type=non_negative_int, default=None,
                         help="processes running the dense CRF and writing its PNGs while the model goes on to the "
-                             "next images (the CRF takes seconds per image on one core); 0: in the main process, "
-                             "one image after the other (default: the usable CPUs, shared among the ranks of a "
-                             "torchrun on this machine, minus one)")
+                             "next images (the CRF takes seconds per image on one core; a torch CRF worker uses "
+                             "one thread); 0: in the main process, one image after the other; ignored with "
+                             "--crf_backend torch on a CUDA device, where the CRF runs in the main process beside "
+                             "the model (default: the usable CPUs, shared among the ranks of a torchrun on this "
+                             "machine, minus one)")
 
 
-def crf_worker_count(args: argparse.Namespace, needed: bool) -> int:
-    """``--crf_workers`` resolved: 0 when the run writes no CRF labels (nothing worth a process),
-    else the flag, or :func:`core.workers.default_workers` when it was not given."""
-    if not needed:
+def crf_worker_count(args: argparse.Namespace, needed: bool, backend: str = "pydensecrf",
+                     device_type: str = "cpu") -> int:
+    """``--crf_workers`` resolved: 0 when the run writes no CRF labels (nothing worth a process) or
+    the torch CRF runs on a GPU (``backend`` "torch", ``device_type`` "cuda": it runs in the main
+    process beside the model), else the flag, or :func:`core.workers.default_workers` when it was
+    not given."""
+    if not needed or (backend == "torch" and device_type == "cuda"):
         return 0
     return default_workers() if args.crf_workers is None else args.crf_workers
+
+
+@dataclass(frozen=True)
+class CRFSetup:
+    """Where an inference script's CRF runs: ``backend`` ("pydensecrf" or "torch"),
+    the torch CRF's ``device``, the pool's ``workers`` (0: the main process) and each worker's
+    torch ``threads`` (None: torch's setting)."""
+
+    backend: str
+    device: str
+    workers: int
+    threads: int | None
+
+
+def crf_setup(args: argparse.Namespace, device: object, needed: bool) -> CRFSetup:
+    """The CRF of ``args.crf_backend`` (resolved by :func:`crf_backend_from_args`) next to a model on
+    ``device`` (a torch.device): the torch CRF on that device, in the main process on a GPU; on the
+    CPU (and pydensecrf2) in ``--crf_workers`` processes of one torch thread each."""
+    where = str(device) if args.crf_backend == "torch" else "cpu"
+    workers = crf_worker_count(args, needed, args.crf_backend, where.split(":")[0])
+    return CRFSetup(args.crf_backend, where, workers, 1 if workers else None)
 
 
 def add_threshold_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

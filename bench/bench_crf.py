@@ -19,6 +19,7 @@ difference.
 
     python -m bench.bench_crf                  # 16 images, workers: the usable CPUs minus one
     python -m bench.bench_crf --images 4 --workers 1 --results ''
+    python -m bench.bench_crf --images 1 --size 48 --workers 1 --results ''   # smoke test: runs, no figures
 
 Results go to the ``bench_crf`` section of bench/RESULTS.md.
 """
@@ -54,17 +55,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="worker processes of ours (default: the usable CPUs minus one, infer_seg.py's)")
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the torch CRF")
+    parser.add_argument("--size", type=positive_int, default=448,
+                        help="nominal side of the generated images (data/synthetic.py; default: %(default)s, about "
+                             "VOC's 500 x 375; a small size is for a smoke test, not for figures)")
     parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="markdown file whose bench_crf section is replaced ('' to skip)")
     return parser
 
 
-def _inputs(count: int, folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _inputs(count: int, folder: Path, size: int = 448) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image (H, W, 3) uint8, probs (21, H, W) float32, mask (H, W) uint8) triples: the generated
     dataset's photographs' stand-ins (data/synthetic.py, about 448 px, like VOC's 500 x 375)
     with smooth random probabilities (the CRF's cost depends on the image's colours, so not
     random pixels), and their ground truth (255 on the boundary band)."""
-    generate(folder, count, 0, size=448, seed=0, overwrite=True)
+    generate(folder, count, 0, size=size, seed=0, overwrite=True)
     rng = np.random.default_rng(0)
     triples = []
     for name in read_list(folder / "ImageSets" / "Segmentation" / "train.txt"):
@@ -161,7 +165,7 @@ def main(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
-        triples = _inputs(n, Path(tmp) / "VOC2012")
+        triples = _inputs(n, Path(tmp) / "VOC2012", args.size)
         pairs = [(image, probs) for image, probs, _ in triples]
         one, many = Path(tmp) / "one", Path(tmp) / "many"
         one.mkdir(), many.mkdir()
@@ -209,7 +213,7 @@ def main(args: argparse.Namespace) -> str:
                   np.mean([_miou(p.argmax(0), m) for p, m in zip(softmax, masks)]))
 
     body = (f"## Dense CRF of the segmentation stage (bench/bench_crf.py)\n\n{machine_line()}\n"
-            f"{n} generated images of about 448 px (data/synthetic.py), 21 classes of smooth random "
+            f"{n} generated images of about {args.size} px (data/synthetic.py), 21 classes of smooth random "
             f"probabilities, infer_seg.py's CRF (10 iterations, Gaussian 3/1, "
             f"bilateral 4/67/3) and PNG writing; worker processes timed from their start.\n\n"
             "| variant | seconds | images/s |\n|---|---|---|\n"

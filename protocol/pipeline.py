@@ -58,8 +58,8 @@ from pathlib import Path
 
 from typing import Callable
 
-from apps.cli import (DefaultsHelpFormatter, add_dataset_args, add_refine_arg, add_stages_device_arg, dataset_from_args,
-                      run_cli)
+from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_args, add_refine_arg,
+                      add_stages_device_arg, crf_backend_from_args, dataset_from_args, run_cli)
 from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
 from core.runlock import RunLock, describe, lock_holder
@@ -170,6 +170,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="redo this stage and every later one (their outputs are removed first)")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     add_stages_device_arg(parser)
+    add_crf_backend_arg(parser)
     add_refine_arg(parser)
     add_dataset_args(parser)
     return parser
@@ -310,6 +311,12 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def _crf_flags(args: argparse.Namespace) -> list[str]:
+    """``--crf_backend`` of the stages that run a CRF; left out at its default (auto), so that the
+    default command lines are those of the scripts' own defaults."""
+    return [] if args.crf_backend == "auto" else ["--crf_backend", args.crf_backend]
+
+
 def _gt_dir(plan: Plan) -> str:
     return str(dataset_from_args(plan.args).layout.mask_folder())
 
@@ -415,7 +422,7 @@ def commands(plan: Plan, stage: str, planned: bool = False) -> list[list[str]]:
                 *_segment_and_score(plan, upper / "seg" / "seg_final.pth", upper, "segmentation val, masks")]
     if stage == "seg_test":
         return [["infer_seg.py", *data, "--weights", str(seg_weights), *plan.settings("seg_infer"), "--infer_list",
-                 plan.lists["seg_test"], "--out_server", str(plan.out(stage))]]
+                 plan.lists["seg_test"], "--out_server", str(plan.out(stage)), *_crf_flags(a)]]
     raise ValueError(f"no commands for stage {stage!r}")
 
 
@@ -435,7 +442,8 @@ def _bao_line(plan: Plan) -> list[str]:
 def _segment_and_score(plan: Plan, weights: Path, out: Path, what: str) -> list[list[str]]:
     """Segment the val list with ``weights`` (with and without CRF) and score both."""
     return [["infer_seg.py", *_data_flags(plan.args), "--weights", str(weights), *plan.settings("seg_infer"),
-             "--infer_list", plan.lists["seg_val"], "--out_pred", str(out / "pred"), "--out_crf", str(out / "crf")],
+             "--infer_list", plan.lists["seg_val"], "--out_pred", str(out / "pred"), "--out_crf", str(out / "crf"),
+             *_crf_flags(plan.args)],
             _eval(plan, "seg_val", "--predict_dir", str(out / "pred"), "--json", str(out / "pred.json"),
                   "--comment", f"pipeline: {what}"),
             _eval(plan, "seg_val", "--predict_dir", str(out / "crf"), "--json", str(out / "crf.json"),
@@ -738,6 +746,8 @@ def main(args: argparse.Namespace) -> None:
             for stage, state in status(plan):
                 print(f"{stage:<14} {state}")
         return
+    # pydensecrf2 asked for but missing stops the run before its first stage, not at seg_val
+    crf_backend_from_args(args, args.crf_backend == "pydensecrf")
     plans = make_plans(args)
     os.makedirs(plans[0].root, exist_ok=True)
     if args.seeds:

@@ -13,6 +13,9 @@ from core.errors import UserError
 from tool import crf, densecrf
 from tool.crf import CRFParams
 
+# pydensecrf2 is optional (requirements-crf.txt): the comparisons with it skip where it is not installed.
+NO_PYDENSECRF = "compares with pydensecrf2 (optional, requirements-crf.txt), which is not installed"
+
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:
     """(h, w, 3) uint8: colour ramps with blocks and noise, so that the bilateral kernel has edges."""
@@ -68,7 +71,7 @@ def test_lattice_filter_matches_brute_force_gaussian(sxy, srgb):
 
 
 def _pydensecrf_marginals(image, unary, gaussian, bilateral, iterations):
-    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason=NO_PYDENSECRF)
     h, w = image.shape[:2]
     model = dcrf.DenseCRF2D(w, h, unary.shape[0])
     model.setUnaryEnergy(np.ascontiguousarray(unary))
@@ -80,7 +83,7 @@ def _pydensecrf_marginals(image, unary, gaussian, bilateral, iterations):
 def test_label_map_crf_agrees_with_pydensecrf():
     """gt_prob 0.7, the published pairwise terms, 21 labels; 45 x 61 pixels (not a multiple of 4:
     pydensecrf's padded lattice points are reproduced)."""
-    utils = pytest.importorskip("pydensecrf.utils")
+    utils = pytest.importorskip("pydensecrf.utils", reason=NO_PYDENSECRF)
     image, labels = _image(45, 61, 2), _noisy_labels(45, 61, 21, 3)
     unary = utils.unary_from_labels(labels.astype(np.int64), 21, gt_prob=0.7, zero_unsure=False)
     np.testing.assert_allclose(densecrf.label_unary(labels, 21, 0.7).T, unary, rtol=1e-6)
@@ -98,7 +101,7 @@ def test_label_map_crf_agrees_with_pydensecrf():
 
 def test_probability_crf_agrees_with_pydensecrf():
     """DeepLab-V2's terms (CRFParams) on softmax probabilities."""
-    utils = pytest.importorskip("pydensecrf.utils")
+    utils = pytest.importorskip("pydensecrf.utils", reason=NO_PYDENSECRF)
     image, probs = _image(40, 56, 4), _smooth_probs(6, 40, 56, 5)
     params = CRFParams()
     ref = _pydensecrf_marginals(image, utils.unary_from_softmax(probs),
@@ -161,5 +164,5 @@ def test_pydensecrf_backend_without_it_is_one_user_error(no_pydensecrf):
 
 
 def test_auto_backend_with_pydensecrf_is_pydensecrf():
-    pytest.importorskip("pydensecrf.densecrf")
+    pytest.importorskip("pydensecrf.densecrf", reason=NO_PYDENSECRF)
     assert crf.resolve_backend("auto") == "pydensecrf"

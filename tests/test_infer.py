@@ -8,6 +8,7 @@ case); the interrupted run and two error cases run as real subprocesses.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from core.fileio import is_temporary
 from core.palette import read_label_png
 from data.camio import load_cams
 from data.labels import ImageLabels, read_list
-from tests.helpers import ROOT, assert_maps_close, call_main, run_cli
+from tests.helpers import ROOT, assert_maps_close, assert_refused, call_main, run_cli
 from tool.labelrule import lowest_absent
 
 
@@ -59,6 +60,59 @@ def test_crf_in_worker_processes_equals_inline(bao_run, voc_root, tiny_bao_weigh
                            "--crf_workers", "0"], capsys)
     assert code == 0, err
     assert _files(tmp_path / "crf") == _files(bao_run / "crf")
+
+
+@pytest.fixture(scope="module")
+def torch_crf_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
+    """The CRF PNGs of --crf_backend torch on the CPU, in one worker process (one torch thread)."""
+    out = tmp_path_factory.mktemp("infer_torch_crf") / "crf"
+    proc = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_backend",
+                   "torch", "--crf_workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_torch_crf_backend_agrees_with_pydensecrf(bao_run, torch_crf_run, voc_root):
+    """bao_run's CRF is pydensecrf2's (auto, where it is installed): the torch CRF gives the same
+    label on >= 99.5% of the pixels (tool/densecrf.py; they differ only where marginals tie)."""
+    pytest.importorskip("pydensecrf.densecrf", reason="compares with pydensecrf2, which is not installed")
+    equal = total = 0
+    for name in read_list(voc_root / "ImageSets/Segmentation/train.txt"):
+        ref, ours = read_label_png(bao_run / "crf" / f"{name}.png"), read_label_png(torch_crf_run / f"{name}.png")
+        assert ref.shape == ours.shape
+        equal, total = equal + int((ref == ours).sum()), total + ref.size
+    assert equal / total >= 0.995, equal / total
+
+
+def _hide_pydensecrf(tmp_path: Path) -> dict[str, str]:
+    """The environment of a subprocess (and of its worker processes) where ``import pydensecrf``
+    fails as where pydensecrf2 is not installed: a package of that name first on the path,
+    raising ImportError."""
+    package = tmp_path / "hidden" / "pydensecrf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('pydensecrf hidden by the test')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(package.parent), str(ROOT)])}
+
+
+def test_without_pydensecrf_auto_runs_the_torch_crf_and_pydensecrf_is_refused(torch_crf_run, voc_root,
+                                                                               tiny_bao_weights, tmp_path):
+    env = _hide_pydensecrf(tmp_path)
+    probe = run_cli("-c", "from tool.crf import pydensecrf_installed, resolve_backend; "
+                          "print(pydensecrf_installed(), resolve_backend('auto'))", env=env)
+    assert probe.returncode == 0 and probe.stdout.split() == ["False", "torch"], probe.stderr
+    out = tmp_path / "crf"
+    auto = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_workers", "1",
+                   env=env)
+    assert auto.returncode == 0, auto.stderr
+    names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.png" for n in names)
+    assert _files(out) == _files(torch_crf_run)  # auto ran the torch CRF
+    refused_dir = tmp_path / "refused"
+    refused = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(refused_dir),
+                      "--crf_backend", "pydensecrf", env=env)
+    assert_refused(refused.returncode, refused.stderr, "needs pydensecrf2, which is not installed",
+                   "`pip install pydensecrf2`", "--crf_backend torch")
+    assert not refused_dir.exists()  # refused before any work
 
 
 def test_outputs_have_image_size_and_only_present_ids(bao_run, voc_root):

@@ -112,6 +112,34 @@ def test_every_stage_s_command_line_parses_with_its_script_s_parser(tmp_path):
                 pipeline.make_plan(args, bad)
 
 
+def test_crf_backend_command_reaches_only_the_stages_that_run_a_crf(tmp_path, monkeypatch):
+    """--crf_backend torch: on each infer_seg.py line that writes CRF labels (seg_val, seg_upper with
+    --out_crf; seg_test's --out_server, CRF labels by default), nowhere else; at auto (the default)
+    on none (the default lines are tests/data/protocol_commands.json's). --crf_backend pydensecrf
+    without pydensecrf2 stops the runner before it makes its run folder."""
+    f = _fake_roots(tmp_path)
+    base = ["--weights", f["weights"], "--backbone_weights", f["backbone"], "--voc12_root", f["voc"]]
+    protocol = replace(pipeline.preset("voc"), extras=pipeline.EXTRAS)
+    for backend in ("auto", "torch", "pydensecrf"):
+        args = pipeline.get_args_parser().parse_args(["--run_dir", str(tmp_path / backend), *base,
+                                                      "--crf_backend", backend])
+        plan = pipeline.make_plan(args, protocol)
+        with_flag = []
+        for stage in pipeline.STAGES:
+            for cmd in pipeline.commands(plan, stage, planned=True):
+                if "--crf_backend" in cmd:
+                    assert cmd[cmd.index("--crf_backend") + 1] == backend
+                    with_flag.append((stage, cmd[0]))
+        expected = [("seg_val", "infer_seg.py"), ("seg_upper", "infer_seg.py"), ("seg_test", "infer_seg.py")]
+        assert with_flag == ([] if backend == "auto" else expected), backend
+    monkeypatch.setattr("tool.crf.pydensecrf_installed", lambda: False)
+    run_dir = tmp_path / "refused"
+    args = pipeline.get_args_parser().parse_args(["--run_dir", str(run_dir), *base, "--crf_backend", "pydensecrf"])
+    with pytest.raises(UserError, match="pip install pydensecrf2.*--crf_backend torch"):
+        pipeline.main(args)
+    assert not run_dir.exists()
+
+
 def _tiny_protocol(voc_root: Path) -> pipeline.Protocol:
     sets = voc_root / "ImageSets" / "Segmentation"
     # Pseudo-labels scored on val, so that the segmentation training list needs its own (pseudo_seg).

@@ -264,6 +264,14 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
     assert inline.returncode == 0, inline.stderr
     assert all((tmp_path / "inline" / f"{n}.png").read_bytes() == (out["crf"] / f"{n}.png").read_bytes()
                for n in names)
+    # --crf_backend torch (in the main process here): the labels of auto (pydensecrf2's where it is
+    # installed, else the torch CRF's in worker processes) on >= 99.5% of the pixels
+    code, _, err = call_main("infer_seg", [*infer[1:infer.index("--out_pred")], "--out_crf", str(tmp_path / "torch"),
+                                           "--crf_backend", "torch", "--crf_workers", "0"], capsys)
+    assert code == 0, err
+    ref = [read_label_png(out["crf"] / f"{n}.png") for n in names]
+    ours = [read_label_png(tmp_path / "torch" / f"{n}.png") for n in names]
+    assert sum(int((r == o).sum()) for r, o in zip(ref, ours)) / sum(r.size for r in ref) >= 0.995
     # Given flags win over the args.json beside the weights: the same labels as from the run's own settings.
     other = tmp_path / "other"
     other.mkdir()

@@ -166,7 +166,17 @@ def crf_refine_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = C
     return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(c, h, w)
 
 
-def write_crf_png(path: Path, image: np.ndarray, labels: np.ndarray, n_labels: int, backend: str = "auto") -> None:
-    """Refine ``labels`` (H, W) with :func:`crf_refine_labels` (on the CPU) and save them as a label
-    PNG (a :class:`core.workers.TaskPool` task)."""
-    save_label_png(path, crf_refine_labels(image, labels, n_labels, backend=backend))
+def limit_torch_threads(backend: str, threads: int | None) -> None:
+    """In a worker process of a pool, give the torch CRF ``threads`` CPU threads (None: leave torch's
+    setting): the pool's processes share the cores, each taking one."""
+    if threads is not None and backend == "torch":
+        import torch
+        torch.set_num_threads(threads)
+
+
+def write_crf_png(path: Path, image: np.ndarray, labels: np.ndarray, n_labels: int, backend: str = "auto",
+                  device: str = "cpu", threads: int | None = None) -> None:
+    """Refine ``labels`` (H, W) with :func:`crf_refine_labels` and save them as a label PNG (a
+    :class:`core.workers.TaskPool` task); ``threads``: as :func:`limit_torch_threads`."""
+    limit_torch_threads(backend, threads)
+    save_label_png(path, crf_refine_labels(image, labels, n_labels, backend=backend, device=device))

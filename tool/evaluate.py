@@ -120,15 +120,20 @@ def _chunks(names: Sequence[str], workers: int) -> list[list[str]]:
     return [list(names[i:i + size]) for i in range(0, len(names), size)]
 
 
+def _pool_size(names: Sequence[str], workers: int | None) -> int:
+    """The processes :func:`_run` reads ``names`` in (1: this one)."""
+    workers = default_workers() if workers is None else max(1, int(workers))
+    return min(workers, len(_chunks(names, workers)))
+
+
 def _run(job: _Job | _LabelJob, names: Sequence[str], workers: int | None, progress: bool, desc: str,
          work: Callable[[tuple], tuple] = _score_chunk) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Run ``work`` on chunks of ``names`` with ``job`` in ``workers`` processes (1: in this
     process) and sum the chunk results (pairs of arrays or None)."""
     if not names:
         raise UserError("no images to evaluate: the list is empty")
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = _pool_size(names, workers)
     chunks = _chunks(names, workers)
-    workers = min(workers, len(chunks))
     total: list[np.ndarray | None] = [None, None]
     # One worker reads in this process (no pool); on an error (e.g. a UserError from one
     # file) leaving the pool's block cancels the chunks not yet read. The workers are forked:
@@ -182,6 +187,8 @@ class _LabelJob:
     label_dir: str | None  # the thresholded labels; None: not written
     image_dir: str | None  # images for the CRF; None: no CRF
     crf_dir: str | None  # the CRF-refined labels; None: not written (but scored)
+    crf_backend: str = "auto"  # tool.crf.BACKENDS; the torch CRF runs on the CPU
+    crf_threads: int | None = None  # torch threads of a worker process (None: unchanged)
 
 
 def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, None]:
@@ -190,8 +197,9 @@ def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, 
     c = job.classes.num_classes
     crf_conf = None
     if job.image_dir is not None:
-        from tool.crf import crf_refine_labels  # pydensecrf is imported only where the CRF runs
+        from tool.crf import crf_refine_labels, limit_torch_threads  # pydensecrf is imported only where the CRF runs
 
+        limit_torch_threads(job.crf_backend, job.crf_threads)
         crf_conf = np.zeros((c, c), np.int64)
     for name in names:
         cam_path = os.path.join(job.cam_dir, f"{name}{CAM_SUFFIX}")
@@ -208,7 +216,7 @@ def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, 
             raise UserError(f"{image_path} has size {shape_text(image.shape)} but {cam_path} has maps of size "
                             f"{shape_text(label.shape)}; the images must be the originals the maps were made from",
                             about="images")
-        refined = crf_refine_labels(image, label, c)
+        refined = crf_refine_labels(image, label, c, backend=job.crf_backend)
         if job.crf_dir is not None:
             save_label_png(os.path.join(job.crf_dir, f"{name}.png"), refined)
         gt, gt_path = _read_gt(job, name)
@@ -219,7 +227,8 @@ def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, 
 def write_threshold_labels(names: Sequence[str], cam_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                            classes: ClassSet, t: float, label_dir: str | os.PathLike | None,
                            image_dir: str | os.PathLike | None = None, crf_dir: str | os.PathLike | None = None,
-                           workers: int | None = None, progress: bool = True) -> np.ndarray | None:
+                           workers: int | None = None, progress: bool = True,
+                           crf_backend: str = "auto") -> np.ndarray | None:
     """Write the labels of the CAM files ``<cam_dir>/<name>.npz`` at background score ``t``.
 
     Each label map (:func:`threshold_labels`) goes to ``<label_dir>/<name>.png`` (palette PNG,
@@ -227,6 +236,8 @@ def write_threshold_labels(names: Sequence[str], cam_dir: str | os.PathLike, gt_
     by the dense CRF (:mod:`tool.crf`, the class count of ``classes``) on the image
     ``<image_dir>/<name>.jpg``, written to ``<crf_dir>/<name>.png`` unless ``crf_dir`` is None,
     and scored against ``<gt_dir>/<name>.png``: returns that confusion matrix (C, C), else None.
+    ``crf_backend``: one of :data:`tool.crf.BACKENDS`; the torch CRF runs on the CPU, with one
+    thread in each worker process.
     Every listed file is checked to exist before any is written.
     """
     _check_inputs(names, cam_dir, gt_dir, "CAM", CAM_SUFFIX, {})
@@ -237,5 +248,6 @@ def write_threshold_labels(names: Sequence[str], cam_dir: str | os.PathLike, gt_
         if folder is not None:
             remove_temporaries(folder, ".png", set(names))  # of an interrupted run
     job = _LabelJob(str(cam_dir), str(gt_dir), classes, float(t), None if label_dir is None else str(label_dir),
-                    None if image_dir is None else str(image_dir), None if crf_dir is None else str(crf_dir))
+                    None if image_dir is None else str(image_dir), None if crf_dir is None else str(crf_dir),
+                    crf_backend, 1 if _pool_size(names, workers) > 1 else None)
     return _run(job, names, workers, progress, "labels", _label_chunk)[0]

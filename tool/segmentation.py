@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from core.fileio import atomic_path
 from core.palette import IGNORE_INDEX, save_label_png
 from data.transforms import scaled_input
-from tool.crf import CRFParams, crf_refine_probs
+from tool.crf import CRFParams, crf_refine_probs, limit_torch_threads
 from tool.device import autocast
 
 DEFAULT_SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -115,7 +115,8 @@ def write_server_archive(out_dir: str | os.PathLike, names: list[str]) -> Path:
 
 
 def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: dict[str, Path],
-                     server_labels: str, crf: CRFParams) -> None:
+                     server_labels: str, crf: CRFParams, backend: str = "auto", device: str = "cpu",
+                     threads: int | None = None) -> None:
     """Write the requested label PNGs of one image (a :class:`core.workers.TaskPool` task).
 
     Args:
@@ -123,12 +124,15 @@ def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: d
         probs: (C, H, W) float class probabilities at the image's size.
         outputs: "pred" (argmax), "crf" (argmax after the dense CRF) and/or "server" -> folder.
         server_labels: "pred" or "crf", the labels the "server" folder receives.
+        crf, backend, device: the CRF's terms, backend and device (:func:`tool.crf.crf_refine_probs`).
+        threads: torch CPU threads of the CRF in a worker process (:func:`tool.crf.limit_torch_threads`).
     """
     labels = {}
     if "pred" in outputs or ("server" in outputs and server_labels == "pred"):
         labels["pred"] = probs.argmax(0).astype(np.uint8)
     if "crf" in outputs or ("server" in outputs and server_labels == "crf"):
-        labels["crf"] = crf_refine_probs(image, probs, crf).argmax(0).astype(np.uint8)
+        limit_torch_threads(backend, threads)
+        labels["crf"] = crf_refine_probs(image, probs, crf, backend, device).argmax(0).astype(np.uint8)
     for kind in ("pred", "crf"):
         if kind in outputs:
             save_label_png(outputs[kind] / f"{name}.png", labels[kind])
