@@ -153,7 +153,8 @@ class BAOTraining(TrainingRun):
         self.identify_data(names, spec.num_classes)
         # The dataset checks that every image and label exists.
         self.dataset = ClassificationDataset(spec.layout, names, spec.labels,
-                                             TrainAugment(args.crop_size, tuple(args.resize_long)), seed=args.seed)
+                                             TrainAugment(args.crop_size, tuple(args.resize_long)), seed=args.seed,
+                                             source=args.train_list)
         loader, sampler = self.make_loader(self.dataset, len(names))
         if args.val_every:  # its images and labels are checked now, before the run starts
             self.validation = PseudoLabelValidation(

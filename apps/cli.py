@@ -57,8 +57,16 @@ FLAG_HINTS = {
 
 def run_cli(main, args: argparse.Namespace) -> None:
     """Run an entry script's ``main(args)``: a user error ends in one line naming the flag to fix
-    (:data:`FLAG_HINTS`), Ctrl-C in a clean exit (:func:`core.errors.run_cli`)."""
-    run_with_hints(main, args, FLAG_HINTS)
+    (:data:`FLAG_HINTS`; a dataset-root error found after the dataset was opened, e.g. by a dataset's
+    image check, names the script's root flag), Ctrl-C in a clean exit (:func:`core.errors.run_cli`)."""
+    def main_naming_root_flag(a: argparse.Namespace):
+        try:
+            return main(a)
+        except UserError as err:
+            flag = "--coco_root" if getattr(a, "dataset", "voc") == "coco" else "--voc12_root"
+            raise (_with_root_flag(err, flag) if hasattr(a, flag[2:]) else err) from None
+
+    run_with_hints(main_naming_root_flag, args, FLAG_HINTS)
 
 
 def int_at_least(minimum: int):

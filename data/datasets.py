@@ -68,9 +68,9 @@ class ClassificationDataset(_AugmentedDataset):
     """
 
     def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
-                 transform: TrainAugment, seed: int = 0):
-        labels.check_names(names)
-        layout.check(names)
+                 transform: TrainAugment, seed: int = 0, source: str = "the list"):
+        labels.check_names(names, source)
+        layout.check(names, source)
         super().__init__(layout, names, seed)
         self.labels = labels
         self.transform = transform
@@ -91,9 +91,9 @@ class InferenceDataset(Dataset):
 
     def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
                  scales: tuple[int, ...] = (256, 512, 768), flip: bool = True,
-                 return_image: bool = False):
-        labels.check_names(names)
-        layout.check(names)
+                 return_image: bool = False, source: str = "the list"):
+        labels.check_names(names, source)
+        layout.check(names, source)
         self.layout = layout
         self.names = list(names)
         self.labels = labels
@@ -144,10 +144,11 @@ class SegmentationDataset(Dataset):
     ``"image": (H, W, 3) uint8`` when ``return_image``; the image and mask sizes must agree.
     """
 
-    def __init__(self, layout: DatasetLayout, names: list[str], return_image: bool = False):
-        layout.check_masks(names)
+    def __init__(self, layout: DatasetLayout, names: list[str], return_image: bool = False,
+                 source: str = "the list"):
+        layout.check_masks(names, source)
         if return_image:
-            layout.check(names)
+            layout.check(names, source)
         self.layout = layout
         self.names = list(names)
         self.return_image = bool(return_image)

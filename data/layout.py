@@ -135,12 +135,12 @@ class DatasetLayout:
         return self.annotation_dir / f"{name}.xml"
 
     def check(self, names: list[str], source: str = "the list") -> None:
-        """Raise one :class:`UserError` if any image of ``names`` is missing."""
+        """Raise one :class:`UserError` if any image of ``names`` (the names of ``source``, a list
+        file's path in the entry scripts) is missing; about "root" when the root has no image folder,
+        for the entry script to name its root flag (``apps.cli.run_cli``)."""
         if not any(folder.is_dir() for folder in self.image_dirs):
             folders = " or ".join(str(f) for f in self.image_dirs)
-            raise UserError(
-                f"no image folder in {self.root} (expected {folders}); is it the dataset root?", about="root"
-            )
+            raise UserError(f"no image folder in {self.root} (expected {folders}): not a dataset root", about="root")
         missing = [n for n in names if not self.image_path(n).is_file()]
         if missing:
             raise UserError(

@@ -11,14 +11,17 @@ of about 128 px; this command's flags override them):
    BAO maps (plots), the CNN CAMs before attention refinement (an ablation), overlay sheets, a
    tiny DeepLab-V2 trained on the BAO pseudo-labels and, as the fully supervised upper bound,
    on the ground-truth masks, both segmenting the val images (with and without CRF), scored;
-3. the runner's table: BAO threshold-free, TransCAM at its best threshold (chosen with the
+3. the runner again without attention refinement (``--refine none``,
+   ``<out>/seed<S>/refine_none``) from the same TransCAM weights, up to the pseudo-labels: BAO
+   trained and applied on the maps straight from their heads, its pseudo-labels, the sweeps of
+   its maps and of the CNN CAMs, overlay sheets (``--regimes attention`` leaves it out);
+4. the runners' tables: BAO threshold-free, TransCAM at its best threshold (chosen with the
    pixel labels WSSS is not supposed to have), TransCAM at a fixed default threshold, BAO maps
-   and CNN CAMs at their best thresholds, and the segmentation rows.
-
-With ``--regimes attention none`` (``--quick`` runs both) the runner runs again without
-attention refinement (``--refine none``, ``<out>/seed<S>/refine_none``) from the same TransCAM
-weights, up to the pseudo-labels: BAO trained and applied on the maps straight from their
-heads, against the CNN CAMs at their best and at a fixed threshold, in a second table.
+   and CNN CAMs at their best thresholds, and the segmentation rows; without refinement, BAO
+   against the CNN CAMs at their best and at a fixed threshold, in a second table;
+5. per image of the overlay sheets, both regimes' sheets one above the other, labelled
+   (``<out>/seed<S>/regimes_<image>.png``, :func:`tool.overlay.stack_sheet_files`): where the
+   maps localise (no refinement) and where the attention trained from scratch does not.
 
 ``--seeds 0 1 2`` runs all of it once per training seed on the same generated data (the
 miniature reproduction) and writes ``<out>/seeds.md`` and ``seeds.json``: per regime, every
@@ -43,10 +46,14 @@ from core.fileio import atomic_path
 from core.runlock import RunLock
 from data.synthetic import generate_once
 from protocol import pipeline, rows
+from tool.overlay import stack_sheet_files
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
 # checks), spelled out so that --help needs no model import.
 REGIMES = ("attention", "none")
+# regime -> the label of its sheet on the regimes sheet of an image
+REGIME_LABELS = {"attention": "attention refinement (published)", "none": "no refinement"}
+REGIMES_SHEET = "regimes_"  # <out>/seed<S>/regimes_<image>.png
 PRESET = pipeline.preset("demo")
 # demo flag -> (settings key of the preset, the script's flag, number of values): the knobs this
 # command turns; their defaults are the preset's values.
@@ -121,14 +128,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seg_scales", default=_preset_value("seg_scales"),
                         help="segmentation inference scales, each with its flip (the recipe's)")
     add_stages_device_arg(parser)
-    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None,
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
                         help="refinement regimes: attention (published; the main table and the segmentation "
                              "stage, always run) and none (--refine none: BAO trained and applied without "
-                             "attention refinement, against the CNN CAMs; a second table) (default: attention; "
-                             "with --quick: attention none)")
+                             "attention refinement, against the CNN CAMs; a second table; with both, the "
+                             "regimes sheets <out>/seed<S>/regimes_<image>.png)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny version for tests: 16+8 images of 64 px, 1+1 epochs, small scales, both "
-                             "regimes")
+                        help="a tiny version for tests: 16+8 images of 64 px, 1+1 epochs, small scales")
     return parser
 
 
@@ -155,7 +161,6 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.transcam_epochs, args.bao_epochs = 1, 1
     args.scales, args.sheets = "32,64", 2
     args.seg_iters, args.seg_batch, args.seg_crop, args.seg_scales = 2, 4, 48, "1.0"
-    args.regimes = args.regimes or list(REGIMES)
 
 
 def demo_protocol(args: argparse.Namespace, regime: str = "attention") -> pipeline.Protocol:
@@ -185,10 +190,11 @@ def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> 
 
 
 def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
-    """Generate the dataset when missing, run (or resume) the runner's demo runs of ``seed``, and
-    return their results: ``{"attention": {...}}``, plus ``"refine_none"`` when that regime runs;
-    each the runner's ``results.json`` results (row key -> ``{"miou", "t"?}``)."""
-    regimes = args.regimes or ["attention"]
+    """Generate the dataset when missing, run (or resume) the runner's demo runs of ``seed``, draw
+    the regimes sheets when both regimes run, and return the results: ``{"attention": {...}}``, plus
+    ``"refine_none"`` when that regime runs; each the runner's ``results.json`` results (row key ->
+    ``{"miou", "t"?}``)."""
+    regimes = args.regimes
     if "attention" not in regimes:
         raise UserError("--regimes must include attention: the published regime makes the main table and the "
                         "segmentation stage; none is run beside it (--regimes attention none)")
@@ -196,7 +202,7 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
     print(f"== dataset: {args.num_train} + {args.num_val} images in {p.data}", flush=True)
     if not generate_once(p.data, args.num_train, args.num_val, size=args.size, seed=args.data_seed, progress=True):
         print("== dataset: done before, reused", flush=True)
-    results = {}
+    results, overlays = {}, []
     for regime in ("attention", "none"):
         if regime not in regimes:
             continue
@@ -205,6 +211,10 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
         plan = demo_plan(args, p, regime)
         pipeline.run(plan, show_table=False)  # both tables are printed together at the end
         results[key] = json.loads((plan.run_dir / "results.json").read_text())["results"]
+        overlays.append((REGIME_LABELS[regime], plan.out("overlays")))
+    if len(overlays) > 1:
+        # drawn again on every run: cheap, and always from the overlays the runs hold now
+        stack_sheet_files(overlays, p.results, REGIMES_SHEET)
     return results
 
 
@@ -255,6 +265,9 @@ def _demo(args: argparse.Namespace) -> dict:
             run = Paths(Path(args.out).resolve(), seed).results / key
             print(f"\n{key} (seed {seed}): {run}\n\n{(run / 'results.md').read_text()}")
             print(f"Sweep plots: {run / 'eval_score'}\nOverlay sheets: {run / 'overlays'}")
+        sheets = sorted(Paths(Path(args.out).resolve(), seed).results.glob(f"{REGIMES_SHEET}*.png"))
+        if len(res) > 1 and sheets:
+            print(f"\nBoth regimes on one sheet per image (seed {seed}): " + ", ".join(map(str, sheets)))
     if len(per_seed) > 1:
         print("\n" + write_seed_tables(args, per_seed))
     return per_seed

@@ -1,5 +1,5 @@
 """The demo's whole path (make demo), shortened: generate -> TransCAM -> BAO -> infer -> evaluate -> sweep -> overlays
--> segmentation stage, then BAO again without attention refinement (--quick runs both regimes)."""
+-> segmentation stage, then BAO again without attention refinement (the demo runs both regimes)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from protocol import pipeline
-from protocol.demo import REGIMES, apply_quick, get_args_parser, write_seed_tables
+from protocol.demo import REGIME_LABELS, REGIMES, apply_quick, get_args_parser, write_seed_tables
 from core.palette import read_label_png
 from network.conformer import REFINE_MODES
 from tests.helpers import assert_refused, call_main, run_cli
+from tool.overlay import read_rgb, stacked_sheets
 
 
 def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) -> float:
@@ -86,7 +87,17 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert none["transcam_best"]["miou"] == res["cnn_best"]["miou"] == max(cnn_sweep.values())
     assert abs(none["transcam_fixed"]["t"] - 0.44) < 1e-6 and none["transcam_fixed"]["miou"] == cnn_sweep[0.44]
     assert set(none) == {"bao_pseudo", "bao_maps_best", "transcam_best", "transcam_fixed"}
-    assert list((nrun / "overlays").glob("*_sheet.png"))
+    # Both regimes' sheets of each image on one sheet, labelled, the published regime on top.
+    names = sorted(p.name[:-len("_sheet.png")] for p in (run / "overlays").glob("*_sheet.png"))
+    assert len(names) == 2
+    assert names == sorted(p.name[:-len("_sheet.png")] for p in (nrun / "overlays").glob("*_sheet.png"))
+    assert sorted(p.name for p in (out / "seed0").glob("regimes_*.png")) == [f"regimes_{n}.png" for n in names]
+    for name in names:
+        expected = stacked_sheets([(REGIME_LABELS["attention"], read_rgb(run / "overlays" / f"{name}_sheet.png")),
+                                   (REGIME_LABELS["none"], read_rgb(nrun / "overlays" / f"{name}_sheet.png"))])
+        assert np.array_equal(read_rgb(out / "seed0" / f"regimes_{name}.png"), expected)
+    first_sheet = out.resolve() / "seed0" / f"regimes_{names[0]}.png"
+    assert f"Both regimes on one sheet per image (seed 0): {first_sheet}" in proc.stdout
     # --seeds' table, per regime (two equal seeds here: sd 0): every row the regime scored, once.
     args = get_args_parser().parse_args(["--quick", "--out", str(out)])
     apply_quick(args)
@@ -106,12 +117,13 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert json.loads((out / "seed0" / "table.json").read_text()) == table
 
 
-def test_regimes_default_to_attention_and_quick_runs_both(tmp_path, capsys):
+def test_demo_runs_both_regimes_by_default(tmp_path, capsys):
     assert REGIMES == REFINE_MODES  # the demo's choices are train_bao.py's --refine values
-    assert get_args_parser().parse_args([]).regimes is None  # run_pipeline: attention only
+    assert get_args_parser().parse_args([]).regimes == ["attention", "none"]
     quick = get_args_parser().parse_args(["--quick"])
     apply_quick(quick)
     assert quick.regimes == ["attention", "none"]
+    assert REGIME_LABELS == {"attention": "attention refinement (published)", "none": "no refinement"}
     code, _, err = call_main("protocol.demo", ["--regimes", "none", "--out", str(tmp_path / "demo")], capsys)
     assert_refused(code, err, "--regimes must include attention")
     assert not (tmp_path / "demo").exists()

@@ -185,10 +185,14 @@ TRAIN_REFUSALS = {
     "dataset root missing": ({"--voc12_root": "{folder}/nowhere"}, ("VOC root", "does not exist", "--voc12_root")),
     "train list missing": ({"--train_list": "{folder}/none.txt"}, ("train list not found", "--train_list")),
     "train list empty": ({"--train_list": "{empty_list}"}, ("list file", "empty.txt is empty")),
+    # the messages name the list file
     "name without image": ({"--train_list": "{ghost_list}", "--label_file": "{ghost_labels}"},
-                           ("1 of 2 images of the list are missing", "first: ghost_image")),
+                           ("1 of 2 images of {ghost_list} are missing", "first: ghost_image")),
     "name without label": ({"--train_list": "{unlabelled_list}"},
-                           ("1 image(s) of the list have no image-level label", "first: not_in_labels")),
+                           ("1 image(s) of {unlabelled_list} have no image-level label", "first: not_in_labels")),
+    "dataset root without images": ({"--voc12_root": "{folder}"},
+                                    ("no image folder in {folder} (expected {folder}/JPEGImages): not a dataset root; "
+                                     "check --voc12_root",)),
     "label id out of range": ({"--label_file": "{id_out_of_range}"},
                               ("image synth_000001 has a class id outside 1..6",)),
     "label file missing": ({"--label_file": "{folder}/none.json"}, ("label file not found",)),
@@ -212,10 +216,11 @@ def test_train_refuses_before_creating_the_run(case, bad, voc_root, tiny_transca
     if case in ("negative batch", "crop not a multiple of 16", "unknown arch", "negative workers"):
         monkeypatch.setattr(train_bao, "build_network", lambda *a, **k: built.append(a))
     argv = _train_args(voc_root, tmp_path / "runs", "--weights", str(tiny_transcam_weights))
+    names = {k: str(v) for k, v in bad.items()}
     for flag, value in changes.items():
-        argv = _replace(argv, flag, value.format(**{k: str(v) for k, v in bad.items()}))
+        argv = _replace(argv, flag, value.format(**names))
     code, _, err = call_main("train_bao", argv, capsys)
-    assert_refused(code, err, *phrases)
+    assert_refused(code, err, *(phrase.format(**names) for phrase in phrases))
     assert not built
     assert not (tmp_path / "runs").exists()  # no run directory, no log, no checkpoint
     assert not bad["marker"].exists()  # the pickled command did not run
@@ -394,7 +399,8 @@ VISUAL_REFUSALS = {
     "list missing": ({"--list": "{folder}/none.txt"}, ("list file not found",)),
     "list empty": ({"--list": "{empty_list}"}, ("is empty",)),
     "name without image": ({"--list": "{ghost_list}", "--label_file": "{ghost_labels}"},
-                           ("1 of 2 images of", "first: ghost_image")),
+                           ("1 of 2 images of {ghost_list} are missing", "first: ghost_image")),
+    "dataset root without images": ({"--voc12_root": "{folder}"}, ("not a dataset root; check --voc12_root",)),
     "unknown arch": ({"--arch": "huge"}, ("unknown --arch 'huge'",)),
     "scale not a multiple of 16": ({"--scales": "100"}, ("multiples of 16",)),
     "negative batch": ({"--batch_size": "-1"}, ("argument --batch_size: must be >= 1",)),
@@ -411,7 +417,7 @@ def test_visual_refuses_before_writing(case, bad, voc_root, tiny_bao_weights, ti
     for flag, value in changes.items():
         argv = _replace(argv, flag, value.format(**names))
     code, _, err = call_main("visual_bao", argv, capsys)
-    assert_refused(code, err, *phrases)
+    assert_refused(code, err, *(phrase.format(**names) for phrase in phrases))
     assert not (tmp_path / "vis").exists()
 
 

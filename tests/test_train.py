@@ -160,7 +160,7 @@ def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
     assert steps and all("loss_pcl" not in r and "ema_momentum" not in r for r in steps)
     # No background map: validated at the best background score of the default sweep.
     (val,) = _records(run_dir, "val")
-    assert val["rule"] == "best background score" and 0.05 <= val["best_t"] <= 0.95 and 0 < val["miou"] < 1
+    assert val["rule"] == "best background score" and 0.05 <= val["best_t"] <= 0.95 and 0 < val["miou_pct"] < 100
     # Saved in the published TransCAM layout: the BAO heads are absent, as BAO training expects.
     report = load_weights(Net_tiny(num_classes=num_classes), run_dir / "transcam_0epochs.pth", purpose="transcam")
     assert len(report.missing) == 4
@@ -257,7 +257,7 @@ def test_resumable_sampler_skips_exactly_the_batches_done():
     assert list(sampler) != order
 
 
-def test_validation_logs_val_miou_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
+def test_validation_logs_val_miou_in_percent_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
                                                                  tmp_path, capsys):
     val = str(voc_root / "ImageSets/Segmentation/val.txt")
     proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
@@ -267,13 +267,14 @@ def test_validation_logs_val_miou_and_leaves_training_unchanged(full_run, voc_ro
     vals = _records(run_dir, "val")
     assert [(r["epoch"], r["step"], r["images"], r["rule"]) for r in vals] == [
         (1, 3, 6, "threshold-free"), (2, 6, 6, "threshold-free")]
-    assert all(0 < r["miou"] < 1 for r in vals)
-    assert "validation after epoch 2: " in proc.stdout
+    assert all(0 < r["miou_pct"] < 100 for r in vals)
+    # printed in percent, as every other mIoU (the value is checked against the evaluation below)
+    assert f"validation after epoch 2: images 6, rule threshold-free, miou_pct {vals[1]['miou_pct']:.4g}" in proc.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = EventAccumulator(str(run_dir / "tb"))
     tb.Reload()
-    assert [(e.step, e.value) for e in tb.Scalars("val/miou")] == [(r["step"], pytest.approx(r["miou"])) for r in vals]
+    assert [(e.step, e.value) for e in tb.Scalars("val/miou_pct")] == [(r["step"], pytest.approx(r["miou_pct"])) for r in vals]
     # Validating changes nothing of the training: the run without it ended with the same weights.
     for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):
         assert _same_weights(run_dir / name, full_run / name), name
@@ -289,7 +290,8 @@ def test_validation_logs_val_miou_and_leaves_training_unchanged(full_run, voc_ro
                              capsys)
     assert code == 0, err
     # (the training model is not channels_last as inference's is: allow a rounding-flipped pixel)
-    assert vals[1]["miou"] == pytest.approx(json.loads((tmp_path / "e.json").read_text())["result"]["miou"], abs=1e-3)
+    assert vals[1]["miou_pct"] == pytest.approx(100 * json.loads((tmp_path / "e.json").read_text())["result"]["miou"],
+                                                abs=0.1)
 
 
 def test_inference_takes_the_model_settings_of_the_run_beside_the_weights(full_run, voc_root, tmp_path, capsys):
@@ -343,7 +345,7 @@ def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "bao"
     vals = _records(run_dir, "val")
-    assert len(vals) == 1 and vals[0]["images"] == 6 and 0 < vals[0]["miou"] < 1
+    assert len(vals) == 1 and vals[0]["images"] == 6 and 0 < vals[0]["miou_pct"] < 100
     ranks = _records(run_dir, "ranks")
     assert len(ranks) == 1 and ranks[0]["world_size"] == 2 and ranks[0]["identical"]
     (student0, teacher0), (student1, teacher1) = ranks[0]["digests"]

@@ -7,7 +7,8 @@ from PIL import Image
 
 from data.labels import ImageLabels
 from tests.helpers import call_main, run_cli
-from tool.overlay import colorize_labels, jet_overlay, summary_sheet
+from tool.overlay import (LABEL_BAND, colorize_labels, jet_overlay, read_rgb, save_rgb, stack_sheet_files,
+                          stacked_sheets, summary_sheet)
 
 TITLE = 22  # title strip height of a sheet cell (tool/overlay.py)
 
@@ -123,3 +124,31 @@ def test_summary_sheet_layout():
     assert titled.shape == (TITLE + 2 * (10 + TITLE), 3 * 200, 3)
     assert np.array_equal(titled[TITLE:], sheet)  # the grid moves down by one title strip
     assert (titled[:TITLE] < 128).any()  # the title is written
+
+
+def test_stacked_sheets_put_each_sheet_under_its_label():
+    top, bottom = np.full((30, 50, 3), 10, np.uint8), np.full((20, 40, 3), 200, np.uint8)
+    sheet = stacked_sheets([("attention refinement (published)", top), ("no refinement", bottom)])
+    assert sheet.shape == (LABEL_BAND + 30 + LABEL_BAND + 20, 50, 3)  # as wide as the widest sheet
+    assert np.array_equal(sheet[LABEL_BAND:LABEL_BAND + 30], top)
+    lower = 2 * LABEL_BAND + 30
+    assert (sheet[lower:, :40] == 200).all() and (sheet[lower:, 40:] == 255).all()  # narrower: white beside it
+    for band in (sheet[:LABEL_BAND], sheet[LABEL_BAND + 30:lower]):
+        assert (band == 60).mean() > 0.5 and (band > 200).any()  # a dark band with white text on it
+    assert not np.array_equal(sheet[:LABEL_BAND], sheet[LABEL_BAND + 30:lower])  # each with its own label
+    with pytest.raises(ValueError):
+        stacked_sheets([])
+
+
+def test_stack_sheet_files_writes_one_sheet_per_shared_image(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    rng = np.random.default_rng(0)
+    sheets = {}
+    for folder, names in ((a, ("x", "y")), (b, ("x", "z"))):
+        for name in names:
+            sheets[folder, name] = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            save_rgb(folder / f"{name}_sheet.png", sheets[folder, name])
+        save_rgb(folder / f"{name}_bg.jpg", sheets[folder, name])  # overlays beside the sheets are not sheets
+    written = stack_sheet_files([("A", a), ("B", b)], tmp_path / "out", "regimes_")
+    assert written == [tmp_path / "out" / "regimes_x.png"]  # the only image with a sheet in both folders
+    assert np.array_equal(read_rgb(written[0]), stacked_sheets([("A", sheets[a, "x"]), ("B", sheets[b, "x"])]))

@@ -16,6 +16,8 @@ from core.palette import PALETTE
 
 HEAT_WEIGHT = 0.6  # heat map share of an overlay; the image gets the rest
 _TITLE_HEIGHT = 22
+LABEL_BAND = 28  # height of the band naming each sheet of :func:`stacked_sheets`
+_BAND_GREY, _BAND_SCALE = 60, 0.6
 
 
 def jet_overlay(image: np.ndarray, heat: np.ndarray, heat_weight: float = HEAT_WEIGHT) -> np.ndarray:
@@ -80,11 +82,61 @@ def summary_sheet(panels: list[tuple[str, np.ndarray]], columns: int = 4, min_wi
     return sheet
 
 
+def stacked_sheets(sheets: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Stack sheets of one image (e.g. one per refinement regime) top to bottom, each under a band
+    naming it, for a side-by-side look at the same panels.
+
+    Args:
+        sheets: (label, (H_i, W_i, 3) uint8 RGB) pairs, e.g. :func:`summary_sheet` outputs.
+    Returns:
+        (sum_i (B + H_i), max_i W_i, 3) uint8 RGB with B = :data:`LABEL_BAND` the band height: for
+        each sheet a dark band with its label in white, then the sheet, left-aligned, white to the
+        right of a narrower sheet.
+    """
+    if not sheets:
+        raise ValueError("nothing to stack")
+    width = max(sheet.shape[1] for _, sheet in sheets)
+    parts = []
+    for label, sheet in sheets:
+        band = np.full((LABEL_BAND, width, 3), _BAND_GREY, np.uint8)
+        cv2.putText(band, _fit(label, width, _BAND_SCALE), (4, LABEL_BAND - 8), cv2.FONT_HERSHEY_SIMPLEX,
+                    _BAND_SCALE, (255, 255, 255), 1, cv2.LINE_AA)
+        padded = np.full((sheet.shape[0], width, 3), 255, np.uint8)
+        padded[:, :sheet.shape[1]] = sheet
+        parts += [band, padded]
+    return np.concatenate(parts)
+
+
+def stack_sheet_files(folders: list[tuple[str, str | os.PathLike]], out_dir: str | os.PathLike,
+                      prefix: str) -> list[Path]:
+    """For every image with a ``<name>_sheet.png`` in each of ``folders`` (label, folder), write
+    :func:`stacked_sheets` of them, in the order given, to ``<out_dir>/<prefix><name>.png``.
+
+    Returns the written paths, sorted by image name (none when the folders share no image).
+    """
+    found = [{p.name[:-len("_sheet.png")] for p in Path(folder).glob("*_sheet.png")} for _, folder in folders]
+    written = []
+    for name in sorted(set.intersection(*found)) if found else []:
+        sheets = [(label, read_rgb(Path(folder) / f"{name}_sheet.png")) for label, folder in folders]
+        path = Path(out_dir) / f"{prefix}{name}.png"
+        save_rgb(path, stacked_sheets(sheets))
+        written.append(path)
+    return written
+
+
 def _fit(text: str, width: int, scale: float) -> str:
     """Shorten ``text`` with '..' until it fits ``width`` pixels."""
     while len(text) > 2 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 6:
         text = text[:-3] + ".."
     return text
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def save_rgb(path: str | os.PathLike, image: np.ndarray, jpeg_quality: int = 90) -> None:

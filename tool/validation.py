@@ -72,7 +72,7 @@ class PseudoLabelValidation:
             labels.check_names(self.names, source)
             layout.check(self.names, source)
         # Built for the whole list (so every rank checks every name alike), read for this rank's share.
-        dataset = InferenceDataset(layout, self.names, labels, scales=scales, flip=True)
+        dataset = InferenceDataset(layout, self.names, labels, scales=scales, flip=True, source=source)
         self.dataset = Subset(dataset, range(rank, len(self.names), world_size))
 
     @property
@@ -81,16 +81,17 @@ class PseudoLabelValidation:
         return RULES[self.method]
 
     def __call__(self, model: nn.Module) -> dict[str, Any]:
-        """Score ``model`` (eval mode meanwhile); returns ``miou`` (fraction), ``images``,
-        ``rule`` and, for TransCAM, ``best_t``. Every rank must call it."""
+        """Score ``model`` (eval mode meanwhile); returns ``miou_pct`` (mIoU in percent, the unit every
+        printed mIoU of this repository uses; the key says so, as the JSON files of the evaluation hold
+        fractions), ``images``, ``rule`` and, for TransCAM, ``best_t``. Every rank must call it."""
         counts = self.counts(model)
         result: dict[str, Any] = {"images": len(self.names), "rule": self.rule}
         if self.method == "bao":
-            result["miou"] = scores(counts, self.classes)["miou"]
+            result["miou_pct"] = 100 * float(scores(counts, self.classes)["miou"])
             return result
         mious = np.array([scores(c, self.classes)["miou"] for c in confusions_from_bins(counts)])
         best = int(np.nanargmax(mious)) if not np.all(np.isnan(mious)) else 0
-        result.update(miou=float(mious[best]), best_t=float(round(float(self.thresholds[best]), 6)))
+        result.update(miou_pct=100 * float(mious[best]), best_t=float(round(float(self.thresholds[best]), 6)))
         return result
 
     def counts(self, model: nn.Module) -> np.ndarray:
