@@ -231,11 +231,7 @@ def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> st
     text = (f"Demo over seeds {', '.join(map(str, sorted(per_seed)))}: mIoU % mean ± sample standard deviation "
             f"(n - 1), then each seed's value; {args.num_train} generated train images of about {args.size} px.\n\n"
             + "\n".join(sections))
-    with atomic_path(out / "seeds.json") as tmp:
-        Path(tmp).write_text(json.dumps({"seeds": sorted(per_seed), "sd": "sample (n - 1)", "regimes": summaries},
-                                        indent=1) + "\n")
-    with atomic_path(out / "seeds.md") as tmp:
-        Path(tmp).write_text(text)
+    pipeline.write_seed_files(out, sorted(per_seed), {"regimes": summaries}, text)
     return text
 
 

@@ -621,12 +621,16 @@ def write_seed_table(plans: list[Plan], folder: Path) -> str:
     text = (f"Seeds {', '.join(map(str, sorted(per_seed)))}: mean ± sample standard deviation (n - 1) over the "
             f"seeds, then each seed's value ({_regime(first)}).\n\n"
             + rows.seed_table(summary, _cams(first), first.protocol.fixed_t, published_column(first)))
+    write_seed_files(folder, sorted(per_seed), {"rows": summary}, text)
+    return text
+
+
+def write_seed_files(folder: Path, seeds: list[int], summaries: dict, text: str) -> None:
+    """``seeds.json`` (the seeds, the kind of sd, ``summaries``) and ``seeds.md`` (``text``) in ``folder``."""
     with atomic_path(folder / "seeds.json") as tmp:
-        Path(tmp).write_text(json.dumps({"seeds": sorted(per_seed), "sd": "sample (n - 1)", "rows": summary},
-                                        indent=1) + "\n")
+        Path(tmp).write_text(json.dumps({"seeds": seeds, "sd": "sample (n - 1)", **summaries}, indent=1) + "\n")
     with atomic_path(folder / "seeds.md") as tmp:
         Path(tmp).write_text(text)
-    return text
 
 
 def definition(plan: Plan) -> dict:
