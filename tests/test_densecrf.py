@@ -143,7 +143,9 @@ def test_auto_backend_without_pydensecrf_uses_torch(no_pydensecrf, monkeypatch):
     assert not crf.pydensecrf_installed()
     assert crf.resolve_backend("auto") == "torch"
     assert crf.resolve_backend("torch") == "torch"
-    # tool/crf.py imports without it, and refines with torch.
+    # tool/crf.py imports without it, and refines with torch. The fresh import also rebinds the
+    # package attribute tool.crf: restore it too, or later tests patch one module and run another.
+    monkeypatch.setattr(sys.modules["tool"], "crf", crf)
     monkeypatch.delitem(sys.modules, "tool.crf")
     fresh = importlib.import_module("tool.crf")
     image, labels = _image(12, 16, 10), _noisy_labels(12, 16, 4, 11)

@@ -144,12 +144,23 @@ def test_unknown_refine_mode_is_refused():
 
 
 @pytest.mark.parametrize("script", ["train_bao", "infer_bao", "visual_bao"])
-def test_refine_flag_is_the_same_in_every_script_and_defaults_to_attention(script):
+def test_refine_flag_is_the_same_in_every_script_and_defaults_to_attention(script, tmp_path):
+    """Training defaults to attention; inference and overlays leave the flag unset (None) so that the
+    training run's args.json beside --weights decides, and without one it resolves to attention."""
     import importlib
+
+    from apps.cli import prediction_settings_from_run
 
     parser = importlib.import_module(script).get_args_parser()
     (action,) = [a for a in parser._actions if "--refine" in a.option_strings]
-    assert action.default == "attention" and tuple(action.choices) == REFINE_MODES == ("attention", "none")
+    assert tuple(action.choices) == REFINE_MODES == ("attention", "none")
+    if script == "train_bao":
+        assert action.default == "attention"
+        return
+    assert action.default is None
+    weights = tmp_path / "w.pth"  # no args.json beside it
+    args = parser.parse_args(["--weights", str(weights)])
+    assert prediction_settings_from_run(args) is None and args.refine == "attention"
 
 
 def test_attention_sum_is_sum_of_head_means(tiny):
