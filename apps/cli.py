@@ -143,6 +143,19 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                              "works on CPU, fp16 needs CUDA")
 
 
+def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--tf32`` and ``--compile``: opt-in speed that changes the numbers (docs/numerics.md)."""
+    from tool.device import COMPILE_MODES
+
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls on CUDA (faster on Ampere and later; changes the numbers slightly; "
+                             "convolutions use TF32 either way, PyTorch's default); off by default, as published")
+    parser.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                        help="torch.compile the model: 'default', 'reduce-overhead' (adds CUDA graphs) or "
+                             "'max-autotune'; the first batches compile (tens of seconds); results equal "
+                             "eager up to float rounding (default: off)")
+
+
 def add_stages_device_arg(parser: argparse.ArgumentParser) -> None:
     """``--device`` of a command that runs the entry scripts as stages (passed to each of them)."""
     parser.add_argument("--device", default="auto",
@@ -378,6 +391,7 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
                             "(default: 2)")
     add_threshold_arg(group)
     add_device_args(parser)
+    add_speed_args(parser)
     add_dataset_args(parser)
 
 
@@ -413,6 +427,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epoch
                              "(1-based): 'nan:STEP' makes the loss non-finite, 'oom:STEP' raises a device "
                              "out-of-memory error")
     add_device_args(parser)
+    add_speed_args(parser)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

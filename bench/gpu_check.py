@@ -1,37 +1,45 @@
-"""GPU check: what fp32 and bf16 cost and change on this machine, in one command.
+"""GPU check: what this version's loops, the published ones and each opt-in speed flag cost and
+change on this machine, side by side in one command.
 
-Run from the repository root on a CUDA machine (a few minutes with the defaults)::
+Run from the repository root on a CUDA machine (several minutes with the defaults)::
 
     python -m bench.gpu_check                          # Conformer-S, seeded random weights
-    python -m bench.gpu_check --weights bao_modelt.pth # bf16 label change on trained weights
+    python -m bench.gpu_check --weights bao_modelt.pth # label changes on trained weights
     python -m bench.gpu_check --device cpu --arch tiny --batch_size 2 --crop_size 64 \\
         --train_steps 1 --warmup 1 --infer_images 2 --infer_size 64 --scales 32,64 \\
-        --no_write --skip_ddp --seg_backbone tiny --seg_batch_size 2 --seg_crop_size 64 \
-        --seg_images 1                                 # CPU smoke run of the script itself
+        --no_write --skip_ddp --seg_backbone tiny --seg_batch_size 2 --seg_crop_size 64 \\
+        --seg_images 1 --variants published fp32 bf16 --e2e_images 3   # CPU smoke run of the script
 
-It measures, for float32 and for bf16 autocast:
+Variants (``--variants``): ``published`` (the published loops: NCHW, no cuDNN autotuner, the
+losses read on the host every step, inference with batch 1 and one forward per view, as the
+published infer_bao.py), ``fp32`` (this version's defaults: the published float32 numerics; the
+reference of every comparison), ``tf32`` (``--tf32``), ``bf16`` (``--amp bf16``) and ``compile``
+(``--compile default``). For each it measures:
 
 - training: the real BAO step of train_bao.py (teacher forward without gradients, student
   forward, losses, backward, AdamW, teacher EMA) on random normalised images and random
   multi-hot labels: images/s and peak GPU memory (model, teacher and optimizer included),
-  whether the losses stayed finite and whether the weights a bf16 run saves are float32;
+  whether the losses stayed finite and whether the weights it would save are float32;
 - inference: infer_bao.py's multi-scale path (scales with flips, then the pseudo-label
   argmax) on generated images: images/s, peak GPU memory, and the share of pseudo-label
-  pixels that bf16 changes against float32 on the same weights and images;
-- distributed training: with two or more GPUs, a two-process ``torch.distributed.run`` of
-  train_bao.py (tiny model, generated data, 2 steps) must finish with identical ranks;
+  pixels that differ from fp32's on the same weights and images;
 - the segmentation stage (``--skip_seg`` to leave it out): train_seg.py's DeepLab-V2 step
   (ResNet-101, frozen batch norm, SGD, batch 10, crop 321) and infer_seg.py's inference (scales
-  0.5-1.5 with flips, probabilities averaged) on 500 x 375 images: images/s and peak memory.
+  0.5-1.5 with flips, probabilities averaged) on 500 x 375 images: images/s and peak memory;
+- end to end (``--e2e_images``, :mod:`bench.e2e`): infer_bao.py and infer_seg.py themselves on
+  generated 500 x 375 JPEGs, decoding and PNG writing included, each variant as its flags;
+- distributed training: with two or more GPUs, a two-process ``torch.distributed.run`` of
+  train_bao.py (tiny model, generated data, 2 steps) must finish with identical ranks.
 
-Each precision builds its own model and optimizer from the same seed. The Markdown report
-is printed and written to the ``gpu_check`` section of bench/RESULTS.md (``--no_write`` to
-skip). A measurement that fails (for instance out of memory) is reported as failed, the
-others still run, and the exit status is then 1.
+It prints the throughput of each variant over the published loop's and over fp32's. The
+Markdown report is printed and written to the ``gpu_check`` section of bench/RESULTS.md
+(``--no_write`` to skip). A measurement that fails (for instance out of memory) is reported as
+failed, the others still run, and the exit status is then 1.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -51,25 +59,45 @@ import torch.nn as nn
 
 from apps.cli import non_negative_int, parse_scales, positive_int, run_cli
 from apps.report import RESULTS_FILE, machine_line, write_section
+from bench.e2e import BAO_VARIANTS, SEG_VARIANTS, run_e2e
 from core.errors import UserError
 from data.classes import VOC_CLASSES
 from data.datasets import InferenceDataset
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import REPO_ROOT, DatasetLayout
-from data.synthetic import generate
+from data.synthetic import generate, generate_once
 from network.checkpoint import load_weights
 from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
-from tool.device import AMP_DTYPES, resolve_device
+from tool.device import AMP_DTYPES, compile_model, configure_math, resolve_device
 from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches
 from tool.segmentation import DEFAULT_SEG_SCALES, multiscale_probs, segmentation_loss
 from tool.teacher import make_teacher, update_teacher
 from tool.training import bao_losses
 
 NUM_CLASSES = len(VOC_CLASSES)  # PASCAL VOC, background included: the published checkpoints' heads
-VARIANTS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": AMP_DTYPES["bf16"]}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the same work: precision, opt-in flags, or the published loop."""
+
+    dtype: torch.dtype | None = None  # autocast dtype; None = float32
+    tf32: bool = False  # --tf32
+    compile: str = "off"  # --compile mode
+    published: bool = False  # the published loops: NCHW, no cuDNN autotuner, batch 1, a host sync per step
+
+
+# "fp32" is this version's defaults and the reference every other variant is compared with.
+VARIANTS: dict[str, Variant] = {
+    "published": Variant(published=True),
+    "fp32": Variant(),
+    "tf32": Variant(tf32=True),
+    "bf16": Variant(dtype=AMP_DTYPES["bf16"]),
+    "compile": Variant(compile="default"),
+}
 # train_bao.py's defaults: label smoothing, pseudo-label loss weight, AdamW, EMA base momentum.
 EPS, L_PCL, LR, WT_DEC, ADAM_EPS, MOMENTUM = 0.4, 1.0, 5e-5, 5e-4, 1e-8, 0.9995
 
@@ -141,6 +169,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="segmentation training crop side (default: 321, train_seg.py's)")
     parser.add_argument("--seg_images", type=positive_int, default=8,
                         help="500 x 375 images timed in segmentation inference (default: 8)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="what to time: published (the published loops), fp32 (this version's defaults, "
+                             "the reference), tf32, bf16, compile (default: all)")
+    parser.add_argument("--e2e_images", type=non_negative_int, default=48,
+                        help="generated 500 x 375 JPEGs for the end-to-end runs of infer_bao.py and infer_seg.py "
+                             "(0 skips them; default: 48)")
+    parser.add_argument("--e2e_timeout", type=positive_int, default=600,
+                        help="seconds allowed for each end-to-end command (default: 600)")
     return parser
 
 
@@ -187,16 +223,41 @@ def _train_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+def _set_math(device: torch.device, variant: Variant) -> None:
+    """The math backends of ``variant``: the published loops ran with PyTorch's defaults (no
+    cuDNN autotuner, full float32 matmuls), this version's with :func:`tool.device.configure_math`."""
+    if variant.published:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return
+    configure_math(device, variant.tf32)
+
+
+def _layout(device: torch.device, variant: Variant) -> torch.memory_format:
+    """channels_last where this version's scripts use it (CUDA), NCHW for the published loops."""
+    return torch.channels_last if device.type == "cuda" and not variant.published else torch.contiguous_format
+
+
+def _train(args: argparse.Namespace, device: torch.device, variant: Variant,
            batch: tuple[torch.Tensor, torch.Tensor]) -> TrainResult:
-    """Time the BAO step of train_bao.py in a fresh model, teacher and optimizer."""
+    """Time the BAO step of train_bao.py in a fresh model, teacher and optimizer.
+
+    The published step reads its losses on the host every step (a synchronisation before the
+    next step can be queued); this version's keeps them on the device between log lines.
+    """
     _release(device)
-    torch.manual_seed(args.seed)  # same initial weights and drop-path draws in every precision
-    student = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES).to(device).train()
+    _set_math(device, variant)
+    torch.manual_seed(args.seed)  # same initial weights and drop-path draws in every variant
+    memory_format = _layout(device, variant)
+    student = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES).to(device, memory_format=memory_format).train()
     teacher = make_teacher(student)
+    compile_model(student, variant.compile)
+    compile_model(teacher, variant.compile)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LR,
                                   weight_decay=WT_DEC, eps=ADAM_EPS)
     images, labels = (t.to(device) for t in batch)
+    images = images.contiguous(memory_format=memory_format)
     total = args.warmup + args.train_steps
     losses = []
     start = 0.0
@@ -204,17 +265,19 @@ def _train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | 
         if it == args.warmup:
             _sync(device)
             start = time.perf_counter()
-        terms = bao_losses(student, teacher, images, labels, eps=EPS, l_pcl=L_PCL, amp_dtype=dtype)
+        terms = bao_losses(student, teacher, images, labels, eps=EPS, l_pcl=L_PCL, amp_dtype=variant.dtype)
+        if variant.published:
+            losses.append(torch.tensor([terms[k].item() for k in ("loss", "loss_cls", "loss_pcl")]))
+        else:
+            losses.append(torch.stack([terms[k].detach().float() for k in ("loss", "loss_cls", "loss_pcl")]))
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
         # epoch 1: the EMA update of every epoch after the first (epoch 0 copies the student)
         update_teacher(teacher, student, epoch=1, it=it, iters_per_epoch=total, base_momentum=MOMENTUM)
-        # kept on the device: reading a value each step would synchronise inside the timed loop
-        losses.append(torch.stack([terms[k].detach().float() for k in ("loss", "loss_cls", "loss_pcl")]))
     _sync(device)
     seconds = time.perf_counter() - start
-    values = torch.stack(losses).cpu()
+    values = torch.stack([v.cpu() for v in losses])
     state = [*student.state_dict().values(), *teacher.state_dict().values()]
     return TrainResult(
         images_per_s=args.batch_size * args.train_steps / seconds,
@@ -225,17 +288,18 @@ def _train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | 
     )
 
 
-def _inference_data(args: argparse.Namespace, work: Path, device: torch.device) -> tuple[list[dict[str, Any]], str]:
-    """All inference batches, read and resized once (so that only the model's work is timed),
-    and a description of the image sizes."""
+def _inference_data(args: argparse.Namespace, work: Path, device: torch.device,
+                    batch_size: int) -> tuple[list[dict[str, Any]], str]:
+    """All inference batches of ``batch_size`` images, read and resized once (so that only the
+    model's work is timed), and a description of the image sizes."""
     root = work / "VOC2012"
-    generate(root, num_train=args.infer_images, num_val=0, size=args.infer_size, seed=args.seed)
+    generate_once(root, num_train=args.infer_images, num_val=0, size=args.infer_size, seed=args.seed)
     names = read_list(root / "ImageSets" / "Segmentation" / "train.txt")
     # The generated classes' ids 1..6 reused as VOC ids: any present-class set will do for timing.
     labels = ImageLabels(list(VOC_CLASSES[1:]), ImageLabels.load(root / "cls_labels.json").ids)
     layout = DatasetLayout.voc(root)
     dataset = InferenceDataset(layout, names, labels, scales=args.scales, flip=True)
-    batches = list(iterate_batches(dataset, args.infer_batch_size, 0, device))
+    batches = list(iterate_batches(dataset, batch_size, 0, device))
     shapes = [read_image(layout.image_path(n)).shape[:2] for n in names]
     sizes = (f"{min(h for h, _ in shapes)}-{max(h for h, _ in shapes)} x "
              f"{min(w for _, w in shapes)}-{max(w for _, w in shapes)}")
@@ -253,11 +317,20 @@ def _inference_model(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def _infer(args: argparse.Namespace, model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+def _infer(args: argparse.Namespace, model: nn.Module, device: torch.device, variant: Variant,
            batches: list[dict[str, Any]]) -> InferResult:
-    """Time multi-scale prediction and pseudo-labels over all batches, after one untimed batch."""
-    predictor = MultiScalePredictor(model, "bao", device, dtype, args.forward_pixels)
-    predictor(batches[0])  # kernel selection and allocator warm-up stay out of the timing
+    """Time multi-scale prediction and pseudo-labels over all batches, after one untimed batch.
+
+    The published loop (``batches`` of one image) runs one forward per view; this version's
+    runs each scale's views together, chunked by --forward_pixels.
+    """
+    _set_math(device, variant)
+    model = model.to(memory_format=_layout(device, variant))
+    if variant.compile != "off":
+        model = compile_model(copy.deepcopy(model), variant.compile)
+    forward_pixels = 1 if variant.published else args.forward_pixels
+    predictor = MultiScalePredictor(model, "bao", device, variant.dtype, forward_pixels)
+    predictor(batches[0])  # kernel selection, compilation and allocator warm-up stay out of the timing
     _release(device)
     labels = []
     _sync(device)
@@ -270,13 +343,14 @@ def _infer(args: argparse.Namespace, model: nn.Module, device: torch.device, dty
     return InferResult(images_per_s=len(labels) / seconds, peak_gib=_peak_gib(device), labels=labels)
 
 
-def _label_change(fp32: InferResult | str, bf16: InferResult | str) -> str:
-    if isinstance(fp32, str) or isinstance(bf16, str):
+def _label_change(reference: InferResult | str, other: InferResult | str) -> str:
+    if isinstance(reference, str) or isinstance(other, str):
         return "not measured (an inference run failed)"
-    changed = sum(int((a != b).sum()) for a, b in zip(fp32.labels, bf16.labels))
-    total = sum(a.numel() for a in fp32.labels)
-    images = sum(bool((a != b).any()) for a, b in zip(fp32.labels, bf16.labels))
-    return f"{100 * changed / total:.4f}% of pixels ({changed} of {total}), in {images} of {len(fp32.labels)} images"
+    changed = sum(int((a != b).sum()) for a, b in zip(reference.labels, other.labels))
+    total = sum(a.numel() for a in reference.labels)
+    images = sum(bool((a != b).any()) for a, b in zip(reference.labels, other.labels))
+    return (f"{100 * changed / total:.4f}% of pixels ({changed} of {total}), in {images} of "
+            f"{len(reference.labels)} images")
 
 
 def _ddp_smoke(args: argparse.Namespace, device: torch.device, work: Path) -> str:
@@ -322,11 +396,21 @@ def _cell(result: TrainResult | InferResult | str, field: str, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def _ratio(results: dict[str, dict[str, Any]], part: str) -> str:
-    fp32, bf16 = results["fp32"][part], results["bf16"][part]
-    if isinstance(fp32, str) or isinstance(bf16, str):
-        return "n/a"
-    return f"{bf16.images_per_s / fp32.images_per_s:.2f}x"
+def _ratios(results: dict[str, dict[str, Any]], part: str) -> str:
+    """Each variant's throughput over the published loop's and over this version's defaults'."""
+    def rate(name: str) -> float | None:
+        result = results.get(name, {}).get(part)
+        return None if result is None or isinstance(result, str) else result.images_per_s
+
+    parts = []
+    for name in results:
+        if name in ("published", "fp32") or rate(name) is None:
+            continue
+        parts.append(f"{name} {rate(name) / rate('fp32'):.2f}x" if rate("fp32") else f"{name} n/a")
+    base = rate("published")
+    head = f"fp32 (this version) / published {rate('fp32') / base:.2f}x" if base and rate("fp32") else \
+        "fp32 / published n/a"
+    return "; ".join([head, *(f"{p} of fp32" for p in parts)])
 
 
 def _device_lines(device: torch.device) -> list[str]:
@@ -338,10 +422,18 @@ def _device_lines(device: torch.device) -> list[str]:
         f"Device: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
         f"{torch.cuda.device_count()} GPU(s) visible; {versions}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}.",
-        # fp32 figures depend on these defaults: TF32 convolutions are faster than strict float32.
-        f"fp32 means torch's defaults: TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
-        f"TF32 matmuls {torch.backends.cuda.matmul.allow_tf32}.",
+        "fp32 means the published float32 math: TF32 convolutions (PyTorch's default), full float32 matmuls; "
+        "tf32 adds TF32 matmuls (--tf32).",
     ]
+
+
+VARIANT_WORDS = {
+    "published": "the published loops (NCHW, no cuDNN autotuner, losses read on the host every step, inference "
+                 "with batch 1 and one forward per view)",
+    "fp32": "this version's defaults (float32, channels_last and the cuDNN autotuner on CUDA, losses kept on "
+            "the device, batched views)",
+    "tf32": "the defaults + --tf32", "bf16": "the defaults + --amp bf16", "compile": "the defaults + --compile default",
+}
 
 
 def _report(args: argparse.Namespace, device: torch.device, results: dict[str, dict[str, Any]], sizes: str,
@@ -361,9 +453,12 @@ def _report(args: argparse.Namespace, device: torch.device, results: dict[str, d
     for v, r in results.items():
         if isinstance(r["infer"], str):
             checks.append(f"- inference {v}: {r['infer']}")
+        elif v != "fp32" and "fp32" in results:
+            checks.append(f"- pseudo-labels of {v} that differ from fp32's (same weights and images): "
+                          f"{_label_change(results['fp32']['infer'], r['infer'])}")
     weights = (f"weights `{args.weights}`" if args.weights else
                "seeded random weights: their maps are nearly flat, with near ties that any rounding flips, so "
-               "this share is an upper bound of what trained weights show; pass --weights for those")
+               "the label changes are upper bounds of what trained weights show; pass --weights for those")
     scales = ",".join(map(str, args.scales))
     command = "python -m bench.gpu_check" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     return "\n".join([
@@ -373,10 +468,11 @@ def _report(args: argparse.Namespace, device: torch.device, results: dict[str, d
         *_device_lines(device),
         f"Command: `{command}`",
         "",
+        "Variants: " + "; ".join(f"{v} = {VARIANT_WORDS[v]}" for v in results) + ".",
         f"Training: the BAO step of train_bao.py (teacher forward without gradients, student forward, losses, "
         f"backward, AdamW, teacher EMA), Conformer-{args.arch}, 21 classes, batch {args.batch_size}, "
         f"{args.crop_size}x{args.crop_size}, random normalised images and labels; {args.train_steps} timed step(s) "
-        f"after {args.warmup} warm-up step(s), a fresh model and optimizer per precision; peak memory includes "
+        f"after {args.warmup} warm-up step(s), a fresh model and optimizer per variant; peak memory includes "
         "the model, teacher and optimizer state.",
         f"Inference: infer_bao.py's path on {args.infer_images} generated images of {sizes} pixels, scales "
         f"{scales} with flips, batch {args.infer_batch_size}, --forward_pixels {args.forward_pixels}; timed from "
@@ -387,11 +483,10 @@ def _report(args: argparse.Namespace, device: torch.device, results: dict[str, d
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"bf16 / fp32 throughput: training {_ratio(results, 'train')}, inference {_ratio(results, 'infer')}.",
+        f"Throughput ratios: training: {_ratios(results, 'train')}. Inference: {_ratios(results, 'infer')}.",
         "",
         *checks,
-        f"- pseudo-labels changed by bf16 against fp32 (same weights and images): "
-        f"{_label_change(results['fp32']['infer'], results['bf16']['infer'])}; {weights}.",
+        f"- label changes measured with {weights}.",
         f"- DistributedDataParallel smoke run: {ddp}.",
     ])
 
@@ -421,14 +516,18 @@ def _seg_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     return model
 
 
-def _seg_train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> TrainResult:
+def _seg_train(args: argparse.Namespace, device: torch.device, variant: Variant) -> TrainResult:
     """Time train_seg.py's step: DeepLab-V2, frozen batch norm, SGD, cross-entropy on upsampled logits."""
     _release(device)
-    model = _seg_model(args, device).train()
+    _set_math(device, variant)
+    memory_format = _layout(device, variant)
+    model = compile_model(_seg_model(args, device).to(memory_format=memory_format).train(), variant.compile)
+    dtype = variant.dtype
     optimizer = torch.optim.SGD(model.parameters(), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(args.seed)
     size = args.seg_crop_size
-    images = torch.randn(args.seg_batch_size, 3, size, size, generator=gen).to(device)
+    images = torch.randn(args.seg_batch_size, 3, size, size, generator=gen).to(device).contiguous(
+        memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (args.seg_batch_size, size, size), generator=gen).to(device)
     losses = []
     start = 0.0
@@ -442,20 +541,22 @@ def _seg_train(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach().float())
+        losses.append(torch.tensor(loss.item()) if variant.published else loss.detach().float())
     _sync(device)
     seconds = time.perf_counter() - start
-    values = torch.stack(losses).cpu()
+    values = torch.stack([v.cpu() for v in losses])
     return TrainResult(images_per_s=args.seg_batch_size * args.train_steps / seconds, peak_gib=_peak_gib(device),
                        finite=bool(torch.isfinite(values).all()), first_loss=float(values[0]),
                        float32_state=all(t.dtype == torch.float32 for t in model.state_dict().values()
                                          if t.is_floating_point()))
 
 
-def _seg_infer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> InferResult:
+def _seg_infer(args: argparse.Namespace, device: torch.device, variant: Variant) -> InferResult:
     """Time infer_seg.py's multi-scale, flipped probabilities and argmax on 500 x 375 images."""
     _release(device)
-    model = _seg_model(args, device).eval()
+    _set_math(device, variant)
+    model = compile_model(_seg_model(args, device).to(memory_format=_layout(device, variant)).eval(), variant.compile)
+    dtype = variant.dtype
     rng = np.random.default_rng(args.seed)
     images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.seg_images + 1)]
     multiscale_probs(model, images[0], DEFAULT_SEG_SCALES, True, device, dtype)  # warm-up, untimed
@@ -478,6 +579,9 @@ def _seg_report(args: argparse.Namespace, seg: dict[str, dict[str, Any]]) -> lis
     checks = [f"- segmentation training {v}: " + (r["train"] if isinstance(r["train"], str) else
               f"losses finite: {'yes' if r['train'].finite else 'NO'}; weights all float32: "
               f"{'yes' if r['train'].float32_state else 'NO'}") for v, r in seg.items()]
+    checks += [f"- segmentation labels of {v} that differ from fp32's: "
+               f"{_label_change(seg['fp32']['infer'], r['infer'])}"
+               for v, r in seg.items() if v != "fp32" and "fp32" in seg]
     return [
         "",
         f"Segmentation stage: train_seg.py's step (DeepLab-V2, {args.seg_backbone}, frozen batch norm, SGD), batch "
@@ -489,9 +593,19 @@ def _seg_report(args: argparse.Namespace, seg: dict[str, dict[str, Any]]) -> lis
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"bf16 / fp32 throughput: segmentation training {_ratio(seg, 'train')}, inference {_ratio(seg, 'infer')}.",
+        f"Throughput ratios: segmentation training: {_ratios(seg, 'train')}. Inference: {_ratios(seg, 'infer')}.",
         *checks,
     ]
+
+
+E2E_NAMES = {"published": "published loop", "fp32": "defaults", "tf32": "--tf32", "bf16": "--amp bf16",
+             "compile": "--compile default"}
+
+
+def e2e_variants(variants: dict[str, Variant]):
+    """The end-to-end variants of both scripts that match the selected ``variants``."""
+    wanted = {E2E_NAMES[name] for name in variants}
+    return (tuple(v for v in BAO_VARIANTS if v.name in wanted), tuple(v for v in SEG_VARIANTS if v.name in wanted))
 
 
 def _failed(results: dict[str, dict[str, Any]], ddp: str) -> bool:
@@ -506,49 +620,58 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_size must be a multiple of 16 (the network's stride), got {args.crop_size}")
     if args.infer_size < 32:
         raise UserError(f"--infer_size must be at least 32, got {args.infer_size}")
-    _say(f"gpu_check on {device}: Conformer-{args.arch}")
+    variants = {name: VARIANTS[name] for name in VARIANTS if name in args.variants}
+    if "fp32" not in variants:
+        raise UserError("--variants must include fp32: the other variants are compared with it")
+    _say(f"gpu_check on {device}: Conformer-{args.arch}, variants {', '.join(variants)}")
     model = _inference_model(args)
-    results: dict[str, dict[str, Any]] = {v: {} for v in VARIANTS}
+    results: dict[str, dict[str, Any]] = {v: {} for v in variants}
     batch = _train_batch(args)
-    for variant, dtype in VARIANTS.items():
-        _say(f"training {variant}: {args.warmup} + {args.train_steps} steps of batch {args.batch_size} at "
+    for name, variant in variants.items():
+        _say(f"training {name}: {args.warmup} + {args.train_steps} steps of batch {args.batch_size} at "
              f"{args.crop_size}x{args.crop_size} ...")
-        res = _guarded(f"training {variant}", lambda: _train(args, device, dtype, batch))
-        results[variant]["train"] = res
+        res = _guarded(f"training {name}", lambda: _train(args, device, variant, batch))
+        results[name]["train"] = res
         if not isinstance(res, str):
             _say(f"  {res.images_per_s:.2f} img/s, peak memory {_cell(res, 'peak_gib', '.2f')} GiB")
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         _say(f"generating {args.infer_images} images for inference ...")
-        batches, sizes = _inference_data(args, work, device)
+        batches, sizes = _inference_data(args, work, device, args.infer_batch_size)
+        singles = _inference_data(args, work, device, 1)[0] if "published" in variants else []
         scales = ",".join(map(str, args.scales))
-        # channels_last as tool.predict.load_model does for infer_bao.py
-        model = model.to(device=device, memory_format=torch.channels_last)
-        for variant, dtype in VARIANTS.items():
-            _say(f"inference {variant}: {args.infer_images} images, scales {scales} with flips ...")
-            res = _guarded(f"inference {variant}", lambda: _infer(args, model, device, dtype, batches))
-            results[variant]["infer"] = res
+        model = model.to(device=device)
+        for name, variant in variants.items():
+            _say(f"inference {name}: {args.infer_images} images, scales {scales} with flips ...")
+            res = _guarded(f"inference {name}",
+                           lambda: _infer(args, model, device, variant, singles if variant.published else batches))
+            results[name]["infer"] = res
             if not isinstance(res, str):
                 _say(f"  {res.images_per_s:.2f} img/s, peak memory {_cell(res, 'peak_gib', '.2f')} GiB")
-        del model, batches
+        del model, batches, singles
         _release(device)
         ddp = _ddp_smoke(args, device, work)
-    _say(f"ddp: {ddp}")
-    seg: dict[str, dict[str, Any]] = {}
-    if not args.skip_seg:
-        for variant, dtype in VARIANTS.items():
-            _say(f"segmentation {variant}: training and inference ({args.seg_backbone}) ...")
-            seg[variant] = {"train": _guarded(f"segmentation training {variant}",
-                                              lambda: _seg_train(args, device, dtype)),
-                            "infer": _guarded(f"segmentation inference {variant}",
-                                              lambda: _seg_infer(args, device, dtype))}
-    body = "\n".join([_report(args, device, results, sizes, ddp), *_seg_report(args, seg)])
+        _say(f"ddp: {ddp}")
+        seg: dict[str, dict[str, Any]] = {}
+        if not args.skip_seg:
+            for name, variant in variants.items():
+                _say(f"segmentation {name}: training and inference ({args.seg_backbone}) ...")
+                seg[name] = {"train": _guarded(f"segmentation training {name}",
+                                               lambda: _seg_train(args, device, variant)),
+                             "infer": _guarded(f"segmentation inference {name}",
+                                               lambda: _seg_infer(args, device, variant))}
+        e2e_lines, e2e_ok = ["", "End to end: skipped (--e2e_images 0)."], True
+        if args.e2e_images:
+            lines, e2e_ok = run_e2e(work / "e2e", str(device), args.arch, args.seg_backbone, args.e2e_images, args.seed,
+                                    args.e2e_timeout, _say, *e2e_variants(variants))
+            e2e_lines = ["", *lines]
+    body = "\n".join([_report(args, device, results, sizes, ddp), *_seg_report(args, seg), *e2e_lines])
     _say("")
     _say(body)
     if not args.no_write:
         write_section(args.out, "gpu_check", body)
         _say(f"\nwritten to the gpu_check section of {args.out}")
-    if _failed(results, ddp) or (seg and _failed(seg, "")):
+    if _failed(results, ddp) or (seg and _failed(seg, "")) or not e2e_ok:
         sys.exit(1)
 
 

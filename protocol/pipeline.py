@@ -63,6 +63,7 @@ from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_ar
 from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
 from core.runlock import RunLock, describe, lock_holder
+from tool.crf import resolve_backend
 from data.labels import read_list
 from data.layout import REPO_ROOT
 from protocol import rows
@@ -605,7 +606,8 @@ def write_table(plan: Plan) -> str:
                      f"{rows.published(plan.protocol.published, 'seg_test')}.")
     text = "\n".join(lines) + "\n"
     with atomic_path(plan.run_dir / "results.json") as tmp:
-        Path(tmp).write_text(json.dumps({"lists": plan.lists, "refine": plan.args.refine, "results": results},
+        Path(tmp).write_text(json.dumps({"lists": plan.lists, "refine": plan.args.refine,
+                                         "crf_backend": resolve_backend(plan.args.crf_backend), "results": results},
                                         indent=1) + "\n")
     with atomic_path(plan.run_dir / "results.md") as tmp:
         Path(tmp).write_text(text)
@@ -637,7 +639,8 @@ def definition(plan: Plan) -> dict:
     """What makes a run's results what they are: kept in ``run.json``, and a rerun must agree with it."""
     p = plan.protocol
     return {"dataset": plan.args.dataset, "refine": plan.args.refine, "start": plan.args.start,
-            "seg_from_scratch": plan.args.seg_from_scratch, "lists": plan.lists, "settings": p.settings,
+            "seg_from_scratch": plan.args.seg_from_scratch, "crf_backend": resolve_backend(plan.args.crf_backend),
+            "lists": plan.lists, "settings": p.settings,
             "extras": list(p.extras), "fixed_t": p.fixed_t, "published": p.published,
             "seed": plan.seed if plan.run_dir == plan.root else "one folder per seed"}
 
@@ -656,8 +659,10 @@ def check_definition(plan: Plan) -> None:
     path = plan.root / "run.json"
     now = definition(plan)
     if path.is_file():
-        # a run made before "published" and "seed" were recorded had neither (published figures change no result)
-        before = {"published": now["published"], "seed": None, **json.loads(path.read_text())}
+        # a run made before "published", "seed" and "crf_backend" were recorded had none of them (published
+        # figures change no result; its CRF was the one "auto" gives here)
+        before = {"published": now["published"], "seed": None, "crf_backend": now["crf_backend"],
+                  **json.loads(path.read_text())}
         changed = _differences(before, now, "")
         if changed:
             raise UserError(f"{plan.root} holds a run made with other settings ({'; '.join(changed)}); rerun it "
@@ -732,7 +737,7 @@ def recorded_plans(args: argparse.Namespace) -> list[Plan]:
                         extras=tuple(d["extras"]), fixed_t=d["fixed_t"])
     recorded = argparse.Namespace(**{**vars(args), "dataset": d["dataset"], "refine": d["refine"],
                                      "start": d["start"], "seg_from_scratch": d["seg_from_scratch"],
-                                     "coco_val": "labelled"})
+                                     "crf_backend": d.get("crf_backend", args.crf_backend), "coco_val": "labelled"})
     if d.get("seed") != "one folder per seed":
         return [make_plan(recorded, protocol, seed=d.get("seed"), run_dir=root, check=False)]
     seeds = sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].isdigit() and p.is_dir())

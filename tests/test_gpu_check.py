@@ -8,29 +8,41 @@ from tests.helpers import run_cli
 SMOKE = ["-m", "bench.gpu_check", "--device", "cpu", "--arch", "tiny", "--batch_size", "2", "--crop_size", "64",
          "--train_steps", "1", "--warmup", "1", "--infer_images", "2", "--infer_size", "64", "--scales", "32,64",
          "--no_write", "--skip_ddp", "--seg_backbone", "tiny", "--seg_batch_size", "2", "--seg_crop_size", "64",
-         "--seg_images", "1"]
+         "--seg_images", "1", "--variants", "published", "fp32", "bf16", "--e2e_images", "3"]
 
 
-def test_cpu_smoke_run_reports_both_precisions():
-    proc = run_cli(*SMOKE, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] in ("fp32", "bf16"):
-            rows[cells[0]] = cells
-    assert set(rows) == {"fp32", "bf16"}, proc.stdout
-    for variant, (_, train_ips, train_mem, infer_ips, infer_mem) in rows.items():
+def _rows(stdout: str, names: tuple[str, ...]) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("|") and line.strip("| ").split("|")[0].strip() in names]
+
+
+def test_cpu_smoke_run_reports_every_variant_and_the_end_to_end_runs():
+    proc = run_cli(*SMOKE, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    variants = ("published", "fp32", "bf16")
+    model_rows = _rows(out, variants)
+    assert [r[0] for r in model_rows] == [*variants, *variants], out  # the Conformer table, the segmentation table
+    for name, train_ips, train_mem, infer_ips, infer_mem in model_rows:
         for value in (float(train_ips), float(infer_ips)):
-            assert math.isfinite(value) and value > 0, (variant, proc.stdout)
+            assert math.isfinite(value) and value > 0, (name, out)
         assert train_mem == infer_mem == "n/a"  # no CUDA peak memory on the CPU
-    assert "losses finite: yes" in proc.stdout
-    assert "all float32: yes" in proc.stdout
-    assert "pseudo-labels changed by bf16" in proc.stdout
-    assert "skipped (--skip_ddp)" in proc.stdout
-    seg_rows = [line for line in proc.stdout.splitlines() if line.startswith("| fp32 |") or line.startswith("| bf16 |")]
-    assert len(seg_rows) == 4  # the Conformer table and the segmentation table
-    for line in seg_rows[2:]:
-        _, train_ips, _, infer_ips, _ = [c.strip() for c in line.strip().strip("|").split("|")]
-        assert float(train_ips) > 0 and float(infer_ips) > 0, proc.stdout
-    assert proc.stdout.count("segmentation training") >= 2 and "weights all float32: yes" in proc.stdout
+    assert out.count("losses finite: yes") == 3 and "losses finite: NO" not in out
+    assert "all float32: yes" in out
+    # every variant's labels are set against fp32's, in both tables
+    assert "pseudo-labels of published that differ from fp32's" in out
+    assert "pseudo-labels of bf16 that differ from fp32's" in out
+    assert "segmentation labels of bf16 that differ from fp32's" in out
+    assert "fp32 (this version) / published" in out and "bf16" in out.split("Throughput ratios")[1]
+    assert "skipped (--skip_ddp)" in out
+
+    # end to end: both scripts, the published loop against the defaults, labels compared
+    e2e = _rows(out, ("published loop", "defaults", "--amp bf16"))
+    assert [r[0] for r in e2e] == ["published loop", "defaults", "--amp bf16"] * 2, out
+    for name, rate, vs_published, vs_defaults, wall, agreement in e2e:
+        assert float(rate) > 0 and float(wall) > 0, out
+        assert vs_published.endswith("x") and vs_defaults.endswith("x"), out
+        assert agreement == "reference" if name == "defaults" else agreement.endswith("%"), out
+    # the published loop and the defaults compute the same float32 labels up to summation order
+    published = [r for r in e2e if r[0] == "published loop"]
+    assert all(float(r[5].rstrip("%")) > 99.0 for r in published), out

@@ -14,6 +14,7 @@ from core.errors import UserError
 from data.classes import COCO_CLASSES
 from protocol import demo, pipeline, rows
 from tests.helpers import ROOT, assert_refused, call_main, run_cli
+from tool.crf import resolve_backend
 
 TINY_TRAIN = ["--arch", "tiny", "--max_epoches", "1", "--crop_size", "64", "--resize_long", "48", "80",
               "--batch_size", "4", "--num_workers", "0"]
@@ -288,6 +289,15 @@ def test_a_rerun_with_other_settings_is_refused(voc_root, tiny_transcam_weights,
     more = replace(tiny, settings={**tiny.settings, "bao": [*TINY_TRAIN, "--max_epoches", "3"]})
     with pytest.raises(UserError, match=r"other settings \(settings\.bao \[.*\] -> \[.*'--max_epoches', '3'\]\)"):
         pipeline.check_definition(_plan(voc_root, tmp_path / "r", tiny_transcam_weights, more))
+    # the CRF implementation that ran ("auto" resolved) is part of the run: another one is refused
+    recorded_crf = json.loads((tmp_path / "r" / "run.json").read_text())["crf_backend"]
+    assert recorded_crf == resolve_backend("auto")
+    if recorded_crf == "pydensecrf":
+        with pytest.raises(UserError, match="crf_backend pydensecrf -> torch"):
+            pipeline.check_definition(_plan(voc_root, tmp_path / "r", tiny_transcam_weights, _tiny_protocol(voc_root),
+                                            "--crf_backend", "torch"))
+    pipeline.check_definition(_plan(voc_root, tmp_path / "r", tiny_transcam_weights, _tiny_protocol(voc_root),
+                                    "--crf_backend", recorded_crf))  # the same implementation named: accepted
     assert not (tmp_path / "r" / "stages").exists()
 
 

@@ -17,6 +17,8 @@ from core.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("off", *AMP_DTYPES)
+# torch.compile modes; "reduce-overhead" adds CUDA graphs, worth it where shapes repeat.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -100,3 +102,36 @@ def barrier() -> None:
     """Synchronise ranks (no-op outside distributed mode)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def configure_math(device: torch.device, tf32: bool = False) -> str:
+    """Set this process's float32 math on ``device``; return one line saying what it is.
+
+    The published numbers were made with PyTorch's defaults, which stay the defaults here:
+    TF32 in cuDNN convolutions (on since PyTorch 1.7) and full float32 matmuls (attention,
+    linear layers). ``tf32`` turns on TF32 matmuls too: faster on Ampere and later GPUs, and it
+    changes the numbers (bench/gpu_check.py measures by how much). On the CPU there is no TF32
+    and nothing is changed. cuDNN's autotuner is switched on for CUDA: the shapes repeat (fixed
+    crops, fixed inference scales), and it only picks among algorithms of the same precision.
+    """
+    if device.type != "cuda":
+        return "float32 math: the CPU's (no TF32)" + (", so --tf32 changes nothing here" if tf32 else "")
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = True
+    convs = "TF32" if torch.backends.cudnn.allow_tf32 else "full float32"
+    matmuls = "TF32 (--tf32)" if tf32 else "full float32 (as published; --tf32 for TF32)"
+    return f"float32 math on {device}: convolutions {convs} (PyTorch's default), matmuls {matmuls}"
+
+
+def compile_model(model: torch.nn.Module, mode: str = "off") -> torch.nn.Module:
+    """``model`` compiled in place with ``torch.compile`` (``mode`` of :data:`COMPILE_MODES`), or as it is for "off".
+
+    In place (``nn.Module.compile``), so the state_dict keys, the checkpoints and a later
+    DistributedDataParallel wrapper see the same module. The first forward of each new input
+    shape compiles (tens of seconds); later ones run the compiled code.
+    """
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode != "off":
+        model.compile(mode=None if mode == "default" else mode)
+    return model

@@ -37,7 +37,8 @@ from core.fileio import atomic_write
 from core.runlock import RunLock, refuse_if_locked
 from data.layout import REPO_ROOT
 from network.checkpoint import require_file
-from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
+from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+                         setup_distributed)
 from tool.engine import Engine, Hints, Position, Task, parse_fault
 from tool.runtime import ResumableSampler, load_checkpoint, make_loader, seed_everything
 from tool.train_log import RunLog
@@ -213,6 +214,7 @@ class TrainingRun:
     def __init__(self, args: argparse.Namespace, rt: Runtime):
         self.args, self.rt = args, rt
         self.amp = amp_dtype(args.amp, rt.device)
+        self.math = configure_math(rt.device, args.tf32)
         self.checkpoint = load_checkpoint(args.resume) if args.resume else None
 
     def identify_data(self, names: list[str], num_classes: int) -> None:
@@ -325,9 +327,16 @@ class TrainingRun:
         what, details = self.summary()
         self.log.message(f"{what} on {self.rt.device} x{self.rt.world_size} (amp {self.amp or 'off'}): {details}, "
                          f"run directory {args.run_dir}")
-        for note in self.notes():
+        for note in [self.math, *self.notes()]:
             self.log.message(note)
         self.engine.run()
+
+    def compiled(self, *modules: nn.Module) -> None:
+        """Compile each of ``modules`` in place as ``--compile`` asks (after the teacher is copied:
+        a copy of a compiled module is not what the teacher should be)."""
+        for module in modules:
+            if module is not None:
+                compile_model(module, self.args.compile)
 
 
 def run_training(build, args: argparse.Namespace) -> None:
