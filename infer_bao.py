@@ -20,18 +20,16 @@ Per image: the multi-scale, flipped maps (``tool.predict``), then
 Without any output flag, BAO writes ``--out_pred out/pseudo_labels``, TransCAM
 ``--out_cam out/cams`` and the CNN ablation ``--out_cam out/cnn_cams``. An image whose requested outputs all exist is skipped (resume)
 unless ``--overwrite``; every file is written atomically, so an interrupted run leaves no
-truncated output.
+truncated output. A batch's files are written by a few threads while the next batch runs.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from apps.cli import (CRFSetup, add_crf_backend_arg, add_crf_workers_arg, add_prediction_args, check_threshold,
+from apps.cli import (add_crf_backend_arg, add_crf_workers_arg, add_prediction_args, check_threshold,
                       crf_backend_from_args, crf_setup, dataset_from_args, prediction_settings_from_run, run_cli)
 from core.errors import UserError
 from core.fileio import unfinished
@@ -41,14 +39,16 @@ from data.camio import CAM_SUFFIX, save_cams
 from data.datasets import InferenceDataset
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS
-from tool.cam import pseudo_labels
 from tool.crf import write_crf_png
-from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
-from tool.predict import MultiScalePredictor, iterate_batches, load_model
+from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed, tune_for_inference
+from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 
 DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams"),
                "cnn": ("out_cam", "out/cnn_cams")}
 SUFFIX = {"out_pred": ".png", "out_crf": ".png", "out_cam": CAM_SUFFIX}
+# Threads writing the label PNGs and CAM files of one batch while the next one runs (PNG encoding
+# and file writes release the GIL).
+WRITER_THREADS = 3
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,41 +123,43 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                                    return_image="out_crf" in outputs)
         predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
+        tune_for_inference(runtime.device)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes on;
         # the torch CRF on a GPU runs in this process, beside the model.
         crf = crf_setup(args, runtime.device, "out_crf" in outputs)
+        with_crf = "out_crf" in outputs
+        # Two batches' files in flight at most: the one being written, the one just predicted.
         with tqdm(total=len(todo), unit="img", desc="infer", disable=not runtime.is_main) as bar, \
-                TaskPool(crf.workers) as pool:
+                TaskPool(crf.workers) as pool, \
+                TaskPool(WRITER_THREADS, threads=True, in_flight=2 * args.batch_size) as writer:
             for batch in iterate_batches(dataset, args.batch_size, args.num_workers, runtime.device):
                 images = batch.get("images", [None] * len(batch["names"]))
-                for name, image, (keys, maps) in zip(batch["names"], images, predictor(batch)):
-                    bar.update(_write_outputs(name, image, keys, maps, outputs, args.t, spec.num_classes, pool,
-                                              crf))
-            bar.update(pool.drain())
+                results = to_host(predictor.predict(batch), labels="out_pred" in outputs or with_crf,
+                                  maps="out_cam" in outputs, background_score=args.t, num_classes=spec.num_classes)
+                for name, image, result in zip(batch["names"], images, results):
+                    # An image is done once all its files exist: with the CRF, that is when its CRF ends.
+                    written = writer.submit(_write_files, name, result, outputs)
+                    if with_crf:
+                        written = pool.submit(write_crf_png, outputs["out_crf"] / f"{name}.png", image, result.label,
+                                              spec.num_classes, crf.backend, crf.device, crf.threads)
+                    bar.update(written)
+            written = writer.drain()
+            bar.update(pool.drain() if with_crf else written)
     barrier()
     if runtime.is_main:
         print(f"done: {len(todo)} images written by rank 0")
 
 
-def _write_outputs(name: str, image: np.ndarray | None, keys: torch.Tensor, maps: torch.Tensor,
-                   outputs: dict[str, Path], t: float | None, num_classes: int, pool: TaskPool,
-                   crf: CRFSetup) -> int:
-    """Write the requested files of one image, each atomically; the CRF's goes to ``pool``.
+def _write_files(name: str, result: HostOutputs, outputs: dict[str, Path]) -> None:
+    """Write the label PNG and CAM file of one image that ``outputs`` asks for, each atomically (a
+    writer thread's task; the CRF's PNG is written by the CRF's pool).
 
-    image (H, W, 3) uint8 (needed for the CRF), keys (K',) int64 class ids, maps (K', H, W)
-    normalised. An image counts as done once all its files exist, whichever comes last.
-    Returns the images ``pool`` finished meanwhile (for the progress bar).
+    result: the image's keys (K',), label (H, W) uint8 and maps (K', H, W) normalised.
     """
-    if "out_pred" in outputs or "out_crf" in outputs:
-        label = pseudo_labels(maps, keys, t, num_classes).cpu().numpy().astype(np.uint8)
-        if "out_pred" in outputs:
-            save_label_png(outputs["out_pred"] / f"{name}.png", label)
+    if "out_pred" in outputs:
+        save_label_png(outputs["out_pred"] / f"{name}.png", result.label)
     if "out_cam" in outputs:
-        save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", keys.numpy(), maps.cpu().numpy(), half=True)
-    if "out_crf" not in outputs:
-        return 1
-    return pool.submit(write_crf_png, outputs["out_crf"] / f"{name}.png", image, label, num_classes, crf.backend,
-                       crf.device, crf.threads)
+        save_cams(outputs["out_cam"] / f"{name}{CAM_SUFFIX}", result.keys, result.maps, half=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from apps.cli import (add_prediction_args, check_threshold, dataset_from_args, positive_int,
@@ -32,10 +31,9 @@ from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS, DatasetSpec
-from tool.cam import pseudo_labels
-from tool.device import amp_dtype, resolve_device
+from tool.device import amp_dtype, resolve_device, tune_for_inference
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
-from tool.predict import MultiScalePredictor, iterate_batches, load_model
+from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,11 +84,14 @@ def main(args: argparse.Namespace) -> None:
 
     dataset = InferenceDataset(spec.layout, names, spec.labels, scales=args.scales, flip=True, return_image=True)
     predictor = MultiScalePredictor(model, args.method, device, amp, args.forward_pixels)
+    tune_for_inference(device)
+    labelled = args.method == "bao" or args.t is not None
     with tqdm(total=len(names), unit="img", desc="visual") as bar:
         for batch in iterate_batches(dataset, args.batch_size, args.num_workers, device):
-            for name, image, (keys, maps) in zip(batch["names"], batch["images"], predictor(batch)):
-                _visualise(name, image, keys, maps, spec, args.method, args.t, out_dir,
-                           sheet_title(name, args.method, args.refine))
+            results = to_host(predictor.predict(batch), labels=labelled, maps=True, background_score=args.t,
+                              num_classes=spec.num_classes)
+            for name, image, result in zip(batch["names"], batch["images"], results):
+                _visualise(name, image, result, spec, args.t, out_dir, sheet_title(name, args.method, args.refine))
             bar.update(len(batch["names"]))
     print(f"wrote {len(names)} sheets and their overlays to {out_dir}")
 
@@ -107,19 +108,18 @@ def sheet_title(name: str, method: str, refine: str) -> str:
     return f"{name}: {maps}, {regime}"
 
 
-def _visualise(name: str, image: np.ndarray, keys: torch.Tensor, maps: torch.Tensor, spec: DatasetSpec,
-               method: str, t: float | None, out_dir: Path, heading: str) -> None:
-    """Write the overlays and the sheet (under ``heading``) of one image; maps (K', H, W) normalised, keys (K',)."""
+def _visualise(name: str, image: np.ndarray, result: HostOutputs, spec: DatasetSpec, t: float | None, out_dir: Path,
+               heading: str) -> None:
+    """Write the overlays and the sheet (under ``heading``) of one image: its keys (K'), maps (K', H, W)
+    normalised, and pseudo-label (H, W) when there is one (BAO, or TransCAM with ``t``)."""
     panels = [("image", image)]
     gt = read_mask(spec.layout, name, image.shape[:2])
     if gt is not None:
         panels.append(("ground truth", colorize_labels(gt)))
-    if method == "bao" or t is not None:
-        label = pseudo_labels(maps, keys, t, spec.num_classes).cpu().numpy()
-        title = "pseudo-label" if method == "bao" else f"pseudo-label (t={t:g})"
-        panels.append((title, colorize_labels(label)))
-    heat = maps.cpu().numpy()
-    for key, channel in zip(keys.tolist(), heat):
+    if result.label is not None:
+        title = "pseudo-label" if t is None else f"pseudo-label (t={t:g})"
+        panels.append((title, colorize_labels(result.label)))
+    for key, channel in zip(result.keys.tolist(), result.maps):
         class_name = "background" if key == 0 else spec.class_names[key]
         overlay = jet_overlay(image, channel)
         suffix = "bg" if key == 0 else _file_part(class_name)

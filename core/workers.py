@@ -7,6 +7,10 @@ memory stays flat however long the list), raises a worker's exception in the mai
 and with ``workers=0`` runs every task inline (same results, no processes). Its :meth:`TaskPool.map`
 returns the tasks' results in order (the evaluation's per-chunk sums, mask painting).
 
+With ``threads=True`` the same pool runs its tasks in threads of the main process instead:
+for tasks that mostly wait on files (numpy, PIL and zlib release the GIL while they write),
+such as writing an inference batch's outputs while the next batch runs on the GPU.
+
 :func:`default_workers` is the one default number of worker processes of the repository.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from core.errors import worker_process_init
@@ -30,10 +34,12 @@ def default_workers() -> int:
 
 
 class TaskPool:
-    """Run ``fn(*args)`` tasks in ``workers`` processes (0: inline), at most ``2 * workers`` in flight.
+    """Run ``fn(*args)`` tasks in ``workers`` processes (0: inline), at most ``in_flight`` (default
+    ``2 * workers``) in flight; with ``threads``, in ``workers`` threads of this process.
 
     Use as a context manager; :meth:`submit` and :meth:`drain` return how many tasks finished
-    during the call (for a progress bar). Leaving the block on an exception (a worker's error,
+    since the last call (for a progress bar), counted in submission order, so that the first
+    failed task is the one whose error is raised. Leaving the block on an exception (a worker's error,
     Ctrl-C) cancels the tasks not started and waits for the running ones, whose outputs are
     written atomically by the tasks themselves. Workers ignore Ctrl-C: the main process
     decides; they die with the main process however it ends (core.errors.die_with_parent).
@@ -42,28 +48,33 @@ class TaskPool:
     milliseconds rather than the seconds a spawned worker takes to import its modules.
     """
 
-    def __init__(self, workers: int, start: str = "spawn"):
+    def __init__(self, workers: int, start: str = "spawn", threads: bool = False, in_flight: int | None = None):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = workers
+        self.in_flight = max(1, in_flight if in_flight is not None else 2 * workers)
         self._pending: deque[Future] = deque()
-        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start),
-                                          initializer=worker_process_init) if workers else None)
+        self._pool: Executor | None = None
+        if workers and threads:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="TaskPool")
+        elif workers:
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start),
+                                             initializer=worker_process_init)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> int:
-        """Queue one task; when ``2 * workers`` are in flight, wait for the oldest first."""
+        """Queue one task; when ``in_flight`` are in flight, wait for the oldest first."""
         if self._pool is None:
             fn(*args)
             return 1
         self._pending.append(self._pool.submit(fn, *args))
         finished = 0
-        while len(self._pending) >= 2 * self.workers:
+        while self._pending and (len(self._pending) >= self.in_flight or self._pending[0].done()):
             self._pending.popleft().result()
             finished += 1
         return finished
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
-        """Yield ``fn(item)`` for every item, in the order of ``items``, at most ``2 * workers`` in flight.
+        """Yield ``fn(item)`` for every item, in the order of ``items``, at most ``in_flight`` in flight.
 
         A worker's error is raised here; leaving the pool's block then cancels the tasks not started.
         """
@@ -73,7 +84,7 @@ class TaskPool:
         pending: deque[Future] = deque()
         for item in items:
             pending.append(self._pool.submit(fn, item))
-            if len(pending) >= 2 * self.workers:
+            if len(pending) >= self.in_flight:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -30,7 +30,7 @@ from core.palette import IGNORE_INDEX, read_label_png
 from data.images import read_image
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
-from data.transforms import SegAugment, TrainAugment, multiscale_inputs, stack_scales
+from data.transforms import SegAugment, TrainAugment, resized_scales, stack_scales
 
 
 class _AugmentedDataset(Dataset):
@@ -85,8 +85,11 @@ class InferenceDataset(Dataset):
     """Multi-scale inference samples.
 
     Each item is ``{"name": str, "size": (H, W), "label": (C-1,) float32 tensor,
-    "inputs": [(S, (V, 3, S, S) float32), ...]}`` (see :func:`multiscale_inputs`), plus
-    ``"image": (H, W, 3) uint8`` when ``return_image`` (for CRF and overlays).
+    "inputs": [(S, (3, S, S) uint8), ...], "views": V}`` (the resized image of each scale,
+    :func:`data.transforms.resized_scales`; V = 2 with ``flip``, else 1), plus
+    ``"image": (H, W, 3) uint8`` when ``return_image`` (for CRF and overlays). The inputs stay
+    uint8 so that a quarter of the bytes travel to the model's device, which normalises and
+    flips them (:func:`data.transforms.normalized_views`).
     """
 
     def __init__(self, layout: DatasetLayout, names: list[str], labels: ImageLabels,
@@ -111,7 +114,8 @@ class InferenceDataset(Dataset):
             "name": name,
             "size": (int(img.shape[0]), int(img.shape[1])),
             "label": torch.from_numpy(self.labels.vector(name)),
-            "inputs": multiscale_inputs(img, self.scales, self.flip),
+            "inputs": resized_scales(img, self.scales),
+            "views": 2 if self.flip else 1,
         }
         if self.return_image:
             item["image"] = img
@@ -123,16 +127,17 @@ def collate_inference(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"names": [B], "sizes": [B x (H, W)], "labels": (B, C-1) float32,
-        "inputs": [(S, (B * V, 3, S, S)), ...], "views": V}`` and ``"images"`` (list of B
-        uint8 arrays) when the items hold images. Rows of each input are image-major:
-        image b owns rows ``b * V`` (plain) and ``b * V + 1`` (flipped, when V = 2).
+        "inputs": [(S, (B, 3, S, S) uint8), ...], "views": V}`` and ``"images"`` (list of B
+        uint8 arrays) when the items hold images. Row b of each input is image b, resized;
+        :func:`data.transforms.normalized_views` turns it into the network inputs of rows
+        ``b * V`` (plain) and ``b * V + 1`` (flipped, when V = 2).
     """
     batch = {
         "names": [it["name"] for it in items],
         "sizes": [it["size"] for it in items],
         "labels": torch.stack([it["label"] for it in items]),
         "inputs": stack_scales([it["inputs"] for it in items]),
-        "views": int(items[0]["inputs"][0][1].shape[0]),
+        "views": int(items[0]["views"]),
     }
     if "image" in items[0]:
         batch["images"] = [it["image"] for it in items]

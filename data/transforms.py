@@ -8,13 +8,20 @@ random integer in [320, 640] (bicubic), random horizontal flip, colour jitter, n
 random crop to a square, placing the image in a zero canvas when it is smaller.
 
 Inference (section 4, :func:`multiscale_inputs`): resize to S x S for each scale S
-(bicubic), normalise, and stack the horizontally flipped copy behind the plain one.
+(bicubic), normalise, and stack the horizontally flipped copy behind the plain one. The
+inference loader stops after the resize (:func:`resized_scales`, uint8, a quarter of the
+bytes to move to the GPU) and the model's device normalises and flips
+(:func:`normalized_views`): normalisation follows the resize of the uint8 image, and
+:func:`normalized_views` does the float32 arithmetic of :func:`normalize`, so the inputs
+are the same numbers either way.
 
 Segmentation stage (:class:`SegAugment`, :func:`scaled_input`): the DeepLab recipe, i.e.
 random rescaling of image and label, flip, padded random crop; inference rescales by factors
 of the original size, keeping the aspect.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -32,6 +39,34 @@ def normalize(img: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, ``(x / 255 - mean) / std`` per channel."""
     out = (np.asarray(img, np.float32) - _MEAN) * _INV_STD
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`_MEAN` and :data:`_INV_STD` as (1, 3, 1, 1) float32 tensors on ``device``, copied there once."""
+    return (torch.from_numpy(_MEAN).view(1, 3, 1, 1).to(device),
+            torch.from_numpy(_INV_STD).view(1, 3, 1, 1).to(device))
+
+
+def normalized_views(images: torch.Tensor, views: int) -> torch.Tensor:
+    """Normalise uint8 images where they are (any device) and add their flipped copies.
+
+    The same float32 operations as :func:`normalize`, ``(x - mean * 255) * (1 / (std * 255))``
+    with the same constants, element by element: the values equal :func:`normalize`'s bit for bit.
+
+    Args:
+        images: (n, 3, S, S) uint8 RGB.
+        views: 1 (plain) or 2 (plain, then flipped horizontally).
+    Returns:
+        (n * views, 3, S, S) float32, image-major: rows ``i * views + v`` are image i's views.
+    """
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, got {views}")
+    mean, inv_std = _channel_constants(images.device)
+    x = (images.float() - mean) * inv_std
+    if views == 1:
+        return x
+    return torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
 
 
 def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
@@ -116,9 +151,25 @@ def _crop_offsets(length: int, crop: int, rng: np.random.Generator) -> tuple[int
     return 0, int(rng.integers(0, crop - length + 1)), length
 
 
+def resized_scales(img: np.ndarray, scales: tuple[int, ...] = (256, 512, 768)) -> list[tuple[int, torch.Tensor]]:
+    """The image resized to S x S for each scale S (bicubic), ignoring its aspect.
+
+    Args:
+        img: (H, W, 3) uint8 RGB.
+        scales: output sides S.
+    Returns:
+        One ``(S, x)`` per scale, x of shape (3, S, S) uint8; :func:`normalized_views` makes
+        the network inputs of a batch of them.
+    """
+    pil = Image.fromarray(img)
+    return [(int(s), torch.from_numpy(np.asarray(pil.resize((int(s), int(s)), Image.Resampling.BICUBIC))
+                                      .transpose(2, 0, 1).copy()))
+            for s in scales]
+
+
 def multiscale_inputs(img: np.ndarray, scales: tuple[int, ...] = (256, 512, 768),
                       flip: bool = True) -> list[tuple[int, torch.Tensor]]:
-    """Inference inputs of one image.
+    """Inference inputs of one image, normalised on the CPU.
 
     Args:
         img: (H, W, 3) uint8 RGB.
@@ -130,21 +181,14 @@ def multiscale_inputs(img: np.ndarray, scales: tuple[int, ...] = (256, 512, 768)
         ``flip`` (x[0] plain, x[1] flipped; flip predictions of x[1] back along the last
         axis before combining) else V = 1.
     """
-    pil = Image.fromarray(img)
-    out = []
-    for s in scales:
-        x = normalize(np.asarray(pil.resize((int(s), int(s)), Image.Resampling.BICUBIC)))
-        views = torch.stack([x, x.flip(-1)]) if flip else x[None]
-        out.append((int(s), views))
-    return out
+    return [(s, normalized_views(x[None], 2 if flip else 1)) for s, x in resized_scales(img, scales)]
 
 
 def stack_scales(per_image: list[list[tuple[int, torch.Tensor]]]) -> list[tuple[int, torch.Tensor]]:
-    """Batch :func:`multiscale_inputs` of several images, scale by scale.
+    """Batch :func:`resized_scales` of several images, scale by scale.
 
     Returns:
-        One ``(S, x)`` per scale, x of shape (B * V, 3, S, S), image-major: rows
-        ``b * V .. b * V + V - 1`` belong to image b (reshape to (B, V, ...) to split).
+        One ``(S, x)`` per scale, x of shape (B, 3, S, S) uint8, row b holding image b.
     """
     if not per_image:
         raise ValueError("stack_scales needs at least one image")
@@ -152,7 +196,7 @@ def stack_scales(per_image: list[list[tuple[int, torch.Tensor]]]) -> list[tuple[
     for inputs in per_image[1:]:
         if [s for s, _ in inputs] != scales:
             raise ValueError("all images of a batch must use the same scales")
-    return [(s, torch.cat([inputs[k][1] for inputs in per_image])) for k, s in enumerate(scales)]
+    return [(s, torch.stack([inputs[k][1] for inputs in per_image])) for k, s in enumerate(scales)]
 
 
 class SegAugment:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from data.datasets import collate_inference
-from data.transforms import multiscale_inputs
+from data.transforms import resized_scales
 from network.conformer import ConformerOutput
 from network.conformer_CAM import Net_tiny
 from tests.helpers import assert_labels_agree_where_clear, assert_maps_close
@@ -124,7 +124,7 @@ class _FixedMaps(nn.Module):
 
 def _batch(images: list[np.ndarray], labels: list[np.ndarray], scales: tuple[int, ...]) -> dict:
     items = [{"name": f"im{i}", "size": img.shape[:2], "label": torch.from_numpy(lab),
-              "inputs": multiscale_inputs(img, scales)} for i, (img, lab) in enumerate(zip(images, labels))]
+              "inputs": resized_scales(img, scales), "views": 2} for i, (img, lab) in enumerate(zip(images, labels))]
     return collate_inference(items)
 
 

@@ -18,7 +18,8 @@ from data.datasets import ClassificationDataset, InferenceDataset, SegmentationD
 from data.images import read_image
 from data.labels import ImageLabels, read_list, write_list
 from data.layout import DatasetLayout, labels_from_annotations
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, multiscale_inputs, normalize, stack_scales
+from data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainAugment, multiscale_inputs, normalize, normalized_views,
+                             resized_scales, stack_scales)
 
 NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
@@ -289,7 +290,39 @@ def test_multiscale_inputs_shapes_and_flip():
     flat = multiscale_inputs(np.full((5, 9, 3), (255, 0, 128), np.uint8), scales=(8,), flip=False)
     np.testing.assert_allclose(flat[0][1][0, :, 3, 5].numpy(), _normalized((255, 0, 128)), rtol=1e-5)
     with pytest.raises(ValueError, match="same scales"):
-        stack_scales([out, single])
+        stack_scales([resized_scales(img, (16, 24)), resized_scales(img, (16,))])
+
+
+def test_normalized_views_are_the_host_normalisation_bit_for_bit():
+    """The device-side normalisation of the inference inputs (uint8 uploaded, normalised where the model
+    runs) gives normalize()'s float32 values exactly, for every uint8 value in every channel."""
+    values = np.arange(256, dtype=np.uint8)
+    img = np.repeat(np.stack([values, values[::-1]], axis=1)[:, :, None], 3, axis=2)  # (256, 2, 3)
+    expected = normalize(img)
+    got = normalized_views(torch.from_numpy(img.transpose(2, 0, 1).copy())[None], 1)
+    assert got.dtype == torch.float32 and got.shape == (1, 3, 256, 2)
+    assert got[0].numpy().tobytes() == expected.numpy().tobytes()
+    two = normalized_views(torch.from_numpy(np.stack([img, img[::-1]]).transpose(0, 3, 1, 2).copy()), 2)
+    assert two.shape == (4, 3, 256, 2)  # image-major: image 0 plain, flipped, image 1 plain, flipped
+    assert torch.equal(two[0], expected) and torch.equal(two[1], expected.flip(-1))
+    assert torch.equal(two[2], normalize(img[::-1].copy())) and torch.equal(two[3], two[2].flip(-1))
+    with pytest.raises(ValueError, match="views must be 1 or 2"):
+        normalized_views(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), 3)
+
+
+def test_multiscale_inputs_normalise_the_resized_uint8_image():
+    """Normalisation follows the bicubic resize of the uint8 image (so it can run on the device after the
+    upload): multiscale_inputs is normalize() of resized_scales' images, bit for bit."""
+    img = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    resized = resized_scales(img, (16, 32))
+    assert [(s, x.dtype, tuple(x.shape)) for s, x in resized] == [(16, torch.uint8, (3, 16, 16)),
+                                                                  (32, torch.uint8, (3, 32, 32))]
+    for (s, x), (_, views) in zip(resized, multiscale_inputs(img, (16, 32))):
+        pil = Image.fromarray(img).resize((s, s), Image.Resampling.BICUBIC)
+        assert np.array_equal(x.numpy().transpose(1, 2, 0), np.asarray(pil))
+        host = normalize(np.asarray(pil))
+        assert views[0].numpy().tobytes() == host.numpy().tobytes()
+        assert views[1].numpy().tobytes() == host.flip(-1).numpy().tobytes()
 
 
 # ---------------------------------------------------------------- datasets
@@ -323,11 +356,13 @@ def test_inference_dataset_and_collate(tmp_path):
     assert batch["views"] == 2 and batch["labels"].tolist() == [[1, 0], [0, 1], [1, 1]]
     assert [s for s, _ in batch["inputs"]] == [8, 16]
     x16 = batch["inputs"][1][1]
-    assert x16.shape == (6, 3, 16, 16)
-    assert torch.equal(x16[2:4], item["inputs"][1][1])  # image-major rows: image 1 owns rows 2, 3
+    assert x16.shape == (3, 3, 16, 16) and x16.dtype == torch.uint8  # resized only: normalised on the device
+    assert torch.equal(x16[1], item["inputs"][1][1])  # row b: image b
+    assert torch.equal(normalized_views(x16, 2)[2:4], multiscale_inputs(item["image"], (16,))[0][1])
     assert [im.shape for im in batch["images"]] == [(10, 14, 3), (7, 5, 3), (9, 9, 3)]
     no_image = InferenceDataset(DatasetLayout.voc(root), ["a"], labels, scales=(8,), flip=False)
-    assert "image" not in no_image[0] and no_image[0]["inputs"][0][1].shape == (1, 3, 8, 8)
+    assert "image" not in no_image[0] and no_image[0]["inputs"][0][1].shape == (3, 8, 8)
+    assert no_image[0]["views"] == 1
 
 
 def test_segmentation_dataset(tmp_path):

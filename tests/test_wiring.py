@@ -18,7 +18,7 @@ from PIL import Image
 from data.datasets import ClassificationDataset, collate_inference
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegAugment, TrainAugment, multiscale_inputs
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegAugment, TrainAugment, resized_scales
 from network.conformer import ConformerOutput
 from network.conformer_CAM import Net_tiny
 from tool.cam import pseudo_labels
@@ -138,7 +138,7 @@ class _PooledColours(nn.Module):
 
 def _batch(img: np.ndarray, label: np.ndarray, scales: tuple[int, ...]) -> dict:
     return collate_inference([{"name": "im", "size": img.shape[:2], "label": torch.from_numpy(label),
-                               "inputs": multiscale_inputs(img, scales)}])
+                               "inputs": resized_scales(img, scales), "views": 2}])
 
 
 def _published_normalisation(v: np.ndarray) -> np.ndarray:

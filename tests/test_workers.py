@@ -70,3 +70,31 @@ def test_map_returns_the_results_in_order_and_raises_a_task_error(workers, start
         with TaskPool(workers, start) as pool:
             assert list(pool.map(square, range(9))) == [0, 1, 4, 9, 16, 25, 36, 49, 64]
             list(pool.map(square, [1, -3, 2]))
+
+
+def test_threads_run_the_tasks_beside_the_main_thread_bounded_and_in_order(tmp_path):
+    """threads=True: tasks run in threads of this process (not the main one), at most ``in_flight`` are
+    queued, finished tasks are counted as soon as a later submit sees them, and the first failed task's
+    error is the one raised."""
+    import threading
+
+    ran_in: set[str] = set()
+
+    def task(path: Path, value: int) -> None:
+        ran_in.add(threading.current_thread().name)
+        write_square(path, value)
+
+    finished = 0
+    with TaskPool(2, threads=True, in_flight=3) as pool:
+        for v in range(10):
+            finished += pool.submit(task, tmp_path / f"{v}.txt", v)
+            assert len(pool._pending) < 3
+        finished += pool.drain()
+    assert finished == 10
+    assert [(tmp_path / f"{v}.txt").read_text() for v in range(10)] == [str(v * v) for v in range(10)]
+    assert ran_in and threading.main_thread().name not in ran_in
+    with pytest.raises(UserError, match="negative value -3 for -3.txt"):
+        with TaskPool(2, threads=True, in_flight=8) as pool:
+            for v in (1, -3, -4, 2):
+                pool.submit(task, tmp_path / f"{v}.txt", v)
+    assert (tmp_path / "1.txt").read_text() == "1"

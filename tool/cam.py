@@ -86,7 +86,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_labels(maps: torch.Tensor, keys: torch.Tensor, background_score: float | None = None,
-                  num_classes: int | None = None) -> torch.Tensor:
+                  num_classes: int | None = None, device_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Label map from normalised maps.
 
     Args:
@@ -99,18 +99,21 @@ def pseudo_labels(maps: torch.Tensor, keys: torch.Tensor, background_score: floa
             in the argmax with the score -1 of their all-zero normalised maps, as in the
             published argmax over all C channels (they win only where every present map
             lies below -1, or at -1 with a higher id).
+        device_keys: ``keys`` already on the maps' device, when the caller holds them: on a
+            GPU a copy of ``keys`` there would wait for every queued kernel.
     Returns:
-        (H, W) int64 class ids; ties go to the lower class id.
+        (H, W) int64 class ids on the maps' device; ties go to the lower class id.
     """
+    ids = keys.to(maps.device) if device_keys is None else device_keys
     if background_score is None:
         if keys.numel() == 0 or int(keys[0]) != 0:
             raise ValueError("threshold-free labels need the background map (key 0) as first channel")
         if num_classes is None:
             raise ValueError("threshold-free labels need num_classes (the absent classes take part in the argmax)")
         score, best = maps.max(dim=0)
-        return with_absent_classes(keys.to(maps.device)[best], score, keys.tolist(), num_classes)
+        return with_absent_classes(ids[best], score, keys.tolist(), num_classes)
     fg = keys > 0
-    stack = torch.cat([maps.new_full((1,) + tuple(maps.shape[1:]), float(background_score)), maps[fg.to(maps.device)]])
-    ids = torch.cat([keys.new_zeros(1), keys[fg]]).to(maps.device)
-    return ids[stack.argmax(dim=0)]
-
+    if not bool(fg.all()):  # drop the non-foreground channels (TransCAM maps have none)
+        maps, ids = maps[fg.to(maps.device)], keys[fg].to(maps.device)
+    stack = torch.cat([maps.new_full((1,) + tuple(maps.shape[1:]), float(background_score)), maps])
+    return torch.cat([ids.new_zeros(1), ids])[stack.argmax(dim=0)]

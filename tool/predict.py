@@ -8,20 +8,30 @@ scales (attention memory grows with S^4). Only the small feature-resolution outp
 scale are kept; they are folded into one (K', H, W) accumulator per image holding just the
 present classes (and the background map for BAO), so nothing of size (views x classes x
 H x W) is ever alive.
+
+On a GPU the host waits for the device once per batch. The inputs travel as uint8 (a
+quarter of float32's bytes) and are normalised and flipped there
+(:func:`data.transforms.normalized_views`, the same numbers as on the host); the label
+vectors and the index of the present classes go over in one non-blocking copy each, from
+pinned memory; :func:`to_host` brings the batch's pseudo-labels (uint8, made on the device)
+and maps back in one copy each, instead of a copy, and a wait, per image.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.errors import quiet_loader_worker
 from data.datasets import CollateOrError, ErrorsAsItems, collate_inference, raise_batch_error
+from data.transforms import normalized_views
 from network.checkpoint import LoadReport, load_weights
 from network.factory import build_network
-from tool.cam import fold_views, normalize_maps, present_keys
+from tool.cam import fold_views, normalize_maps, present_keys, pseudo_labels
 from tool.device import autocast
 
 # The maps inference can make: BAO (learned background + TransCAM foreground), TransCAM CAMs,
@@ -67,6 +77,64 @@ def iterate_batches(dataset: Dataset, batch_size: int, num_workers: int,
         yield batch
 
 
+@dataclass
+class Prediction:
+    """The normalised maps of one image, on the model's device.
+
+    Attributes:
+        keys: (K',) int64 class ids of the channels, on the CPU ([0, present foreground ids]
+            for BAO, [present foreground ids] for TransCAM and the CNN CAMs).
+        device_keys: the same ids on the model's device.
+        maps: (K', H, W) float32 on the model's device, normalised (``tool.cam.normalize_maps``)
+            at the image's original size.
+    """
+
+    keys: torch.Tensor
+    device_keys: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass
+class HostOutputs:
+    """What :func:`to_host` brings back of one image.
+
+    Attributes:
+        keys: (K',) int64 class ids of the maps' channels.
+        label: (H, W) uint8 pseudo-label (``tool.cam.pseudo_labels``), None when not asked for.
+        maps: (K', H, W) float32 normalised maps, None when not asked for.
+    """
+
+    keys: np.ndarray
+    label: np.ndarray | None
+    maps: np.ndarray | None
+
+
+def to_host(predictions: list[Prediction], labels: bool, maps: bool, background_score: float | None = None,
+            num_classes: int | None = None) -> list[HostOutputs]:
+    """The pseudo-labels (with ``labels``) and maps (with ``maps``) of a batch, on the host.
+
+    The pseudo-labels are made on the maps' device as uint8 (class ids < 256); each kind comes
+    back in one device-to-host copy for the whole batch. ``background_score`` and
+    ``num_classes``: as :func:`tool.cam.pseudo_labels` (None for BAO maps; a threshold t for
+    TransCAM maps).
+    """
+    none = [None] * len(predictions)
+    host_labels = none
+    if labels:
+        host_labels = _one_copy_to_host([
+            pseudo_labels(p.maps, p.keys, background_score, num_classes, device_keys=p.device_keys).to(torch.uint8)
+            for p in predictions])
+    host_maps = _one_copy_to_host([p.maps for p in predictions]) if maps else none
+    return [HostOutputs(p.keys.numpy(), label, m) for p, label, m in zip(predictions, host_labels, host_maps)]
+
+
+def _one_copy_to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors of one device and dtype -> numpy arrays of their shapes, through one ``.cpu()``."""
+    flat = torch.cat([x.reshape(-1) for x in tensors]).cpu().numpy()
+    ends = np.cumsum([x.numel() for x in tensors])
+    return [flat[end - x.numel():end].reshape(x.shape) for x, end in zip(tensors, ends)]
+
+
 class MultiScalePredictor:
     """Run a model over the scales and views of a batch and return normalised maps per image.
 
@@ -89,39 +157,47 @@ class MultiScalePredictor:
         self.amp_dtype = amp_dtype
         self.forward_pixels = int(forward_pixels)
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised maps of each image of a :func:`collate_inference` batch.
+        """``(keys, maps)`` of each image of a batch, as :meth:`predict` gives them."""
+        return [(p.keys, p.maps) for p in self.predict(batch)]
 
-        Returns:
-            One ``(keys, maps)`` per image: keys (K',) int64 class ids on the CPU ([0, present
-            foreground ids] for BAO, [present foreground ids] for TransCAM) and maps (K', H, W)
-            float32 on ``self.device``, normalised to [0, 1) at the image's original size.
-        """
+    @torch.inference_mode()
+    def predict(self, batch: dict[str, Any]) -> list[Prediction]:
+        """The normalised maps of each image of a :func:`collate_inference` batch, left on the device."""
         labels = batch["labels"]
         views = batch["views"]
-        flipped = [v == 1 for v in range(views)]  # collate_inference puts the flipped view second
+        flipped = [v == 1 for v in range(views)]  # normalized_views puts the flipped view second
         bao = self.method == "bao"
         keys = [present_keys(label, background=bao) for label in labels]
-        index = [k.to(self.device) for k in keys]
+        index = self._upload(torch.cat(keys)).split([len(k) for k in keys])
+        view_labels = self._upload(labels).repeat_interleave(views, dim=0) if bao else None
         sums: list[torch.Tensor | None] = [None] * len(keys)
-        view_labels = labels.repeat_interleave(views, dim=0)
-        for _, inputs in batch["inputs"]:
-            out = self._forward(inputs, view_labels)  # (B * V, K, h, w)
+        for _, images in batch["inputs"]:
+            out = self._forward(self._upload(images), views, view_labels)  # (B * V, K, h, w)
             for b, size in enumerate(batch["sizes"]):
                 folded = fold_views(out[b * views:(b + 1) * views, index[b]], size, flipped)
                 sums[b] = folded if sums[b] is None else sums[b] + folded
-        return [(k, normalize_maps(s)) for k, s in zip(keys, sums)]
+        return [Prediction(k, i, normalize_maps(s)) for k, i, s in zip(keys, index, sums)]
 
-    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """inputs (n, 3, S, S), labels (n, C-1) -> float32 (n, K, S/16, S/16) maps, in chunks."""
-        side = inputs.shape[-1] * inputs.shape[-2]
-        chunk = max(1, self.forward_pixels // side)
+    def _upload(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the model's device; on a GPU from pinned memory, without waiting for the copy."""
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # no copy for the loader's pinned batches
+        return x.to(self.device, non_blocking=True)
+
+    def _forward(self, images: torch.Tensor, views: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """images (B, 3, S, S) uint8 and labels (B * V, C-1) (BAO; None otherwise), on the device
+        -> float32 (B * V, K, S/16, S/16) maps of the B * V views, in chunks of at most
+        ``forward_pixels`` input pixels."""
+        rows = images.shape[0] * views
+        chunk = max(1, self.forward_pixels // (images.shape[-1] * images.shape[-2]))
         outs = []
-        for start in range(0, inputs.shape[0], chunk):
-            x = inputs[start:start + chunk].to(self.device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[start:start + chunk].to(self.device) if self.method == "bao" else None
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            first = start // views  # the images whose views rows start..stop-1 are
+            x = normalized_views(images[first:(stop - 1) // views + 1], views)
+            x = x[start - first * views:stop - first * views].contiguous(memory_format=torch.channels_last)
+            y = labels[start:stop] if labels is not None else None
             with autocast(self.device, self.amp_dtype):
                 if self.method == "cnn":
                     maps = self.model.forward_cnn_cams(x)
