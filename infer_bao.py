@@ -40,7 +40,8 @@ from data.datasets import InferenceDataset
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS
 from tool.crf import write_crf_png
-from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed, tune_for_inference
+from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+                         setup_distributed)
 from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 
 DEFAULT_OUT = {"bao": ("out_pred", "out/pseudo_labels"), "transcam": ("out_cam", "out/cams"),
@@ -108,11 +109,14 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
     amp = amp_dtype(args.amp, runtime.device)
     model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method,
                                runtime.device, args.refine)
+    math = configure_math(runtime.device, args.tf32)
+    compile_model(model, args.compile)
     todo = unfinished({folder: SUFFIX[kind] for kind, folder in outputs.items()}, mine, args.overwrite, barrier)
     if runtime.is_main:
         if taken:
             print(taken)
         print(f"weights {args.weights}: {report.summary()}")
+        print(math)
         where = ", ".join(f"--{k} {folder}" for k, folder in outputs.items())
         shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""
         print(f"{len(names)} images in {args.infer_list}{shard}: {len(mine) - len(todo)} already done (skipped), "
@@ -123,7 +127,6 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                                    return_image="out_crf" in outputs)
         predictor = MultiScalePredictor(model, args.method, runtime.device, amp,
                                         args.forward_pixels)
-        tune_for_inference(runtime.device)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes on;
         # the torch CRF on a GPU runs in this process, beside the model.
         crf = crf_setup(args, runtime.device, "out_crf" in outputs)

@@ -31,7 +31,7 @@ from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS, DatasetSpec
-from tool.device import amp_dtype, resolve_device, tune_for_inference
+from tool.device import amp_dtype, compile_model, configure_math, resolve_device
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
 from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 
@@ -79,12 +79,13 @@ def main(args: argparse.Namespace) -> None:
     model, report = load_model(args.network, args.arch, args.weights, spec.num_classes, args.method, device,
                                args.refine)
     print(f"weights {args.weights}: {report.summary()}")
+    print(configure_math(device, args.tf32))
+    compile_model(model, args.compile)
     out_dir = Path(args.out_dir)
     prepare_output_dir(out_dir)
 
     dataset = InferenceDataset(spec.layout, names, spec.labels, scales=args.scales, flip=True, return_image=True)
     predictor = MultiScalePredictor(model, args.method, device, amp, args.forward_pixels)
-    tune_for_inference(device)
     labelled = args.method == "bao" or args.t is not None
     with tqdm(total=len(names), unit="img", desc="visual") as bar:
         for batch in iterate_batches(dataset, args.batch_size, args.num_workers, device):

@@ -24,7 +24,7 @@ from data.transforms import resized_scales
 from network.conformer import ConformerOutput
 from tests.helpers import ROOT, assert_refused, call_main
 from tool.cam import pseudo_labels
-from tool.device import tune_for_inference
+from tool.device import configure_math
 from tool.predict import MultiScalePredictor, to_host
 
 CPU = torch.device("cpu")
@@ -189,9 +189,18 @@ def test_a_write_error_in_a_writer_thread_is_one_line_and_a_failed_exit(voc_root
         assert read_label_png(pred / name).ndim == 2
 
 
-def test_cudnn_autotuning_only_on_cuda(monkeypatch):
+def test_cudnn_autotuning_and_tf32_only_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    tune_for_inference(CPU)
-    assert torch.backends.cudnn.benchmark is False
-    tune_for_inference(torch.device("cuda", 0))  # a device name only: nothing runs there
-    assert torch.backends.cudnn.benchmark is True
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32  # a property of torch's module object: set back by hand
+    try:
+        matmul.allow_tf32 = False
+        configure_math(CPU, tf32=True)
+        assert torch.backends.cudnn.benchmark is False and matmul.allow_tf32 is False
+        line = configure_math(torch.device("cuda", 0))  # a device name only: nothing runs there
+        assert torch.backends.cudnn.benchmark is True and matmul.allow_tf32 is False
+        assert "matmuls full float32 (as published" in line
+        configure_math(torch.device("cuda", 0), tf32=True)
+        assert matmul.allow_tf32 is True
+    finally:
+        matmul.allow_tf32 = before

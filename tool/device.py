@@ -98,15 +98,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def tune_for_inference(device: torch.device) -> None:
-    """Let cuDNN time its convolution algorithms once per input shape and keep the fastest
-    (``torch.backends.cudnn.benchmark``), on CUDA only: inference runs a few fixed shapes (one per
-    scale) many times. Only the inference scripts call it, never training, whose kernel choice
-    stays torch's default. Nothing changes on the CPU."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def barrier() -> None:
     """Synchronise ranks (no-op outside distributed mode)."""
     if dist.is_available() and dist.is_initialized():
