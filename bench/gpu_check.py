@@ -72,7 +72,7 @@ from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
 from tool.device import AMP_DTYPES, compile_model, configure_math, resolve_device
-from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches
+from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches, to_host
 from tool.segmentation import DEFAULT_SEG_SCALES, multiscale_probs, segmentation_loss
 from tool.teacher import make_teacher, update_teacher
 from tool.training import bao_losses
@@ -336,8 +336,12 @@ def _infer(args: argparse.Namespace, model: nn.Module, device: torch.device, var
     _sync(device)
     start = time.perf_counter()
     for batch in batches:
-        for keys, maps in predictor(batch):
-            labels.append(pseudo_labels(maps, keys, num_classes=NUM_CLASSES).to(torch.uint8).cpu())
+        if variant.published:  # per image: its maps, its labels, its copy to the host
+            for keys, maps in predictor(batch):
+                labels.append(pseudo_labels(maps, keys, num_classes=NUM_CLASSES).to(torch.uint8).cpu())
+        else:  # infer_bao.py's path: labels made on the device, one copy to the host per batch
+            for out in to_host(predictor.predict(batch), labels=True, maps=False, num_classes=NUM_CLASSES):
+                labels.append(torch.from_numpy(out.label))
     _sync(device)
     seconds = time.perf_counter() - start
     return InferResult(images_per_s=len(labels) / seconds, peak_gib=_peak_gib(device), labels=labels)
