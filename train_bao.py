@@ -178,13 +178,16 @@ class BAOTraining(TrainingRun):
         if args.method == "transcam":
             freeze_bao_heads(self.model)
         self.model.to(rt.device).train()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self.teacher = make_teacher(self.model).train(args.teacher_mode == "train") if args.method == "bao" else None
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
                                       weight_decay=args.wt_dec, eps=args.adam_eps)
         modules = {"student": self.model, "teacher": self.teacher} if self.teacher else {"model": self.model}
         task = Task(model=self.model, optimizer=optimizer, step=self._step, modules=modules,
                     after_step=self._update_teacher if self.teacher else None, save_epoch=self._save_epoch,
-                    start_epoch=self.dataset.set_epoch, validate=self._validate if self.validation else None)
+                    validate=self._validate if self.validation else None)
         self.start_engine(task, loader, sampler, args.max_epoches,
                           out_of_memory="lower --crop_size (a resumed run may change it) or start a new run with a "
                                         "lower --batch_size",
@@ -197,8 +200,15 @@ class BAOTraining(TrainingRun):
     def resume_position(self, pos: Position) -> dict[str, int]:
         return {"epoch": pos.epoch + 1, "iter": pos.step}
 
+    @property
+    def channels_last(self) -> bool:
+        """CUDA only: the model and its inputs in channels-last layout and cuDNN picking the fastest
+        convolution algorithms, a speed-up that changes no number on the CPU, where neither applies."""
+        return self.rt.device.type == "cuda"
+
     def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["img"].to(self.rt.device, non_blocking=True)
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        images = batch["img"].to(self.rt.device, non_blocking=True, memory_format=layout)
         labels = batch["label"].to(self.rt.device, non_blocking=True)
         if self.teacher is not None:
             return bao_losses(engine.wrapped, self.teacher, images, labels, self.args.eps, self.args.l_pcl, self.amp)

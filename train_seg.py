@@ -136,7 +136,7 @@ class SegTraining(TrainingRun):
                                      {"params": head, "lr": self.base_lrs[1]}],
                                     lr=args.lr, momentum=args.momentum, weight_decay=args.wt_dec)
         task = Task(model=self.model, optimizer=optimizer, step=self._step, modules={"model": self.model},
-                    before_step=self._schedule, save_epoch=self._save_final, start_epoch=self.dataset.set_epoch)
+                    before_step=self._schedule, save_epoch=self._save_final)
         self.start_engine(task, loader, sampler, math.ceil(args.max_iters / len(loader)),
                           out_of_memory="start a new run with a lower --batch_size or --crop_size",
                           non_finite="lower --lr", total_steps=args.max_iters)

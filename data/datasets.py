@@ -17,6 +17,7 @@ reaches the main process as it is, not inside a DataLoader worker's traceback.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,30 +34,37 @@ from data.layout import DatasetLayout
 from data.transforms import SegAugment, TrainAugment, resized_scales, stack_scales
 
 
-class _AugmentedDataset(Dataset):
+class _AugmentedDataset(Dataset, ABC):
     """Training samples over ``names`` whose random augmentation is a function of (seed, epoch, index).
 
-    The augmentation of sample ``index`` in epoch ``e`` is drawn from
-    ``np.random.default_rng([seed, e, index])`` (:meth:`rng`): it does not depend on the
-    worker that loads it nor on what was loaded before, so a run resumed at epoch ``e`` sees
-    exactly the crops of an uninterrupted run. Call :meth:`set_epoch` before iterating each
-    epoch; with a DataLoader, use ``persistent_workers=False`` (the default) so that the
-    workers receive the updated epoch.
+    A sample is addressed by the key ``(epoch, index)`` (a plain ``index`` is epoch 0): its
+    augmentation is drawn from ``np.random.default_rng([seed, epoch, index])`` (:meth:`rng`),
+    so it depends neither on the worker that loads it nor on what was loaded before, and a
+    run resumed at epoch ``epoch`` sees exactly the crops of an uninterrupted run. The epoch
+    travels with the key, not as the dataset's state: DataLoader workers that persist across
+    epochs (``persistent_workers=True``) draw each epoch's crops. The training loader's
+    sampler yields these keys (:attr:`epoch_keys`; :func:`tool.runtime.make_loader`).
     """
+
+    # Tells tool.runtime.make_loader to index with (epoch, index) keys.
+    epoch_keys = True
 
     def __init__(self, layout: DatasetLayout, names: list[str], seed: int):
         self.layout = layout
         self.names = list(names)
         self.seed = int(seed)
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch`` (0-based)."""
-        self.epoch = int(epoch)
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        """The augmentation generator of sample ``index`` in ``epoch`` (0-based)."""
+        return np.random.default_rng([self.seed, epoch, index])
 
-    def rng(self, index: int) -> np.random.Generator:
-        """The augmentation generator of sample ``index`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        return self.sample(int(index), self.rng(int(epoch), int(index)))
+
+    @abstractmethod
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        """Sample ``index`` augmented with ``rng``."""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -75,9 +83,9 @@ class ClassificationDataset(_AugmentedDataset):
         self.labels = labels
         self.transform = transform
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         name = self.names[index]
-        img = self.transform(read_image(self.layout.image_path(name)), self.rng(index))
+        img = self.transform(read_image(self.layout.image_path(name)), rng)
         return {"name": name, "img": img, "label": torch.from_numpy(self.labels.vector(name))}
 
 
@@ -250,11 +258,11 @@ class PseudoLabelDataset(_AugmentedDataset):
         self.num_classes = int(num_classes)
         self.transform = transform
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         name = self.names[index]
         img = read_image(self.layout.image_path(name))
         label = read_label_map(self.label_dir / f"{name}.png", self.num_classes, img.shape[:2])
-        x, y = self.transform(img, label, self.rng(index))
+        x, y = self.transform(img, label, rng)
         return {"name": name, "img": x, "label": y}
 
 

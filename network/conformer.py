@@ -33,6 +33,25 @@ _LN_EPS = 1e-6  # the published transformer layer norms (trans_norm keeps the de
 REFINE_MODES = ("attention", "none")
 
 
+class _ExpandToBatch(torch.autograd.Function):
+    """``token.expand(b, -1, -1)``, (1, 1, E) -> (B, 1, E), whose gradient is always a fresh (1, 1, E) tensor.
+
+    expand's own backward sums the gradient over the batch, but at B = 1 it hands on the slice
+    of the token concatenation's gradient: a (1, 1, E) view with the strides of the (1, 1+N, E)
+    tensor. DistributedDataParallel (one image per process) then warns "Grad strides do not
+    match bucket view strides" and copies it at every step. The sum over the batch is the
+    one expand's backward computes, so the gradient's values are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, batch: int) -> torch.Tensor:
+        return token.expand(batch, -1, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.sum(0, keepdim=True), None
+
+
 class ConformerOutput(NamedTuple):
     """Forward result; unpacks like the published tuple ``(conv_logits, trans_logits, am, cams, bao)``.
 
@@ -301,7 +320,7 @@ class Conformer(nn.Module):
         x_base = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         x, _ = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
-        x_t = torch.cat([self.cls_token.expand(b, -1, -1), x_t], dim=1)
+        x_t = torch.cat([_ExpandToBatch.apply(self.cls_token, b), x_t], dim=1)
         x_t, attn = self.trans_1(x_t)
         attn_sum = attn[:, :, 1:, 1:].mean(1)
         for blk in self.blocks:

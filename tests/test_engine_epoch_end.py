@@ -1,5 +1,6 @@
 """tool/engine.py's loop resumed at positions its sampler cannot reach: an error or a clean end of
-the epoch, never a loop that restarts the same epoch forever (each run has a deadline)."""
+the epoch, never a loop that restarts the same epoch forever (each run has a deadline); and its
+refusal of a non-finite loss, which leaves the weights as the last step left them."""
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,8 @@ class _EightOfTwelve(ResumableSampler):
         return iter(list(DistributedSampler.__iter__(self))[:8][self.start:])
 
 
-def _engine(run_dir, sampler_cls=ResumableSampler, max_epochs: int = 2, max_steps: int | None = None) -> Engine:
+def _engine(run_dir, sampler_cls=ResumableSampler, max_epochs: int = 2, max_steps: int | None = None,
+            fault: tuple[str, int] | None = None) -> Engine:
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -43,7 +45,7 @@ def _engine(run_dir, sampler_cls=ResumableSampler, max_epochs: int = 2, max_step
                                              collate_fn=loader.collate_fn)
     task = Task(model=model, optimizer=optimizer, step=step, modules={"model": model})
     return Engine(task, CPU, run_dir, RunLog(run_dir, None), loader, sampler, global_batch=4,
-                  max_epochs=max_epochs, max_steps=max_steps)
+                  max_epochs=max_epochs, max_steps=max_steps, fault=fault)
 
 
 @pytest.fixture()
@@ -77,3 +79,17 @@ def test_sampler_exhausted_before_the_position_ends_the_epoch(checkpoint, tmp_pa
     assert (engine.pos.epoch, engine.pos.step, engine.pos.global_step) == (2, 0, 4)
     saved = load_checkpoint(engine.checkpoint_path)
     assert saved["position"] == {"epoch": 2, "step": 0, "global_step": 4}
+
+
+def test_non_finite_loss_is_refused_before_the_optimizer_step(tmp_path):
+    """A NaN loss at step 2 (its backward already run) raises the message and leaves the weights
+    unchanged: they equal those of a run stopped after step 1."""
+    reference = _engine(tmp_path / "reference", max_steps=1)
+    with deadline(30, "the reference run"):
+        reference.run()
+    faulty = _engine(tmp_path / "faulty", fault=("nan", 2))
+    with deadline(30, "the faulty run"), pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 2 \(loss=nan"):
+        faulty.run()
+    assert faulty.pos.global_step == 1
+    for name, param in reference.task.model.named_parameters():
+        assert torch.equal(param, dict(faulty.task.model.named_parameters())[name]), name

@@ -194,6 +194,24 @@ def test_every_parameter_gets_a_gradient():
     assert no_grad == []
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gradients_have_the_layout_of_their_parameters(batch):
+    """Every gradient has its parameter's strides, as DistributedDataParallel's buckets expect (else it
+    warns "Grad strides do not match bucket view strides" and copies the gradient every step).
+    At batch 1 the class token's gradient was a view into the (1, 1+N, E) gradient of the token
+    sequence; its value is the sum over the batch of the class-token rows of that gradient."""
+    torch.manual_seed(0)
+    model = Net_tiny(num_classes=4, drop_path_rate=0.0).train()
+    tokens = []
+    model.trans_1.register_forward_pre_hook(lambda _module, args: tokens.append(args[0]))
+    out = model(torch.randn(batch, 3, 64, 48), torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0]])[:batch])
+    tokens[0].retain_grad()
+    (out.conv_logits.sum() + out.trans_logits.pow(2).sum() + out.am.pow(2).mean()).backward()
+    mismatched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert mismatched == []
+    assert torch.equal(model.cls_token.grad, tokens[0].grad[:, :1].sum(0, keepdim=True))
+
+
 def test_build_network_by_name():
     assert set(ARCHS) == {"tiny", "ti", "sm", "bs"}
     model = build_network("network.conformer_CAM", "tiny", num_classes=3)

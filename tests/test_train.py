@@ -17,11 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from network.checkpoint import load_weights
 from network.conformer_CAM import Net_tiny
-from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
-from tool.runtime import ResumableSampler, state_digest
+from data.datasets import ClassificationDataset
+from data.labels import ImageLabels, read_list
+from data.layout import DatasetLayout
+from data.transforms import TrainAugment
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, deadline, run_cli
+from tool.device import Runtime
+from tool.runtime import ResumableSampler, make_loader, release_workers, state_digest
 
 
 def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -256,6 +262,46 @@ def test_resumable_sampler_skips_exactly_the_batches_done():
     sampler.set_epoch(3)
     sampler.set_start(0)
     assert list(sampler) != order
+    keyed = ResumableSampler(list(range(10)), num_replicas=1, rank=0, seed=3, epoch_keys=True)
+    keyed.set_epoch(2)
+    keyed.set_start(4)
+    assert list(keyed) == [(2, i) for i in order[4:]]
+
+
+def test_persistent_loader_workers_draw_the_crops_of_each_epoch(voc_root):
+    """make_loader with a worker keeps it across epochs (persistent_workers), and the worker still
+    draws each epoch's own augmentation: the batches equal the dataset's samples keyed by
+    (epoch, index), in the order of torch.randperm seeded with seed + epoch (the sampler's),
+    and those of a loader without workers; a resumed epoch (start 4) yields the rest of them."""
+    names = read_list(voc_root / "ImageSets" / "Segmentation" / "train.txt")
+    dataset = ClassificationDataset(DatasetLayout.voc(voc_root), names, ImageLabels.load(voc_root / "cls_labels.json"),
+                                    TrainAugment(crop_size=32, resize_long=(24, 72)), seed=5)
+    cpu = Runtime(device=torch.device("cpu"))
+    inline, inline_sampler = make_loader(dataset, default_collate, cpu, per_rank_batch=4, num_workers=0, seed=1)
+    pooled, pooled_sampler = make_loader(dataset, default_collate, cpu, per_rank_batch=4, num_workers=1, seed=1)
+    assert pooled.persistent_workers
+    workers = None
+    first_batches = []
+    try:
+        for epoch, start in ((0, 0), (1, 0), (2, 4)):
+            for sampler in (inline_sampler, pooled_sampler):
+                sampler.set_epoch(epoch)
+                sampler.set_start(start)
+            order = torch.randperm(len(names), generator=torch.Generator().manual_seed(1 + epoch)).tolist()[start:]
+            expected = [torch.stack([dataset[(epoch, i)]["img"] for i in order[k:k + 4]])
+                        for k in range(0, len(order), 4)]
+            with deadline(60, f"epoch {epoch} through a loader worker"):
+                got = [batch["img"] for batch in pooled]
+            assert len(got) == len(expected) == (len(names) - start) // 4
+            assert all(torch.equal(g, e) for g, e in zip(got, expected)), epoch
+            assert all(torch.equal(b["img"], e) for b, e in zip(inline, expected)), epoch
+            pids = [w.pid for w in pooled._iterator._workers]
+            assert workers in (None, pids), "the loader started new workers"
+            workers = pids
+            first_batches.append(got[0])
+    finally:  # a failed assertion keeps the loader alive: its waiting worker would hang the exit
+        release_workers(pooled)
+    assert not torch.equal(first_batches[0], first_batches[1])
 
 
 def test_validation_logs_val_miou_in_percent_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
@@ -339,11 +385,14 @@ def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_wei
 def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, tmp_path, num_classes):
     # validated every epoch too: each process scores its share of the list, the counts are summed
     val = str(voc_root / "ImageSets/Segmentation/val.txt")
-    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py",
-                   *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1",
-                          "--val_list", val, "--val_every", "1"),
+    args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1",
+                 "--val_list", val, "--val_every", "1")
+    args[args.index("--batch_size") + 1] = "2"  # one image per process: where the class token's gradient was a view
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py", *args,
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # DDP copies (and warns about) every gradient whose strides differ from its bucket's
+    assert "Grad strides do not match" not in proc.stdout + proc.stderr
     run_dir = tmp_path / "bao"
     vals = _records(run_dir, "val")
     assert len(vals) == 1 and vals[0]["images"] == 6 and 0 < vals[0]["miou_pct"] < 100

@@ -290,9 +290,8 @@ def test_classification_samples_carry_the_label_of_their_own_image(tmp_path):
     ds = ClassificationDataset(DatasetLayout.voc(root), sorted(ids), labels,
                                TrainAugment(crop_size=48, resize_long=(24, 72)), seed=3)
     for epoch in range(4):
-        ds.set_epoch(epoch)
         for index in range(len(ds)):
-            item = ds[index]
+            item = ds[(epoch, index)]
             image = ~(item["img"] == 0).all(dim=0).numpy()
             assert image.any()
             dominant = int(_rgb(item["img"])[image].mean(axis=0).argmax()) + 1  # the class the crop shows

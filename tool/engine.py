@@ -42,8 +42,8 @@ from tqdm import tqdm
 from core.errors import UserError, record_stop_signal
 from data.datasets import raise_batch_error
 from tool.device import Runtime, barrier
-from tool.runtime import (broadcast_buffers, cpu_state, gather_objects, rng_state, save_checkpoint, seed_everything,
-                          set_rng_state, state_digest)
+from tool.runtime import (broadcast_buffers, cpu_state, gather_objects, release_workers, rng_state, save_checkpoint,
+                          seed_everything, set_rng_state, state_digest)
 from tool.train_log import RunLog
 
 FAULTS = ("nan", "oom")
@@ -91,7 +91,6 @@ class Task:
             done (``step`` still counting it as not done); returns values to log (None skipped).
         save_epoch: called on rank 0 and the others after each finished epoch with its 0-based
             index; writes the per-epoch files (on rank 0) and returns their names.
-        start_epoch: called with the 0-based epoch before it runs (e.g. to reseed augmentation).
         validate: called on every rank after each finished epoch, once its files and the
             checkpoint are saved, with its 0-based index (not when a stop was requested);
             returns values to log as a ``"val"`` record, floats also as TensorBoard scalars
@@ -108,7 +107,6 @@ class Task:
     before_step: Callable[[Position], None] | None = None
     after_step: Callable[[Position], dict[str, float | None]] | None = None
     save_epoch: Callable[[int], list[str]] | None = None
-    start_epoch: Callable[[int], None] | None = None
     validate: Callable[[int], dict[str, Any] | None] | None = None
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
@@ -225,6 +223,18 @@ class Engine:
     # ---------------------------------------------------------------------------- training
     def run(self) -> None:
         """Train to ``max_epochs`` (or ``max_steps``); a stop request raises KeyboardInterrupt after saving."""
+        try:
+            self._train()
+        finally:  # whatever ends the loop, the loader's persistent workers end with it
+            release_workers(self.loader)
+        if self._max_steps_reached() and not self.complete():
+            self.log.message(f"step limit {self.max_steps} reached: resumable checkpoint {self.checkpoint_path}")
+        self._check_ranks_agree()
+        barrier()
+        self.log.message(f"done: {self.pos.global_step} steps; outputs in {self.run_dir}")
+
+    def _train(self) -> None:
+        """The epochs of :meth:`run`: each saved at its end, a stop saved where it happened."""
         with StopRequest() as self.stop:
             while not self.complete() and not self._max_steps_reached():
                 if self._run_epoch():
@@ -242,11 +252,6 @@ class Engine:
                                      f"{self.checkpoint_path}; {self.hints.resume}")
                     barrier()
                     raise KeyboardInterrupt
-        if self._max_steps_reached() and not self.complete():
-            self.log.message(f"step limit {self.max_steps} reached: resumable checkpoint {self.checkpoint_path}")
-        self._check_ranks_agree()
-        barrier()
-        self.log.message(f"done: {self.pos.global_step} steps; outputs in {self.run_dir}")
 
     def complete(self) -> bool:
         """True once the run has done all its epochs (or its ``total_steps``)."""
@@ -277,8 +282,6 @@ class Engine:
             raise UserError(f"the checkpoint's position ({self.where(self.pos)}) lies beyond the end of an epoch "
                             f"of this run's data ({self.iters_per_epoch} steps): it was written with another list "
                             "or batch size; resume with those, or start a new run")
-        if self.task.start_epoch is not None:
-            self.task.start_epoch(epoch)
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(self.pos.step * self.loader.batch_size)
         sums: dict[str, float] = {}
@@ -344,11 +347,21 @@ class Engine:
             if rt.distributed:
                 dist.all_reduce(stats)
                 stats[:-1] /= rt.world_size
+            ready = None
+            if stats.is_cuda:  # copied as soon as the forward is done, read once backward is queued
+                stats = stats.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            self.task.optimizer.zero_grad(set_to_none=True)
+            # Backward is launched before the losses are read, so that reading them (the step's one
+            # wait for the device) overlaps it; a non-finite loss is still refused before the
+            # optimizer step, hence before it changes the weights.
+            self.scaler.scale(losses["loss"]).backward()
+            if ready is not None:
+                ready.synchronize()
             values: dict[str, Any] = dict(zip(names + ["stop"], stats.tolist()))
             if not all(math.isfinite(values[k]) for k in names):
                 raise UserError(self._non_finite_message(values, names))
-            self.task.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
             self.scaler.step(self.task.optimizer)
             self.scaler.update()
         except (torch.OutOfMemoryError, RuntimeError) as err:

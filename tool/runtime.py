@@ -41,25 +41,48 @@ def make_loader(dataset, collate, rt: Runtime, per_rank_batch: int, num_workers:
     clear message rather than a worker's traceback (:class:`data.datasets.ErrorsAsItems`);
     workers ignore Ctrl-C so that the main process can finish its step and save; the loader
     has its own generator, so creating iterators does not consume the global torch RNG.
+
+    Workers persist across epochs, rather than being forked and joined again every epoch
+    (:func:`release_workers` ends them): a dataset whose samples change with the epoch
+    declares ``epoch_keys`` and is indexed with ``(epoch, index)`` keys, so the epoch reaches
+    the workers with every index rather than as dataset state set in the main process, which
+    persistent workers would never see.
     """
-    sampler = ResumableSampler(dataset, rt.world_size, rt.rank, seed)
+    sampler = ResumableSampler(dataset, rt.world_size, rt.rank, seed,
+                               epoch_keys=getattr(dataset, "epoch_keys", False))
     loader = DataLoader(ErrorsAsItems(dataset), collate_fn=CollateOrError(collate), batch_size=per_rank_batch,
                         sampler=sampler, num_workers=num_workers, pin_memory=rt.device.type == "cuda",
-                        drop_last=True, worker_init_fn=quiet_loader_worker,
+                        drop_last=True, worker_init_fn=quiet_loader_worker, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
+
+def release_workers(loader: DataLoader) -> None:
+    """Stop the persistent workers of a :func:`make_loader` loader now (no-op without workers).
+
+    Between epochs they wait for work, ignoring SIGTERM (:func:`core.errors.quiet_loader_worker`).
+    Left alive until the interpreter exits (a loader still referenced by a traceback), they would
+    hang it: multiprocessing ends daemon processes with SIGTERM, then waits for them.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 class ResumableSampler(DistributedSampler):
     """:class:`DistributedSampler` (shuffled with ``seed`` and the epoch, sharded over
     ranks) that can skip the first samples of an epoch, to resume mid-epoch on exactly
     the batches an uninterrupted run would have seen next. Also used with one process.
+
+    With ``epoch_keys`` it yields ``(epoch, index)`` pairs instead of indices, for a
+    dataset whose samples depend on the epoch (:class:`data.datasets._AugmentedDataset`).
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, epoch_keys: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.start = 0
+        self.epoch_keys = bool(epoch_keys)
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` samples of this rank's share of the current epoch."""
@@ -67,8 +90,9 @@ class ResumableSampler(DistributedSampler):
             raise ValueError(f"start {start} outside 0..{self.num_samples}")
         self.start = int(start)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices] if self.epoch_keys else indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -136,9 +160,10 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -
 
 
 def cpu_state(module: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """A CPU copy of ``module.state_dict()`` without keys starting with ``exclude``."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
-            if not k.startswith(exclude)}
+    """A CPU copy of ``module.state_dict()`` without keys starting with ``exclude``, in the standard
+    (contiguous) layout even when the module is channels-last on a GPU."""
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for k, v in module.state_dict().items() if not k.startswith(exclude)}
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
