@@ -178,10 +178,10 @@ class BAOTraining(TrainingRun):
         if args.method == "transcam":
             freeze_bao_heads(self.model)
         self.model.to(rt.device).train()
-        if self.channels_last:
+        if self.channels_last:  # the cuDNN autotuner is on with it (TrainingRun: tool.device.configure_math)
             self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
         self.teacher = make_teacher(self.model).train(args.teacher_mode == "train") if args.method == "bao" else None
+        self.compiled(self.model, self.teacher)
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
                                       weight_decay=args.wt_dec, eps=args.adam_eps)
         modules = {"student": self.model, "teacher": self.teacher} if self.teacher else {"model": self.model}
