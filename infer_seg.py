@@ -22,36 +22,48 @@ their flips; ``--out_pred``: argmax as a palette PNG at the original resolution;
 the argmax after a dense CRF on those probabilities (DeepLab-V2's parameters unless changed).
 Images whose requested outputs exist are skipped (resume) unless ``--overwrite``; every file
 is written atomically. Under ``torchrun`` the list is sharded over the processes.
+
+Throughput: the data-loading processes also resize and normalise each image to every scale;
+without a CRF only the argmax (uint8 labels) leaves the device; CRF worker processes receive
+the probabilities through shared memory. On a CUDA device the model runs channels_last, and
+``--batch_size`` images of one size share each forward pass; on the CPU images go one at a
+time, as the published numbers were made (oneDNN rounds batched convolutions differently).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_backend_arg, add_crf_workers_arg, add_dataset_args,
-                      add_device_args, add_segmentation_model_args, crf_backend_from_args, crf_setup,
-                      dataset_from_args, non_negative_int, run_cli,
+                      add_device_args, add_segmentation_model_args, add_speed_args, crf_backend_from_args,
+                      crf_setup, dataset_from_args, non_negative_int, positive_int, run_cli,
                       segmentation_settings_from_run)
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import unfinished
-from core.workers import TaskPool
+from core.workers import Shared, TaskPool
 from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_images, raise_batch_error
 from data.labels import read_list
 from data.layout import REPO_ROOT
 from network.deeplab import build_segmentation_model, load_segmentation_weights
 from tool.crf import CRFParams
-from tool.device import Runtime, amp_dtype, barrier, cleanup_distributed, setup_distributed
-from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, multiscale_probs, write_label_pngs,
-                               write_server_archive)
+from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+                         setup_distributed)
+from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, argmax_labels, batch_probs, save_labels,
+                               write_label_pngs, write_server_archive)
 
 # Images segmented by default: the val lists the segmentation stage is scored on (not
 # data.layout.DEFAULT_INFER_LISTS, the training images pseudo-labels are made for). COCO val:
 # the images with at least one labelled class (40,137), what WSSS papers score on.
 DEFAULT_SCORED_LISTS = {"voc": REPO_ROOT / "voc12" / "val.txt", "coco": REPO_ROOT / "coco14" / "val_labelled.txt"}
 LABEL_KINDS = ("pred", "crf")
+# With --batch_size B, at most HELD_BATCHES * B images wait for others of their size: a list of
+# many sizes (COCO's) would otherwise hold images without bound.
+HELD_BATCHES = 4
 
 
 def parse_factors(text: str) -> tuple[float, ...]:
@@ -99,10 +111,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_crf_workers_arg(parser)
     add_crf_backend_arg(parser)
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
-                        help="data-loading processes reading images (0: in the main process)")
+                        help="data-loading processes reading images and making their inputs at every scale "
+                             "(0: in the main process)")
+    parser.add_argument("--batch_size", type=positive_int, default=1,
+                        help="on a CUDA device, images of one size segmented together, each scale one forward pass "
+                             "of 2 x batch_size with the flips; 1 on the CPU, where batched convolutions round "
+                             "differently from the published one-image runs")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs already exist (default: skip them)")
     add_device_args(parser)
+    add_speed_args(parser)
     add_dataset_args(parser)
     return parser
 
@@ -124,6 +142,28 @@ def output_dirs(args: argparse.Namespace) -> dict[str, Path]:
 def needs_crf(args: argparse.Namespace, outputs: dict[str, Path]) -> bool:
     """Whether the requested outputs hold CRF labels (--out_crf, or --out_server with --server_labels crf)."""
     return "crf" in outputs or ("server" in outputs and args.server_labels == "crf")
+
+
+def equal_size_groups(batches: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Regroup the loader's one-image batches (:func:`data.datasets.collate_images` with inputs)
+    into lists of at most ``batch_size`` images of one size: a list goes once full or, when
+    ``HELD_BATCHES * batch_size`` images wait, the fullest goes; the rest at the end. With
+    ``batch_size`` 1 each image goes at once, in the loader's order. Each image is
+    ``{"name", "image": (H, W, 3) uint8, "inputs": [S x (3, h_s, w_s)]}``.
+    """
+    waiting: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    held = 0
+    for batch in batches:
+        raise_batch_error(batch)
+        image = batch["images"][0]
+        group = waiting.setdefault(image.shape[:2], [])
+        group.append({"name": batch["names"][0], "image": image, "inputs": batch["inputs"][0]})
+        held += 1
+        if len(group) == batch_size or held >= HELD_BATCHES * batch_size:
+            fullest = max(waiting, key=lambda size: len(waiting[size]))
+            held -= len(waiting[fullest])
+            yield waiting.pop(fullest)
+    yield from waiting.values()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -149,6 +189,12 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
     model = build_segmentation_model(args.model, args.backbone, spec.num_classes, "frozen")
     report = load_segmentation_weights(model, args.weights)
     model.eval().to(runtime.device)
+    cuda = runtime.device.type == "cuda"
+    if cuda:  # cuDNN's fast layouts; on the CPU channels_last would change oneDNN's rounding
+        model.to(memory_format=torch.channels_last)
+    math = configure_math(runtime.device, args.tf32)
+    compile_model(model, args.compile)
+    batch_size = args.batch_size if cuda else 1
     crf = CRFParams(gaussian_compat=args.crf_gaussian[0], gaussian_sxy=args.crf_gaussian[1],
                     bilateral_compat=args.crf_bilateral[0], bilateral_sxy=args.crf_bilateral[1],
                     bilateral_srgb=args.crf_bilateral[2], iterations=args.crf_iters)
@@ -157,25 +203,36 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
         if taken:
             print(taken)
         print(f"weights {args.weights}: {report.summary()}")
+        print(math)
         shard = f"; rank 0 of {runtime.world_size} takes {len(mine)}" if runtime.distributed else ""
         print(f"{len(names)} images in {args.infer_list}{shard}: {len(mine) - len(todo)} already done (skipped), "
               f"{len(todo)} to do -> {', '.join(str(f) for f in outputs.values())}")
+        if args.batch_size != batch_size:
+            print(f"--batch_size {args.batch_size} ignored on {runtime.device}: batches are for CUDA devices; "
+                  "elsewhere images go one at a time (batched convolutions round differently)")
     if todo:
-        loader = DataLoader(ErrorsAsItems(ImageDataset(spec.layout, todo, args.infer_list)), batch_size=1,
-                            num_workers=args.num_workers, collate_fn=CollateOrError(collate_images),
-                            worker_init_fn=quiet_loader_worker)
+        crf_needed = needs_crf(args, outputs)
+        loader = DataLoader(ErrorsAsItems(ImageDataset(spec.layout, todo, args.infer_list, args.scales)),
+                            batch_size=1, num_workers=args.num_workers, collate_fn=CollateOrError(collate_images),
+                            worker_init_fn=quiet_loader_worker, pin_memory=cuda)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes
         # on; without it, writing the PNGs inline costs next to nothing, and so does the torch CRF
         # on a GPU, which runs in this process beside the model.
-        setup = crf_setup(args, runtime.device, needs_crf(args, outputs))
+        setup = crf_setup(args, runtime.device, crf_needed)
         with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar, \
                 TaskPool(setup.workers) as pool:
-            for batch in loader:
-                raise_batch_error(batch)
-                name, image = batch["names"][0], batch["images"][0]
-                probs = multiscale_probs(model, image, args.scales, args.flip, runtime.device, amp)
-                bar.update(pool.submit(write_label_pngs, name, image, probs.cpu().numpy(), outputs,
-                                       args.server_labels, crf, setup.backend, setup.device, setup.threads))
+            for group in equal_size_groups(loader, batch_size):
+                inputs = [torch.stack([item["inputs"][s] for item in group]) for s in range(len(args.scales))]
+                probs = batch_probs(model, inputs, group[0]["image"].shape[:2], args.flip, runtime.device, amp)
+                if crf_needed:
+                    for item, image_probs in zip(group, probs.cpu().numpy()):
+                        bar.update(pool.submit(write_label_pngs, item["name"], item["image"], Shared(image_probs),
+                                               outputs, args.server_labels, crf, setup.backend, setup.device,
+                                               setup.threads))
+                else:
+                    for item, labels in zip(group, argmax_labels(probs).cpu().numpy()):
+                        bar.update(pool.submit(save_labels, item["name"], {"pred": labels}, outputs,
+                                               args.server_labels))
             bar.update(pool.drain())
     barrier()
     if runtime.is_main:

@@ -31,7 +31,7 @@ from core.palette import IGNORE_INDEX, read_label_png
 from data.images import read_image
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
-from data.transforms import SegAugment, TrainAugment, resized_scales, stack_scales
+from data.transforms import SegAugment, TrainAugment, resized_scales, scaled_input, stack_scales
 
 
 class _AugmentedDataset(Dataset, ABC):
@@ -267,27 +267,39 @@ class PseudoLabelDataset(_AugmentedDataset):
 
 
 class ImageDataset(Dataset):
-    """Images alone: ``{"name": str, "image": (H, W, 3) uint8}`` (segmentation inference).
+    """Images alone: ``{"name": str, "image": (H, W, 3) uint8}`` (segmentation inference), and
+    with ``scales`` their network inputs at those factors of the original size,
+    ``"inputs": [len(scales) x (3, h_s, w_s) float32]`` (:func:`data.transforms.scaled_input`),
+    so that DataLoader workers rather than the main process resize and normalise.
 
     Batch with :func:`collate_images` (images differ in size).
     """
 
-    def __init__(self, layout: DatasetLayout, names: list[str], source: str = "the list"):
+    def __init__(self, layout: DatasetLayout, names: list[str], source: str = "the list",
+                 scales: tuple[float, ...] = ()):
         layout.check(names, source)
         self.layout = layout
         self.names = list(names)
+        self.scales = tuple(scales)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.names[index]
-        return {"name": name, "image": read_image(self.layout.image_path(name))}
+        item = {"name": name, "image": read_image(self.layout.image_path(name))}
+        if self.scales:
+            item["inputs"] = [scaled_input(item["image"], scale) for scale in self.scales]
+        return item
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"names": [B], "images": [B x (H, W, 3) uint8]}`` (a DataLoader ``collate_fn``)."""
-    return {"names": [it["name"] for it in items], "images": [it["image"] for it in items]}
+    """``{"names": [B], "images": [B x (H, W, 3) uint8]}`` and, when the items have them,
+    ``"inputs": [B x [S x (3, h_s, w_s)]]`` (a DataLoader ``collate_fn``)."""
+    batch = {"names": [it["name"] for it in items], "images": [it["image"] for it in items]}
+    if items and "inputs" in items[0]:
+        batch["inputs"] = [it["inputs"] for it in items]
+    return batch
 
 
 class ErrorsAsItems(Dataset):

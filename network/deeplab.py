@@ -16,8 +16,9 @@ loads into it (:func:`load_backbone_weights`). ``tiny`` is a four-stage residual
 CPU trains in a minute, for the tests and the demo.
 
 Batch norm of the backbone is either trained (``nn.BatchNorm2d``) or frozen
-(torchvision's ``FrozenBatchNorm2d``: statistics and affine parameters are constant
-buffers), the DeepLab-V2 recipe when fine-tuning from ImageNet with small batches. Both
+(:class:`network.frozen_bn.FrozenBatchNorm2d`, torchvision's with autocast's activations kept
+in their dtype: statistics and affine parameters are constant buffers), the DeepLab-V2 recipe
+when fine-tuning from ImageNet with small batches. Both
 store the same tensors (frozen without ``num_batches_tracked``), so weights move freely
 between the two. The models know no dataset: the class count is an argument.
 """
@@ -34,10 +35,10 @@ from torchvision.models import resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.deeplabv3 import DeepLabV3 as _TorchvisionDeepLabV3
-from torchvision.ops import FrozenBatchNorm2d
 
 from core.errors import UserError
 from network.checkpoint import LoadReport, read_state_dict
+from network.frozen_bn import FrozenBatchNorm2d
 
 NormLayer = Callable[[int], nn.Module]
 BN_MODES = ("frozen", "train")

@@ -1,10 +1,11 @@
-"""Conformer layout, shapes, gradients and checkpoint loading."""
+"""Conformer layout, shapes, gradients and checkpoint loading; the frozen batch norm of the segmentation models."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from core.errors import UserError
 from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, load_weights, read_state_dict
@@ -349,3 +350,59 @@ def test_text_weights_through_the_cli_are_one_line(tmp_path, voc_root):
     assert_refused(proc.returncode, proc.stderr, "notes.pth is not a readable PyTorch checkpoint")
     assert proc.stderr.count("\n") == 1  # nothing before the error line (no torch warning)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ frozen batch norm
+def _frozen_pair(channels: int, seed: int, eps: float = 1e-5):
+    """Ours and torchvision's FrozenBatchNorm2d with the same random (learnt-looking) buffers."""
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+    from network.frozen_bn import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+    ours, theirs = FrozenBatchNorm2d(channels, eps), TorchvisionFrozenBatchNorm2d(channels, eps)
+    state = {"weight": torch.rand(channels, generator=gen) + 0.5, "bias": torch.randn(channels, generator=gen),
+             "running_mean": torch.randn(channels, generator=gen),
+             "running_var": torch.rand(channels, generator=gen) * 3 + 1e-3}
+    theirs.load_state_dict(state)
+    ours.load_state_dict({**state, "num_batches_tracked": torch.tensor(7)})  # a trained norm's dict loads
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shape, eps", [((2, 5, 7, 9), 1e-5), ((1, 64, 33, 17), 1e-3), ((3, 3, 1, 1), 0.0)])
+def test_frozen_batch_norm_is_torchvisions_bit_for_bit_in_float32(shape, eps):
+    ours, theirs = _frozen_pair(shape[1], seed=shape[1], eps=eps)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    x = (torch.randn(*shape) * 4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = ours(x), theirs(x_ref)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    grad = torch.randn(*shape)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+    double = torch.randn(*shape, dtype=torch.float64)
+    assert torch.equal(ours(double), theirs(double))
+
+
+def test_frozen_batch_norm_keeps_autocast_bf16_activations_in_bf16():
+    ours, theirs = _frozen_pair(8, seed=1)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 12, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x)
+        out, promoted = ours(low), theirs(low)
+    assert low.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+    assert promoted.dtype == torch.float32  # torchvision's promotes: what ours avoids
+    torch.testing.assert_close(out.float(), promoted, rtol=2e-2, atol=2e-2)
+
+
+def test_segmentation_models_use_the_dtype_keeping_frozen_batch_norm():
+    from network.deeplab import build_segmentation_model
+    from network.frozen_bn import FrozenBatchNorm2d
+
+    model = build_segmentation_model("deeplabv2", "tiny", 4, "frozen")
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

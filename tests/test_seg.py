@@ -22,7 +22,8 @@ from network.deeplab import (ASPP_V2_DILATIONS, build_segmentation_model, head_a
                              load_backbone_weights, load_segmentation_weights)
 from tests.helpers import assert_refused, call_main, run_cli
 from tool.runtime import state_digest
-from tool.segmentation import VOC_SERVER_DIR, multiscale_probs, poly_lr, segmentation_loss, set_poly_lr
+from tool.segmentation import (VOC_SERVER_DIR, argmax_labels, batch_probs, multiscale_probs, poly_lr,
+                               segmentation_loss, set_poly_lr)
 
 
 # ----------------------------------------------------------------------------------- models
@@ -194,6 +195,94 @@ def test_multiscale_flip_probabilities_equal_a_hand_computed_average():
     assert not torch.allclose(single, expected, atol=1e-3)  # the other views did count
 
 
+@pytest.mark.parametrize("flip", [True, False])
+def test_a_batch_of_images_gets_each_image_s_own_probabilities(flip):
+    """Per-sample arithmetic (the toy model): batched results are the one-image ones bit for bit, so
+    the batch keeps each image with its own flip; a real model's convolutions may round differently
+    with the batch size (which is why the CPU runs one image at a time), equal within rounding."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (12, 18, 3), dtype=np.uint8) for _ in range(3)]
+    scales = (0.5, 1.0, 1.5)
+    inputs = [torch.stack([scaled_input(im, s) for im in images]) for s in scales]
+    batched = batch_probs(_Toy(), inputs, (12, 18), flip)
+    assert batched.shape == (3, 3, 12, 18)
+    for im, got in zip(images, batched):
+        assert torch.equal(got, multiscale_probs(_Toy(), im, scales, flip))
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # the images differ
+    torch.manual_seed(0)
+    model = build_segmentation_model("deeplabv2", "tiny", 5, "frozen").eval()
+    batched = batch_probs(model, inputs, (12, 18), flip)
+    for im, got in zip(images, batched):
+        torch.testing.assert_close(got, multiscale_probs(model, im, scales, flip), rtol=0, atol=1e-5)
+
+
+def test_device_argmax_labels_are_numpy_s_argmax_ties_included():
+    rng = np.random.default_rng(2)
+    probs = rng.random((2, 6, 9, 11)).astype(np.float32)
+    probs[:, :, :3] = np.round(probs[:, :, :3] * 2) / 2  # many ties: numpy takes the first class
+    probs[0, :, 4, 4] = 0.25
+    got = argmax_labels(torch.from_numpy(probs))
+    assert got.dtype == torch.uint8 and got.shape == (2, 9, 11)
+    for p, labels in zip(probs, got.numpy()):
+        assert np.array_equal(labels, p.argmax(0).astype(np.uint8))
+    assert got[0, 4, 4] == 0
+
+
+def test_image_dataset_makes_the_scaled_inputs_in_the_loader(voc_root):
+    from data.datasets import ImageDataset, collate_images
+    from data.layout import DatasetLayout
+
+    names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()[:2]
+    layout = DatasetLayout.voc(voc_root)
+    plain = ImageDataset(layout, names)
+    scaled = ImageDataset(layout, names, scales=(0.5, 1.25))
+    assert "inputs" not in plain[0] and "inputs" not in collate_images([plain[0], plain[1]])
+    items = [scaled[0], scaled[1]]
+    assert np.array_equal(items[0]["image"], plain[0]["image"])
+    for item in items:
+        h, w = item["image"].shape[:2]
+        assert [tuple(x.shape) for x in item["inputs"]] == [(3, round(h * s), round(w * s)) for s in (0.5, 1.25)]
+        for x, s in zip(item["inputs"], (0.5, 1.25)):
+            assert torch.equal(x, scaled_input(item["image"], s))
+    batch = collate_images(items)
+    assert batch["names"] == names and all(a is b["inputs"] for a, b in zip(batch["inputs"], items))
+
+
+def _one_image_batch(name: str, h: int, w: int) -> dict:
+    return {"names": [name], "images": [np.zeros((h, w, 3), np.uint8)], "inputs": [[torch.zeros(3, h, w)]]}
+
+
+def test_equal_size_groups_batch_images_of_one_size_and_bound_what_waits():
+    from infer_seg import HELD_BATCHES, equal_size_groups
+
+    sizes = [(4, 6), (6, 4), (4, 6), (5, 5), (4, 6), (6, 4), (4, 6), (7, 7)]
+    batches = [_one_image_batch(f"i{k}", *hw) for k, hw in enumerate(sizes)]
+    groups = list(equal_size_groups(batches, 3))
+    # a full group goes at once; the rest at the end, each with images of one size
+    assert [[item["name"] for item in g] for g in groups] == [["i0", "i2", "i4"], ["i1", "i5"], ["i3"], ["i6"],
+                                                              ["i7"]]
+    assert all(len({item["image"].shape for item in g}) == 1 for g in groups)
+    assert groups[0][1]["inputs"] is batches[2]["inputs"][0]
+    # batch 1: every image at once, in the loader's order
+    assert [[i["name"] for i in g] for g in equal_size_groups(batches, 1)] == [[f"i{k}"] for k in range(len(sizes))]
+
+    # every image of its own size: never more than HELD_BATCHES * batch_size images wait
+    read = []
+
+    def loader():
+        for k in range(30):
+            read.append(k)
+            yield _one_image_batch(f"d{k}", 4, 4 + k)
+
+    done = 0
+    for g in equal_size_groups(loader(), 2):
+        assert len(read) - done <= HELD_BATCHES * 2
+        done += len(g)
+    assert done == 30
+    with pytest.raises(UserError, match="cannot read"):
+        list(equal_size_groups([_one_image_batch("a", 4, 4), {"error": "cannot read b.jpg"}], 2))
+
+
 # ------------------------------------------------------------------------- CLI end to end
 def _data(voc_root: Path) -> list[str]:
     return ["--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json")]
@@ -288,6 +377,46 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
                         str(voc_root / "SegmentationClass"), "--list", str(voc_root / "ImageSets/Segmentation/val.txt"),
                         "--label_file", str(voc_root / "cls_labels.json"), "--logfile", str(tmp_path / "log.txt"))
     assert evaluated.returncode == 0 and "mIoU" in evaluated.stdout
+
+
+def test_inference_hands_crf_workers_shared_memory_and_frees_it(voc_root, num_classes, tmp_path, capsys,
+                                                                 monkeypatch):
+    """CRF worker processes receive the probabilities through shared-memory segments, one per
+    image, all gone after the run; the labels are those of the CRF in the main process. On the CPU
+    --batch_size is ignored (one image at a time, the published rounding): the same bytes."""
+    import core.workers
+
+    torch.manual_seed(5)
+    torch.save(build_segmentation_model("deeplabv2", "tiny", num_classes).state_dict(), tmp_path / "seg.pth")
+    names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
+    common = ["--weights", str(tmp_path / "seg.pth"), "--backbone", "tiny", *_data(voc_root), "--infer_list",
+              str(voc_root / "ImageSets/Segmentation/val.txt"), "--scales", "0.75,1.0", "--num_workers", "0",
+              "--crf_backend", "torch", "--crf_iters", "2", "--device", "cpu"]
+    created = []
+    to_segment = core.workers._to_segment
+
+    def recording(array):
+        ref, segment = to_segment(array)
+        created.append(segment.name)
+        return ref, segment
+
+    monkeypatch.setattr(core.workers, "_to_segment", recording)
+    code, _, err = call_main("infer_seg", [*common, "--out_crf", str(tmp_path / "workers"), "--crf_workers", "1"],
+                             capsys)
+    assert code == 0, err
+    assert len(created) == len(names)
+    assert not any((Path(core.workers.SHM_DIR) / n.lstrip("/")).exists() for n in created)
+    code, out, err = call_main("infer_seg", [*common, "--out_crf", str(tmp_path / "inline"), "--crf_workers", "0",
+                                             "--out_pred", str(tmp_path / "pred"), "--batch_size", "4"], capsys)
+    assert code == 0, err
+    assert "--batch_size 4 ignored on cpu" in out
+    assert len(created) == len(names)  # inline: the arrays themselves, no segment
+    assert all((tmp_path / "workers" / f"{n}.png").read_bytes() == (tmp_path / "inline" / f"{n}.png").read_bytes()
+               for n in names)
+    code, _, err = call_main("infer_seg", [*common, "--out_pred", str(tmp_path / "pred1")], capsys)
+    assert code == 0, err
+    assert all((tmp_path / "pred" / f"{n}.png").read_bytes() == (tmp_path / "pred1" / f"{n}.png").read_bytes()
+               for n in names)
 
 
 # ---------------------------------------------------------------------------- bad inputs

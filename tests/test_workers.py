@@ -1,14 +1,18 @@
 """core/workers.py: TaskPool runs tasks in spawned processes like inline, bounds what is in flight,
-and raises a worker's error in the main process."""
+and raises a worker's error in the main process; Shared arrays reach the workers through shared
+memory whose segments are gone once the tasks are."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+import core.workers
 from core.errors import UserError
-from core.workers import TaskPool, default_workers
+from core.workers import Shared, TaskPool, default_workers
 
 
 def write_square(path: Path, value: int) -> None:
@@ -98,3 +102,83 @@ def test_threads_run_the_tasks_beside_the_main_thread_bounded_and_in_order(tmp_p
             for v in (1, -3, -4, 2):
                 pool.submit(task, tmp_path / f"{v}.txt", v)
     assert (tmp_path / "1.txt").read_text() == "1"
+
+
+def save_array(path: Path, array: np.ndarray, tag: str) -> None:
+    """A task: save the array it received (module level, so a spawned worker can import it)."""
+    if tag == "fail":
+        raise UserError(f"failing task {path.name}")
+    assert isinstance(array, np.ndarray) and array.flags.writeable
+    np.save(path, array)
+
+
+@pytest.fixture
+def segment_names(monkeypatch) -> list[str]:
+    """The names of the shared-memory segments the pool creates in this process."""
+    names: list[str] = []
+    to_segment = core.workers._to_segment
+
+    def recording(array):
+        ref, segment = to_segment(array)
+        names.append(segment.name)
+        return ref, segment
+
+    monkeypatch.setattr(core.workers, "_to_segment", recording)
+    return names
+
+
+def _segment_exists(name: str) -> bool:
+    return (Path(core.workers.SHM_DIR) / name.lstrip("/")).exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shared_arrays_arrive_equal_and_leave_no_segment(tmp_path, workers, segment_names):
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 17, 5), dtype=np.float32), rng.integers(0, 255, (40, 30, 3), dtype=np.uint8),
+              np.zeros((0, 4), np.float64), rng.random((2, 3))[:, ::2]]  # empty and non-contiguous too
+    with TaskPool(workers) as pool:
+        for i, array in enumerate(arrays):
+            pool.submit(save_array, tmp_path / f"{i}.npy", Shared(array), "ok")
+    for i, array in enumerate(arrays):
+        got = np.load(tmp_path / f"{i}.npy")
+        assert got.dtype == array.dtype and np.array_equal(got, array)
+    # inline the task gets the array itself; through processes every array went by a segment, now gone
+    assert len(segment_names) == (len(arrays) if workers else 0)
+    assert not any(_segment_exists(n) for n in segment_names)
+
+
+def test_segments_of_a_failed_task_and_the_one_behind_it_are_freed(tmp_path, segment_names):
+    array = np.arange(6000, dtype=np.float32).reshape(3, 40, 50)
+    with pytest.raises(UserError, match="failing task"):
+        with TaskPool(1) as pool:
+            pool.submit(save_array, tmp_path / "a.npy", Shared(array), "fail")
+            # queued behind the failing one: cancelled or run when the pool stops on the error
+            pool.submit(save_array, tmp_path / "b.npy", Shared(array), "ok")
+            pool.drain()
+    assert len(segment_names) == 2
+    assert not any(_segment_exists(n) for n in segment_names)
+
+
+def test_segments_of_tasks_cancelled_before_reaching_a_worker_are_freed(tmp_path, segment_names):
+    """The main process fails with tasks queued that no worker has taken: they are cancelled, and
+    their segments, which no worker ever opened, are unlinked by the pool."""
+    array = np.ones((5, 7), np.float32)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        with TaskPool(3) as pool:
+            # 5 of the 6 in flight allowed, so no submit waits: all queued before the spawned workers start;
+            # the executor hands 4 (workers + 1) on to its call queue, the fifth waits and is cancelled
+            for i in range(5):
+                pool.submit(save_array, tmp_path / f"{i}.npy", Shared(array), "ok")
+            raise RuntimeError("the model failed")
+    written = sorted(tmp_path.glob("*.npy"))
+    assert len(segment_names) == 5 and len(written) < 5
+    assert not any(_segment_exists(n) for n in segment_names)
+
+
+def test_shared_arrays_are_pickled_when_shared_memory_lacks_room(tmp_path, segment_names, monkeypatch):
+    monkeypatch.setattr(core.workers.shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    array = np.ones((10, 10), np.float32)  # 400 bytes: not twice in the 100 free
+    with TaskPool(1) as pool:
+        pool.submit(save_array, tmp_path / "a.npy", Shared(array), "ok")
+    assert segment_names == []
+    assert np.array_equal(np.load(tmp_path / "a.npy"), array)

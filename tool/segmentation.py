@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -65,12 +65,8 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def multiscale_probs(model: nn.Module, image: np.ndarray, scales: tuple[float, ...] = DEFAULT_SEG_SCALES,
                      flip: bool = True, device: torch.device | str = "cpu",
                      amp: torch.dtype | None = None) -> torch.Tensor:
-    """Class probabilities of one image, averaged over scales and flips.
-
-    For each scale the image is resized by that factor (bilinear), run plain and flipped as
-    one batch, the logits upsampled to the original size (bilinear), turned into
-    probabilities (softmax over classes), the flipped ones flipped back; the result is the
-    mean over all ``len(scales) * (1 + flip)`` views.
+    """Class probabilities of one image, averaged over scales and flips (:func:`batch_probs` of
+    its inputs at ``scales``, made by :func:`data.transforms.scaled_input`).
 
     Args:
         model: eval-mode segmentation model, (B, 3, h, w) -> (B, C, h', w') logits.
@@ -78,23 +74,51 @@ def multiscale_probs(model: nn.Module, image: np.ndarray, scales: tuple[float, .
     Returns:
         (C, H, W) float32 probabilities on ``device``.
     """
-    h, w = image.shape[:2]
+    inputs = [scaled_input(image, scale)[None] for scale in scales]
+    return batch_probs(model, inputs, image.shape[:2], flip, device, amp)[0]
+
+
+@torch.no_grad()
+def batch_probs(model: nn.Module, inputs: Sequence[torch.Tensor], size: tuple[int, int], flip: bool = True,
+                device: torch.device | str = "cpu", amp: torch.dtype | None = None) -> torch.Tensor:
+    """Class probabilities of B images of one size, each averaged over scales and flips.
+
+    For each scale the B inputs are run with their flips as one batch (the B plain ones, then
+    the B flipped), the logits upsampled to the original size (bilinear), turned into
+    probabilities (softmax over classes), the flipped ones flipped back; each image's result
+    is the mean over its ``len(inputs) * (1 + flip)`` views. On the CPU keep B = 1: oneDNN
+    rounds some convolutions of a batch of 2B differently from B batches of 2 (the published
+    numbers were made one image at a time).
+
+    Args:
+        model: eval-mode segmentation model, (N, 3, h, w) -> (N, C, h', w') logits.
+        inputs: per scale, (B, 3, h_s, w_s) normalised images (:func:`data.transforms.scaled_input`).
+        size: (H, W), the images' original size.
+    Returns:
+        (B, C, H, W) float32 probabilities on ``device``.
+    """
     total = None
     views = 0
-    for scale in scales:
-        x = scaled_input(image, scale).to(device)[None]
+    for x in inputs:
+        x = x.to(device, non_blocking=True)
+        b = x.shape[0]
         if flip:
             x = torch.cat([x, x.flip(-1)])
         with autocast(torch.device(device), amp):
             logits = model(x)
-        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
-        if flip:
-            probs = torch.stack([probs[0], probs[1].flip(-1)])
+        probs = torch.stack([probs[:b], probs[b:].flip(-1)]) if flip else probs[None]
         part = probs.sum(0)
         total = part if total is None else total + part
         views += probs.shape[0]
     return total / views
+
+
+def argmax_labels(probs: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) probabilities -> (B, H, W) uint8 class ids where they are, the first class on
+    ties as numpy's argmax: labels, not the probabilities, cross to the host."""
+    return probs.argmax(1).to(torch.uint8)
 
 
 def server_png_path(out_dir: str | os.PathLike, name: str) -> Path:
@@ -133,6 +157,12 @@ def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: d
     if "crf" in outputs or ("server" in outputs and server_labels == "crf"):
         limit_torch_threads(backend, threads)
         labels["crf"] = crf_refine_probs(image, probs, crf, backend, device).argmax(0).astype(np.uint8)
+    save_labels(name, labels, outputs, server_labels)
+
+
+def save_labels(name: str, labels: dict[str, np.ndarray], outputs: dict[str, Path], server_labels: str) -> None:
+    """Save ``labels`` ("pred" and/or "crf" -> (H, W) uint8) as the PNGs of ``outputs`` that hold
+    them ("server" receives ``labels[server_labels]``), atomically."""
     for kind in ("pred", "crf"):
         if kind in outputs:
             save_label_png(outputs[kind] / f"{name}.png", labels[kind])
