@@ -8,7 +8,7 @@ Run from the repository root on a CUDA machine (several minutes with the default
     python -m bench.gpu_check --device cpu --arch tiny --batch_size 2 --crop_size 64 \\
         --train_steps 1 --warmup 1 --infer_images 2 --infer_size 64 --scales 32,64 \\
         --no_write --skip_ddp --seg_backbone tiny --seg_batch_size 2 --seg_crop_size 64 \\
-        --seg_images 1 --variants published fp32 bf16 --e2e_images 3   # CPU smoke run of the script
+        --seg_images 1 --variants published fp32 bf16 --e2e_images 6 --e2e_size 80 60  # CPU smoke run
 
 Variants (``--variants``): ``published`` (the published loops: NCHW, no cuDNN autotuner, the
 losses read on the host every step, inference with batch 1 and one forward per view, as the
@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from apps.cli import non_negative_int, parse_scales, positive_int, run_cli
 from apps.report import RESULTS_FILE, machine_line, write_section
-from bench.e2e import BAO_VARIANTS, SEG_VARIANTS, run_e2e
+from bench.e2e import BAO_VARIANTS, SEG_VARIANTS, VOC_SIZE, run_e2e
 from core.errors import UserError
 from data.classes import VOC_CLASSES
 from data.datasets import InferenceDataset
@@ -67,13 +67,15 @@ from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.layout import REPO_ROOT, DatasetLayout
 from data.synthetic import generate, generate_once
+from data.transforms import scaled_input
 from network.checkpoint import load_weights
 from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
 from tool.device import AMP_DTYPES, compile_model, configure_math, resolve_device
 from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches, to_host
-from tool.segmentation import DEFAULT_SEG_SCALES, multiscale_probs, segmentation_loss
+from tool.segmentation import (DEFAULT_SEG_SCALES, argmax_labels, batch_probs, multiscale_probs,
+                               segmentation_loss)
 from tool.teacher import make_teacher, update_teacher
 from tool.training import bao_losses
 
@@ -169,12 +171,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="segmentation training crop side (default: 321, train_seg.py's)")
     parser.add_argument("--seg_images", type=positive_int, default=8,
                         help="500 x 375 images timed in segmentation inference (default: 8)")
+    parser.add_argument("--seg_infer_batch", type=positive_int, default=1,
+                        help="images per forward in this version's segmentation inference, as infer_seg.py "
+                             "--batch_size (default: 1, its default)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="what to time: published (the published loops), fp32 (this version's defaults, "
                              "the reference), tf32, bf16, compile (default: all)")
     parser.add_argument("--e2e_images", type=non_negative_int, default=48,
                         help="generated 500 x 375 JPEGs for the end-to-end runs of infer_bao.py and infer_seg.py "
                              "(0 skips them; default: 48)")
+    parser.add_argument("--e2e_size", type=positive_int, nargs=2, default=list(VOC_SIZE), metavar=("W", "H"),
+                        help="width and height of the end-to-end JPEGs (default: 500 375, VOC's commonest size)")
     parser.add_argument("--e2e_timeout", type=positive_int, default=600,
                         help="seconds allowed for each end-to-end command (default: 600)")
     return parser
@@ -556,22 +563,39 @@ def _seg_train(args: argparse.Namespace, device: torch.device, variant: Variant)
 
 
 def _seg_infer(args: argparse.Namespace, device: torch.device, variant: Variant) -> InferResult:
-    """Time infer_seg.py's multi-scale, flipped probabilities and argmax on 500 x 375 images."""
+    """Time infer_seg.py's multi-scale, flipped probabilities and labels on 500 x 375 images.
+
+    The published loop: one image at a time, NCHW, its probabilities brought to the host for the
+    argmax; this version's: infer_seg.py's path, --seg_infer_batch images per forward (the
+    script's --batch_size), the scaled inputs prepared beforehand (as its loader workers do),
+    the argmax on the device and uint8 labels to the host.
+    """
     _release(device)
     _set_math(device, variant)
     model = compile_model(_seg_model(args, device).to(memory_format=_layout(device, variant)).eval(), variant.compile)
-    dtype = variant.dtype
     rng = np.random.default_rng(args.seed)
-    images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.seg_images + 1)]
-    multiscale_probs(model, images[0], DEFAULT_SEG_SCALES, True, device, dtype)  # warm-up, untimed
+    batch = 1 if variant.published else args.seg_infer_batch
+    images = [rng.integers(0, 256, (375, 500, 3), dtype=np.uint8) for _ in range(args.seg_images + batch)]
+    size = images[0].shape[:2]
+    groups = [images[i:i + batch] for i in range(0, len(images), batch)]
+    inputs = [[torch.stack([scaled_input(image, scale) for image in group]) for scale in DEFAULT_SEG_SCALES]
+              for group in groups]
     labels = []
+    for i, (group, scaled) in enumerate(zip(groups, inputs)):
+        if i == 1:  # the first group (kernel selection, compilation) stays out of the timing
+            _sync(device)
+            start = time.perf_counter()
+        if variant.published:
+            probs = multiscale_probs(model, group[0], DEFAULT_SEG_SCALES, True, device, variant.dtype)
+            found = [probs.cpu().argmax(0)]
+        else:
+            probs = batch_probs(model, scaled, size, True, device, variant.dtype)
+            found = list(argmax_labels(probs).cpu())
+        if i:
+            labels += found
     _sync(device)
-    start = time.perf_counter()
-    for image in images[1:]:
-        labels.append(multiscale_probs(model, image, DEFAULT_SEG_SCALES, True, device, dtype).argmax(0).cpu())
-    _sync(device)
-    return InferResult(images_per_s=args.seg_images / (time.perf_counter() - start), peak_gib=_peak_gib(device),
-                       labels=labels)
+    return InferResult(images_per_s=len(labels) / (time.perf_counter() - start), peak_gib=_peak_gib(device),
+                       labels=[label.to(torch.uint8) for label in labels])
 
 
 def _seg_report(args: argparse.Namespace, seg: dict[str, dict[str, Any]]) -> list[str]:
@@ -604,11 +628,12 @@ def _seg_report(args: argparse.Namespace, seg: dict[str, dict[str, Any]]) -> lis
 
 E2E_NAMES = {"published": "published loop", "fp32": "defaults", "tf32": "--tf32", "bf16": "--amp bf16",
              "compile": "--compile default"}
+E2E_ALWAYS = {"--batch_size 4"}  # infer_seg.py's opt-in batching, timed with the defaults
 
 
 def e2e_variants(variants: dict[str, Variant]):
     """The end-to-end variants of both scripts that match the selected ``variants``."""
-    wanted = {E2E_NAMES[name] for name in variants}
+    wanted = {E2E_NAMES[name] for name in variants} | E2E_ALWAYS
     return (tuple(v for v in BAO_VARIANTS if v.name in wanted), tuple(v for v in SEG_VARIANTS if v.name in wanted))
 
 
@@ -667,7 +692,8 @@ def main(args: argparse.Namespace) -> None:
         e2e_lines, e2e_ok = ["", "End to end: skipped (--e2e_images 0)."], True
         if args.e2e_images:
             lines, e2e_ok = run_e2e(work / "e2e", str(device), args.arch, args.seg_backbone, args.e2e_images, args.seed,
-                                    args.e2e_timeout, _say, *e2e_variants(variants))
+                                    args.e2e_timeout, _say, *e2e_variants(variants), size=tuple(args.e2e_size),
+                                    scales=",".join(map(str, args.scales)))
             e2e_lines = ["", *lines]
     body = "\n".join([_report(args, device, results, sizes, ddp), *_seg_report(args, seg), *e2e_lines])
     _say("")
