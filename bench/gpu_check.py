@@ -8,7 +8,7 @@ Run from the repository root on a CUDA machine (several minutes with the default
     python -m bench.gpu_check --device cpu --arch tiny --batch_size 2 --crop_size 64 \\
         --train_steps 1 --warmup 1 --infer_images 2 --infer_size 64 --scales 32,64 \\
         --no_write --skip_ddp --seg_backbone tiny --seg_batch_size 2 --seg_crop_size 64 \\
-        --seg_images 1 --variants published fp32 bf16 --e2e_images 6 --e2e_size 80 60  # CPU smoke run
+        --seg_images 1 --variants published fp32 tf32 --e2e_images 6 --e2e_size 80 60  # CPU smoke run
 
 Variants (``--variants``): ``published`` (the published loops: NCHW, no cuDNN autotuner, the
 losses read on the host every step, inference with batch 1 and one forward per view, as the

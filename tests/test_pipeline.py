@@ -190,6 +190,14 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
     plan = _run(voc_root, cut, tiny_transcam_weights, "--until", "pseudo_seg")
     assert [s for s, state in pipeline.status(plan) if state.startswith("done")] == [
         s for s in pipeline.STAGES[:pipeline.STAGES.index("pseudo_seg") + 1] if s != "transcam"]
+    # On one machine the same commands give the same files (issue 22): up to pseudo_seg both runs ran
+    # them alike, so every PNG (pseudo-labels, sweep plots, overlay sheets) is byte-identical.
+    done = [s for s in pipeline.STAGES[:pipeline.STAGES.index("pseudo_seg") + 1] if plan.runs(s)]
+    pngs = sorted(p.relative_to(cut) for s in done for p in plan.out(s).rglob("*.png"))
+    assert len(pngs) > 3 * len(pipeline.read_list(plan.lists["score"]))  # labels of three stages and plots
+    assert pngs == sorted(p.relative_to(whole.run_dir) for s in done for p in whole.out(s).rglob("*.png"))
+    differing = [str(p) for p in pngs if (cut / p).read_bytes() != (whole.run_dir / p).read_bytes()]
+    assert not differing, differing
     (seg_cmd,) = pipeline.commands(plan, "seg_train")
     stopped = run_cli(*seg_cmd, "--max_steps", "1")
     assert stopped.returncode == 0, stopped.stderr
