@@ -10,11 +10,13 @@ What is recorded (every command through its real CLI, on the CPU, one thread):
   norm, the published default): every tensor of the weights they save.
 
 The inputs are built from seeds (the generated dataset, randomly initialised tiny models). The
-reference lives in tests/data/identity/: ``reference.json`` (the machine it was made on, the
-inputs' hashes and each output's sha256) and the outputs themselves (labels, maps, and the
-weights' tensor sums), so that on another CPU kind, where float rounding differs, the test can
-still compare values. Recorded with ``python -m tests.identity --write`` at the version before
-the change; never rewritten to make a test pass.
+reference lives in tests/data/identity/: ``reference.json`` (the inputs' hashes and, per CPU kind
+recorded, the machine and each output's sha256) and the first kind's outputs themselves (labels,
+maps, and the weights' tensor sums), so that on a CPU kind not recorded, where float rounding
+differs, the test can still compare values. Recorded with ``python -m tests.identity --write`` at
+the version before the change (ebff9e1); a kind is added by running that in a checkout of ebff9e1
+on a machine of the kind, then ``python -m tests.identity --add_kind THAT/reference.json`` here.
+Never rewritten to make a test pass.
 """
 from __future__ import annotations
 
@@ -37,15 +39,20 @@ ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "C
 
 
 def machine() -> dict[str, str]:
-    """What decides float rounding: the CPU model, torch's build and the image libraries."""
+    """What decides float rounding: the CPU (its name does not tell generations apart, its family
+    and model numbers do), the instruction set torch's kernels use, torch's build and the image
+    libraries."""
     import PIL
 
-    model = ""
+    fields = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("model name")), "")
-    return {"cpu": model or platform.processor(), "machine": platform.machine(), "torch": torch.__version__,
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return {"cpu": fields.get("model name") or platform.processor(), "machine": platform.machine(),
+            "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__}
 
 
@@ -151,12 +158,14 @@ def fingerprint(name: str, path: Path) -> str | dict[str, str]:
 
 
 def write_reference(work: Path) -> None:
+    """Record this CPU kind's outputs: their hashes, and the outputs themselves for the value
+    comparison on other kinds (replaces tests/data/identity/)."""
     made = produce(work)
     shutil.rmtree(REFERENCE, ignore_errors=True)
     REFERENCE.mkdir(parents=True)
-    record = {"machine": machine(), "inputs": made["inputs"], "files": {}}
+    kind = {"machine": machine(), "files": {}}
     for name, path in made["files"].items():
-        record["files"][name] = fingerprint(name, path)
+        kind["files"][name] = fingerprint(name, path)
         target = REFERENCE / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if name.startswith("train_"):
@@ -164,16 +173,39 @@ def write_reference(work: Path) -> None:
             target.with_suffix(".sums.json").write_text(json.dumps(sums, indent=0, sort_keys=True) + "\n")
         else:
             shutil.copyfile(path, target)
+    record = {"inputs": made["inputs"], "kinds": [kind]}
+    (REFERENCE / "reference.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def add_kind(other: Path) -> None:
+    """Add this CPU kind's hashes from ``other``, a reference.json that ``--write`` made on this
+    machine in a checkout of the recorded version (the outputs before the change)."""
+    theirs = json.loads(other.read_text())
+    record = json.loads((REFERENCE / "reference.json").read_text())
+    if theirs["inputs"] != record["inputs"]:
+        raise SystemExit(f"{other}: made from other inputs than the reference's")
+    files = theirs["kinds"][0]["files"] if "kinds" in theirs else theirs["files"]
+    recorded = theirs["kinds"][0]["machine"] if "kinds" in theirs else theirs["machine"]
+    here = machine()
+    if any(here.get(key) != value for key, value in recorded.items()):
+        raise SystemExit(f"{other} was made on another machine ({recorded}); run --add_kind where it was made")
+    record["kinds"] = [kind for kind in record["kinds"] if kind["machine"] != here] + [{"machine": here, "files": files}]
     (REFERENCE / "reference.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="record the reference in tests/data/identity/")
+    parser.add_argument("--add_kind", type=Path, default=None,
+                        help="add this CPU kind's hashes from a reference.json made by --write on this machine in a "
+                             "checkout of the recorded version")
     parser.add_argument("--work", default="/tmp/identity_work", help="scratch folder for the runs")
     args = parser.parse_args()
+    if args.add_kind is not None:
+        add_kind(args.add_kind)
+        return
     if not args.write:
-        parser.error("nothing to do: --write records the reference")
+        parser.error("nothing to do: --write records the reference, --add_kind adds a CPU kind")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
