@@ -23,12 +23,14 @@ difference.
     python -m bench.bench_crf                  # 16 images, workers: the usable CPUs minus one
     python -m bench.bench_crf --images 4 --workers 1 --results ''
     python -m bench.bench_crf --images 1 --size 48 --workers 1 --results ''   # smoke test: runs, no figures
+    python -m bench.bench_crf --torch_only cuda      # the torch CRF on a GPU (no pydensecrf2 needed)
 
-Results go to the ``bench_crf`` section of bench/RESULTS.md.
+Results go to the ``bench_crf`` section of bench/RESULTS.md (``--torch_only``: ``bench_crf_device``).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ import torch
 
 from apps.cli import non_negative_int, positive_int, run_cli
 from apps.report import RESULTS_FILE, machine_line, write_section
+from core.errors import UserError
 from core.palette import IGNORE_INDEX, read_label_png
 from core.workers import TaskPool, default_workers
 from data.images import read_image
@@ -78,6 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="segmentation weights of a train_seg.py run (e.g. demo_out/seed0/attention/seg_train/seg/"
                              "seg_final.pth): the agreement is also measured on that model's softmax (infer_seg.py's "
                              "scales and flips)")
+    parser.add_argument("--torch_only", default=None, metavar="DEVICE",
+                        help="time only the torch CRF on DEVICE (e.g. cuda; pydensecrf2 is not needed), one image per "
+                             "call and several per lattice, against the torch CRF on the CPU; writes the "
+                             "bench_crf_device section")
     parser.add_argument("--results", default=str(RESULTS_FILE),
                         help="markdown file whose bench_crf section is replaced ('' to skip)")
     return parser
@@ -234,7 +241,61 @@ def _same_pngs(a: Path, b: Path, count: int) -> bool:
         all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def torch_only(args: argparse.Namespace) -> str:
+    """``--torch_only DEVICE``: the torch CRF on DEVICE, both uses, one image per call and up to
+    :data:`tool.densecrf.PIXELS_PER_CALL` pixels per lattice, against the torch CRF on the CPU (one
+    image per lattice: the labels the CPU rows of the bench_crf section compare with pydensecrf2)."""
+    device = torch.device(args.torch_only)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--torch_only {args.torch_only}: no CUDA device here")
+    torch.set_num_threads(args.threads)
+    n = args.images
+    with tempfile.TemporaryDirectory() as tmp:
+        triples = _inputs(n, Path(tmp) / "VOC2012", args.size)
+    images = [image for image, _, _ in triples]
+    rng = np.random.default_rng(1)
+    uses = {"label maps, gt_prob 0.7, Gaussian 3/3, bilateral 50/5/10":
+            (densecrf.crf_label_marginals_batch, [_degraded_labels(mask, rng) for _, _, mask in triples], (NUM_CLASSES,)),
+            "probabilities, DeepLab-V2 (Gaussian 1/3, bilateral 67/3/4)":
+            (densecrf.crf_refine_probs_batch, [probs for _, probs, _ in triples], ())}
+    rows = []
+    for use, (refine, inputs, extra) in uses.items():
+        print(f"{n} images, {use}: torch on the CPU ...", flush=True)
+        reference = refine(images, inputs, *extra)
+        refine([images[0][:32, :32]], [inputs[0][..., :32, :32]], *extra, device=device)  # warm-up
+        for label, pixels in (("one image per call", 1), (f"up to {densecrf.PIXELS_PER_CALL:,} pixels per lattice",
+                                                           densecrf.PIXELS_PER_CALL)):
+            print(f"  on {device}, {label} ...", flush=True)
+            _sync(device)
+            start = time.perf_counter()
+            out = refine(images, inputs, *extra, device=device, pixels_per_call=pixels)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            same = [float((r.argmax(0) == o.argmax(0)).mean()) for r, o in zip(reference, out)]
+            diff = max(float(np.abs(r - o).max()) for r, o in zip(reference, out))
+            rows.append(f"| {use} | {label} | {seconds:.2f} | {n / seconds:.2f} | {100 * np.mean(same):.3f} | "
+                        f"{100 * min(same):.3f} | {diff:.2e} |")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    body = (f"## The torch CRF on {name} (bench/bench_crf.py --torch_only)\n\n{machine_line()}\n"
+            f"Command: `python -m bench.bench_crf {shlex.join(sys.argv[1:])}`\n"
+            f"{n} generated images of about {args.size} px, 21 labels, 10 iterations; labels compared with the "
+            "torch CRF on the CPU (one image per lattice), which the bench_crf section compares with pydensecrf2.\n\n"
+            "| use | variant | seconds | images/s | labels equal to the CPU's (mean %) | worst image (%) | "
+            "marginals max abs diff |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print("\n" + body)
+    if args.results:
+        write_section(args.results, "bench_crf_device", body)
+    return body
+
+
 def main(args: argparse.Namespace) -> str:
+    if args.torch_only:
+        return torch_only(args)
     workers = default_workers() if args.workers is None else args.workers
     torch.set_num_threads(args.threads)
     n = args.images
@@ -323,7 +384,7 @@ def main(args: argparse.Namespace) -> str:
         return f"{statistics.median(each):.2f}x (range {min(each):.2f}-{max(each):.2f} over {len(each)} repeats)"
 
     body = (f"## Dense CRF of the segmentation stage (bench/bench_crf.py)\n\n{machine_line()}\n"
-            f"Command: `python -m bench.bench_crf {' '.join(sys.argv[1:])}`\n"
+            f"Command: `python -m bench.bench_crf {shlex.join(sys.argv[1:])}`\n"
             f"{n} generated images of about {args.size} px (data/synthetic.py), 21 classes of smooth random "
             f"probabilities, infer_seg.py's CRF (10 iterations, Gaussian 3/1, "
             f"bilateral 4/67/3) and PNG writing; worker processes timed from their start; the torch CRF with "

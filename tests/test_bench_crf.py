@@ -64,3 +64,22 @@ def test_agreement_on_the_outputs_of_given_weights(tmp_path, tiny_bao_weights, n
     assert len(rows) == 2, proc.stdout[-3000:]
     assert str(bao) in rows[0] and str(seg) in rows[1]
     assert "mIoU of the CRF's inputs against the masks:" in proc.stdout and "BAO pseudo-labels " in proc.stdout
+
+
+def test_torch_only_mode_times_the_torch_crf_on_a_device_without_pydensecrf(tmp_path):
+    """--torch_only DEVICE (the GPU row's mode; pydensecrf2 not needed): every row, labels equal to
+    the CPU's (on the CPU itself, one image per lattice or several: the same marginals up to float
+    rounding), the section written; CUDA refused without a GPU."""
+    results = tmp_path / "RESULTS.md"
+    proc = run_cli("-m", "bench.bench_crf", "--torch_only", "cpu", "--images", "2", "--size", "48",
+                   "--results", str(results), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| label maps", "| probabilities"))]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == cells[5] == "100.000" and float(cells[6]) < 1e-5
+    assert "<!-- bench_crf_device:begin -->" in results.read_text()
+    if not torch.cuda.is_available():
+        proc = run_cli("-m", "bench.bench_crf", "--torch_only", "cuda", "--results", "", timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: --torch_only cuda: no CUDA device here"
