@@ -260,7 +260,8 @@ def torch_only(args: argparse.Namespace) -> str:
     images = [image for image, _, _ in triples]
     rng = np.random.default_rng(1)
     uses = {"label maps, gt_prob 0.7, Gaussian 3/3, bilateral 50/5/10":
-            (densecrf.crf_label_marginals_batch, [_degraded_labels(mask, rng) for _, _, mask in triples], (NUM_CLASSES,)),
+            (densecrf.crf_label_marginals_batch, [_degraded_labels(mask, rng) for _, _, mask in triples],
+             (NUM_CLASSES,)),
             "probabilities, DeepLab-V2 (Gaussian 1/3, bilateral 67/3/4)":
             (densecrf.crf_refine_probs_batch, [probs for _, probs, _ in triples], ())}
     rows = []

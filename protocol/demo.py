@@ -226,7 +226,7 @@ def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> st
         summary = rows.seed_summary({s: r[key] for s, r in per_seed.items()})
         plan = demo_plan(args, Paths(out, min(per_seed)), "attention" if key == "attention" else "none")
         summaries[key] = summary
-        sections.append(f"## {key}\n\n" + rows.seed_table(summary, pipeline._cams(plan), plan.protocol.fixed_t,
+        sections.append(f"## {key}\n\n" + rows.seed_table(summary, pipeline.cams_name(plan), plan.protocol.fixed_t,
                                                           pipeline.published_column(plan)))
     text = (f"Demo over seeds {', '.join(map(str, sorted(per_seed)))}: mIoU % mean ± sample standard deviation "
             f"(n - 1), then each seed's value; {args.num_train} generated train images of about {args.size} px.\n\n"

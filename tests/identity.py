@@ -189,7 +189,8 @@ def add_kind(other: Path) -> None:
     here = machine()
     if any(here.get(key) != value for key, value in recorded.items()):
         raise SystemExit(f"{other} was made on another machine ({recorded}); run --add_kind where it was made")
-    record["kinds"] = [kind for kind in record["kinds"] if kind["machine"] != here] + [{"machine": here, "files": files}]
+    others = [kind for kind in record["kinds"] if kind["machine"] != here]
+    record["kinds"] = [*others, {"machine": here, "files": files}]
     (REFERENCE / "reference.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
