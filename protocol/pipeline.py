@@ -138,17 +138,14 @@ def _run_stage(plan: Plan, stage: str) -> None:
         for cmd in cmds:
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
+            # In a process group of its own: a terminal's Ctrl-C reaches the runner alone, which
+            # passes every stop on (_stop_stage), however it was sent.
             proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, process_group=0)
             try:
                 _pass_output(proc, log)
             except KeyboardInterrupt:
-                # Stop the stage's script as the runner was stopped, and let it save: Ctrl-C in a
-                # terminal reached it too; a SIGTERM sent to the runner alone is passed on.
-                if stop_signal() == signal.SIGTERM:
-                    proc.send_signal(signal.SIGTERM)
-                _pass_output(proc, log)
-                proc.wait()
+                _stop_stage(proc, log)
                 raise
             if proc.wait() != 0:
                 raise UserError(f"stage {stage} failed (exit {proc.returncode}); its output is in {log_path}; fix the "
@@ -157,6 +154,20 @@ def _run_stage(plan: Plan, stage: str) -> None:
         write_table(plan)
     with atomic_path(_done_file(plan, stage)) as tmp:
         Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
+
+
+def _stop_stage(proc: subprocess.Popen, log) -> None:
+    """Stop the stage's script as the runner was stopped (Ctrl-C or ``kill -INT``: SIGINT; SIGTERM:
+    SIGTERM) and let it save, passing its output on until it ends; a second stop while it saves is
+    passed on too, as a terminal would pass it."""
+    while True:
+        proc.send_signal(signal.SIGTERM if stop_signal() == signal.SIGTERM else signal.SIGINT)
+        try:
+            _pass_output(proc, log)
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _pass_output(proc: subprocess.Popen, log) -> None:

@@ -337,3 +337,26 @@ def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
     assert not (run_dir / LOCK_NAME).exists()
     status = run_cli("-m", "protocol.pipeline", "--run_dir", str(run_dir), "--status")
     assert "in progress" not in status.stdout and "bao            done" in status.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_sent_to_the_runner_alone_stops_its_stage_with_a_resumable_checkpoint(
+        voc_root, tiny_transcam_weights, tmp_path):
+    """The stage's script runs in a process group of its own and the runner passes a stop on: a
+    SIGINT to the runner alone (`kill -INT`, or a terminal's Ctrl-C, which now reaches the runner
+    alone) stops the training stage at once with its checkpoint, not at the stage's end."""
+    run_dir = tmp_path / "protocol"
+    long_bao = RUNNER.replace('"--max_epoches", "2"', '"--max_epoches", "200", "--log_every", "1"')
+    runner = _start(long_bao, str(voc_root), str(tiny_transcam_weights), str(run_dir), "")
+    log = run_dir / "bao" / "bao" / "log.jsonl"
+    _wait_for(lambda: log.is_file() and '"step"' in log.read_text(), runner, "the bao stage did not start training")
+    stage = _descendants(runner.pid)
+    assert stage
+    runner.send_signal(signal.SIGINT)
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and _last_line(err) == "interrupted"
+    assert "resumable checkpoint" in out  # the stage's own report, passed through
+    assert torch.load(run_dir / "bao" / "bao" / "checkpoint.pth", weights_only=True)["position"]["global_step"] >= 1
+    assert not (run_dir / "stages" / "bao.json").exists()
+    _all_gone(stage)
