@@ -199,14 +199,18 @@ def _time_uses(images: list[np.ndarray], labels: list[np.ndarray], probs: list[n
     return seconds
 
 
-def _time_cuda(images: list[np.ndarray], probs: list[np.ndarray], pixels_per_call: int | None) -> float:
-    """Seconds for the torch CRF on CUDA to refine every image's probabilities."""
-    densecrf.crf_refine_probs_batch([images[0][:32, :32]], [probs[0][:, :32, :32]], device="cuda")  # warm-up
-    torch.cuda.synchronize()
+def _timed(refine, images: list[np.ndarray], inputs: list[np.ndarray], extra: tuple, device: torch.device,
+           pixels_per_call: int | None) -> tuple[float, list[np.ndarray]]:
+    """Seconds for ``refine`` (a ``tool.densecrf`` ``*_batch`` function, ``extra`` its arguments after
+    the inputs) on ``device`` over every image, after a warm-up on a 32-pixel crop, and its outputs."""
+    refine([images[0][:32, :32]], [inputs[0][..., :32, :32]], *extra, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    densecrf.crf_refine_probs_batch(images, probs, device="cuda", pixels_per_call=pixels_per_call)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    out = refine(images, inputs, *extra, device=device, pixels_per_call=pixels_per_call)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
 
 
 def _bao_labels(weights: str, root: Path, names: list[str], out: Path) -> list[np.ndarray]:
@@ -241,11 +245,6 @@ def _same_pngs(a: Path, b: Path, count: int) -> bool:
         all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def torch_only(args: argparse.Namespace) -> str:
     """``--torch_only DEVICE``: the torch CRF on DEVICE, both uses, one image per call and up to
     :data:`tool.densecrf.PIXELS_PER_CALL` pixels per lattice, against the torch CRF on the CPU (one
@@ -268,15 +267,10 @@ def torch_only(args: argparse.Namespace) -> str:
     for use, (refine, inputs, extra) in uses.items():
         print(f"{n} images, {use}: torch on the CPU ...", flush=True)
         reference = refine(images, inputs, *extra)
-        refine([images[0][:32, :32]], [inputs[0][..., :32, :32]], *extra, device=device)  # warm-up
         for label, pixels in (("one image per call", 1), (f"up to {densecrf.PIXELS_PER_CALL:,} pixels per lattice",
                                                            densecrf.PIXELS_PER_CALL)):
             print(f"  on {device}, {label} ...", flush=True)
-            _sync(device)
-            start = time.perf_counter()
-            out = refine(images, inputs, *extra, device=device, pixels_per_call=pixels)
-            _sync(device)
-            seconds = time.perf_counter() - start
+            seconds, out = _timed(refine, images, inputs, extra, device, pixels)
             same = [float((r.argmax(0) == o.argmax(0)).mean()) for r, o in zip(reference, out)]
             diff = max(float(np.abs(r - o).max()) for r, o in zip(reference, out))
             rows.append(f"| {use} | {label} | {seconds:.2f} | {n / seconds:.2f} | {100 * np.mean(same):.3f} | "
@@ -330,14 +324,17 @@ def main(args: argparse.Namespace) -> str:
     labels = [_degraded_labels(mask, rng) for mask in masks]
     softmax = [_noisy_softmax(mask, rng) for mask in masks]
     print(f"{n} images, each CRF alone, {args.repeats} repeats (torch: {args.threads} thread(s)) ...", flush=True)
-    seconds = _time_uses(images, labels, [probs for _, probs in pairs], args.repeats)
+    timed_probs = [probs for _, probs in pairs]
+    seconds = _time_uses(images, labels, timed_probs, args.repeats)
     cuda_rows = ["| probabilities | torch on CUDA | pending (no GPU at hand) | pending | - |"]
     if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
+        gpu, cuda = torch.cuda.get_device_name(0), torch.device("cuda")
         cuda_rows = [f"| probabilities | torch on CUDA ({gpu}), {label} | {t:.2f} | {n / t:.2f} | - |"
-                     for label, t in (("one image per call", _time_cuda(images, [p for _, p in pairs], 1)),
+                     for label, t in (("one image per call",
+                                       _timed(densecrf.crf_refine_probs_batch, images, timed_probs, (), cuda, 1)[0]),
                                       (f"up to {densecrf.PIXELS_PER_CALL:,} pixels per lattice",
-                                       _time_cuda(images, [p for _, p in pairs], None)))]
+                                       _timed(densecrf.crf_refine_probs_batch, images, timed_probs, (), cuda,
+                                              None)[0]))]
 
     print(f"agreement on {n} images ...", flush=True)
     uses = {

@@ -46,6 +46,8 @@ from core.fileio import atomic_path
 from core.runlock import RunLock
 from data.synthetic import generate_once
 from protocol import pipeline, rows
+from protocol.plan import Plan, Protocol, cams_name, make_plan, preset, transcam_weights
+from protocol.results import published_column, write_seed_files
 from tool.overlay import stack_sheet_files
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
@@ -54,7 +56,7 @@ REGIMES = ("attention", "none")
 # regime -> the label of its sheet on the regimes sheet of an image
 REGIME_LABELS = {"attention": "attention refinement (published)", "none": "no refinement"}
 REGIMES_SHEET = "regimes_"  # <out>/seed<S>/regimes_<image>.png
-PRESET = pipeline.preset("demo")
+PRESET = preset("demo")
 # demo flag -> (settings key of the preset, the script's flag, number of values): the knobs this
 # command turns; their defaults are the preset's values.
 KNOBS = {"crop_size": ("train", "--crop_size", 1), "resize_long": ("train", "--resize_long", 2),
@@ -163,7 +165,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.seg_iters, args.seg_batch, args.seg_crop, args.seg_scales = 2, 4, 48, "1.0"
 
 
-def demo_protocol(args: argparse.Namespace, regime: str = "attention") -> pipeline.Protocol:
+def demo_protocol(args: argparse.Namespace, regime: str = "attention") -> Protocol:
     """The runner's protocol for the generated dataset: the preset with this command's knobs; the
     attention regime runs the whole protocol, the demo's optional stages included; "none" runs up
     to the pseudo-labels (with overlays)."""
@@ -174,7 +176,7 @@ def demo_protocol(args: argparse.Namespace, regime: str = "attention") -> pipeli
     return replace(attention, lists={k: lists[k] for k in ("train", "score")}, extras=("overlays",))
 
 
-def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> pipeline.Plan:
+def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> Plan:
     """The runner's plan of one demo run at seed ``p.seed``: the attention regime, or a run without
     attention refinement from the attention run's TransCAM weights."""
     run = "attention" if regime == "attention" else "refine_none"
@@ -183,10 +185,10 @@ def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> 
     if regime == "attention":
         argv += ["--start", "scratch"]
     else:
-        tc_weights = pipeline.transcam_weights(demo_plan(args, p), planned=True)
+        tc_weights = transcam_weights(demo_plan(args, p), planned=True)
         argv += ["--refine", "none", "--start", "transcam", "--weights", tc_weights]
     runner_args = pipeline.get_args_parser().parse_args(argv)
-    return pipeline.make_plan(runner_args, demo_protocol(args, regime), seed=p.seed, run_dir=p.results / run)
+    return make_plan(runner_args, demo_protocol(args, regime), seed=p.seed, run_dir=p.results / run)
 
 
 def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
@@ -226,12 +228,12 @@ def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> st
         summary = rows.seed_summary({s: r[key] for s, r in per_seed.items()})
         plan = demo_plan(args, Paths(out, min(per_seed)), "attention" if key == "attention" else "none")
         summaries[key] = summary
-        sections.append(f"## {key}\n\n" + rows.seed_table(summary, pipeline.cams_name(plan), plan.protocol.fixed_t,
-                                                          pipeline.published_column(plan)))
+        sections.append(f"## {key}\n\n" + rows.seed_table(summary, cams_name(plan), plan.protocol.fixed_t,
+                                                          published_column(plan)))
     text = (f"Demo over seeds {', '.join(map(str, sorted(per_seed)))}: mIoU % mean ± sample standard deviation "
             f"(n - 1), then each seed's value; {args.num_train} generated train images of about {args.size} px.\n\n"
             + "\n".join(sections))
-    pipeline.write_seed_files(out, sorted(per_seed), {"regimes": summaries}, text)
+    write_seed_files(out, sorted(per_seed), {"regimes": summaries}, text)
     return text
 
 

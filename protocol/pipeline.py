@@ -60,16 +60,11 @@ from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_ar
 from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
 from core.runlock import RunLock, describe, lock_holder
-from data.labels import read_list  # noqa: F401 (for callers: the runner's lists)
 from data.layout import REPO_ROOT
-# The plan and the results, re-exported: protocol.pipeline is the runner's one entry point for
-# callers (protocol/demo.py, bench/bench_protocol.py, the tests).
-from protocol.plan import (EXTRAS, FIXED_T, LIST_KEYS, PRESETS, SETTING_GROUPS, STAGES, Plan,  # noqa: F401
-                           Protocol, bao_weights, cams_name, check_commands, check_definition, check_prerequisites,
-                           commands, definition, load_protocol, make_plan, make_plans, preset, recorded_plans,
-                           script_parsers, transcam_weights)
-from protocol.results import (collect, published_column, write_seed_files, write_seed_table,  # noqa: F401
-                              write_table)
+# Re-exported for the runner's callers (bench/bench_protocol.py, the tests), beside what it uses itself.
+from protocol.plan import (EXTRAS, STAGES, Plan, Protocol, check_definition, check_prerequisites,  # noqa: F401
+                           commands, make_plan, make_plans, preset, recorded_plans, script_parsers)
+from protocol.results import write_seed_table, write_table
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import pytest
 
 from core.errors import UserError
 from data.classes import COCO_CLASSES
+from data.labels import read_list
 from protocol import demo, pipeline, rows
 from tests.helpers import ROOT, assert_refused, call_main, run_cli
 from tool.crf import resolve_backend
@@ -41,8 +42,6 @@ def test_protocol_files_name_the_field_s_lists():
 
 
 def read_lines(path: str) -> list[str]:
-    from data.labels import read_list
-
     return read_list(pipeline.REPO_ROOT / path)
 
 
@@ -181,7 +180,7 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
     # the segmentation model trained on pseudo_seg's labels of train.txt, the sweep plot has BAO's line
     (seg_cmd,) = pipeline.commands(whole, "seg_train")
     assert seg_cmd[seg_cmd.index("--label_dir") + 1] == str(whole.out("pseudo_seg"))
-    assert len(list(whole.out("pseudo_seg").glob("*.png"))) == len(pipeline.read_list(whole.lists["seg_train"]))
+    assert len(list(whole.out("pseudo_seg").glob("*.png"))) == len(read_list(whole.lists["seg_train"]))
     (_, sweep) = pipeline.commands(whole, "eval_score")
     assert sweep[sweep.index("--ref_miou") + 1] == f"{100 * results['bao_pseudo']['miou']:.4f}"
 
@@ -194,7 +193,7 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
     # them alike, so every PNG (pseudo-labels, sweep plots, overlay sheets) is byte-identical.
     done = [s for s in pipeline.STAGES[:pipeline.STAGES.index("pseudo_seg") + 1] if plan.runs(s)]
     pngs = sorted(p.relative_to(cut) for s in done for p in plan.out(s).rglob("*.png"))
-    assert len(pngs) > 3 * len(pipeline.read_list(plan.lists["score"]))  # labels of three stages and plots
+    assert len(pngs) > 3 * len(read_list(plan.lists["score"]))  # labels of three stages and plots
     assert pngs == sorted(p.relative_to(whole.run_dir) for s in done for p in whole.out(s).rglob("*.png"))
     differing = [str(p) for p in pngs if (cut / p).read_bytes() != (whole.run_dir / p).read_bytes()]
     assert not differing, differing
@@ -322,7 +321,7 @@ def test_two_seeds_of_a_protocol_file_on_a_subset_write_mean_and_sample_sd(voc_r
     """A user's protocol file (a subset of the generated train list, tiny settings) run with --seeds 0 1:
     one folder per seed, the CNN CAM stage of the given TransCAM weights run once, and seeds.json's mean
     and sd (sample sd, n - 1) equal to statistics.mean / stdev of the two seeds' results.json."""
-    names = pipeline.read_list(voc_root / "ImageSets" / "Segmentation" / "train.txt")
+    names = read_list(voc_root / "ImageSets" / "Segmentation" / "train.txt")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "subset.txt").write_text("\n".join(names[:8]) + "\n")

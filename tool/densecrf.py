@@ -179,8 +179,9 @@ class Lattice:
         weight = torch.tensor([1.0, 0.5, 0.5], device=device).repeat(m + 1, 1)
         for j in range(d + 1):
             delta = -int(stride.sum()) + ((d + 1) * strides[j] if j < d else 0)
-            at = torch.searchsorted(unique, unique + delta).clamp_(max=m - 1)
-            found = unique[at] == unique + delta
+            wanted = unique + delta
+            at = torch.searchsorted(unique, wanted).clamp_(max=m - 1)
+            found = unique[at] == wanted
             members = torch.full((m + 1, 3), m, dtype=torch.int64, device=device)
             members[:m, 0] = torch.arange(m, device=device)
             members[:m, 1] = torch.where(found, at, m)
@@ -302,7 +303,7 @@ PIXELS_PER_CALL = 8 * 500 * 375
 def default_pixels_per_call(device: str | torch.device) -> int:
     """Default pixels per lattice: :data:`PIXELS_PER_CALL` on a GPU, where several images fill it
     better than one; one image at a time on the CPU, where one image's lattice stays in the caches
-    (measured on 2-core AMD EPYC VM: 4 images of about 448 px in one lattice took more than twice as long
+    (measured on a 2-core AMD EPYC VM: 4 images of about 448 px in one lattice took more than twice as long
     per image as one after the other)."""
     return PIXELS_PER_CALL if torch.device(device).type == "cuda" else 1
 
