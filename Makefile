@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-crf.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-crf.txt > $(VENV)/pydensecrf2-install.log 2>&1 \
-		|| echo "pydensecrf2 did not install (see $(VENV)/pydensecrf2-install.log): the dense CRF runs on the torch backend (tool/densecrf.py)"
+		|| echo "pydensecrf2 did not install (see $(VENV)/pydensecrf2-install.log): the dense CRF runs on the torch backend (crf/densecrf.py)"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

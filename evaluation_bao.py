@@ -45,8 +45,8 @@ from data.classes import (COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, DAT
                           ClassSet, ClassSetConflict, from_foreground, read_mask_convention, resolve_class_set)
 from data.labels import ImageLabels, read_list
 from data.layout import DEFAULT_INFER_LISTS
-from tool.evaluate import IMAGE_SUFFIX, evaluate_cams, evaluate_labels, write_threshold_labels
-from tool.metrics import DEFAULT_SWEEP, format_table, scores, scores_to_json, threshold_range
+from scoring.evaluate import IMAGE_SUFFIX, evaluate_cams, evaluate_labels, write_threshold_labels
+from scoring.metrics import DEFAULT_SWEEP, format_table, scores, scores_to_json, threshold_range
 
 # The images evaluated by default: those infer_bao.py makes pseudo-labels for by default (VOC).
 DEFAULT_LIST = DEFAULT_INFER_LISTS["voc"]
@@ -135,7 +135,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-crf", dest="out_crf", nargs="?", const=CRF_INTO_OUT_DIR, default=None,
                         metavar="DIR",
                         help="--type npy with one background score (--t), published flag: refine those labels "
-                             "with the dense CRF (tool/crf.py, the images read from --img_dir), score them and "
+                             "with the dense CRF (crf/refine.py, the images read from --img_dir), score them and "
                              "write them to DIR/<name>.png (as infer_bao.py --out_crf). Without DIR (the "
                              "published switch) the refined labels replace the plain ones in --out-dir")
     parser.add_argument("--img_dir", default=None, metavar="DIR",

@@ -39,8 +39,8 @@ from data.camio import CAM_SUFFIX, save_cams
 from data.datasets import InferenceDataset
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS
-from tool.crf import write_crf_png
-from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+from crf.refine import write_crf_png
+from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
                          setup_distributed)
 from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 

@@ -50,8 +50,8 @@ from data.datasets import CollateOrError, ErrorsAsItems, ImageDataset, collate_i
 from data.labels import read_list
 from data.layout import REPO_ROOT
 from network.deeplab import build_segmentation_model, load_segmentation_weights
-from tool.crf import CRFParams
-from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+from crf.params import CRFParams
+from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
                          setup_distributed)
 from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, argmax_labels, batch_probs, save_labels,
                                write_label_pngs, write_server_archive)

@@ -24,7 +24,7 @@ resumable ``checkpoint.pth``. ``epoch`` counts from 0, as published: ten epochs 
 ``..._9epochs_modelt.pth``. Ctrl-C stops after the current step, saves ``checkpoint.pth`` and
 exits; ``--resume auto`` continues exactly where it stopped.
 
-``--val_every N`` scores the pseudo-labels on ``--val_list`` every N epochs (``tool.validation``;
+``--val_every N`` scores the pseudo-labels on ``--val_list`` every N epochs (``scoring.validation``;
 the mIoU goes to ``log.jsonl`` and TensorBoard). The published loop never validated: default 0.
 """
 from __future__ import annotations
@@ -44,14 +44,14 @@ from data.labels import read_list
 from data.transforms import TrainAugment
 from network.checkpoint import BAO_HEADS, load_weights
 from network.factory import build_network
-from tool.device import Runtime
-from tool.engine import Engine, Position, Task
-from tool.runtime import broadcast_buffers, cpu_state, save_weights, seed_everything
+from core.device import Runtime
+from engine.loop import Engine, Position, Task
+from engine.resume import broadcast_buffers, cpu_state, save_weights, seed_everything
 from tool.teacher import make_teacher, update_teacher
 from tool.training import STAGES, bao_losses, freeze_bao_heads, labelled_names, transcam_losses
-from tool.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
-                           resolve_train_list, resolve_val_list, run_training)
-from tool.validation import PseudoLabelValidation
+from engine.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
+                             resolve_train_list, resolve_val_list, run_training)
+from scoring.validation import PseudoLabelValidation
 
 DEFAULT_EPOCHS = {"bao": 10, "transcam": 20}
 # The weights each stage starts from (network.checkpoint purposes): BAO from TransCAM weights
@@ -178,7 +178,7 @@ class BAOTraining(TrainingRun):
         if args.method == "transcam":
             freeze_bao_heads(self.model)
         self.model.to(rt.device).train()
-        if self.channels_last:  # the cuDNN autotuner is on with it (TrainingRun: tool.device.configure_math)
+        if self.channels_last:  # the cuDNN autotuner is on with it (TrainingRun: core.device.configure_math)
             self.model.to(memory_format=torch.channels_last)
         self.teacher = make_teacher(self.model).train(args.teacher_mode == "train") if args.method == "bao" else None
         self.compiled(self.model, self.teacher)

@@ -32,12 +32,12 @@ from data.datasets import PseudoLabelDataset
 from data.labels import read_list
 from data.transforms import SegAugment
 from network.deeplab import DEFAULT_BN, build_segmentation_model, head_and_backbone_parameters, load_backbone_weights
-from tool.device import Runtime, autocast
-from tool.engine import Engine, Position, Task
-from tool.runtime import cpu_state, save_weights, seed_everything
+from core.device import Runtime, autocast
+from engine.loop import Engine, Position, Task
+from engine.resume import cpu_state, save_weights, seed_everything
 from tool.segmentation import segmentation_loss, set_poly_lr
-from tool.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
-                           resolve_train_list, run_training)
+from engine.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
+                             resolve_train_list, run_training)
 
 # Flags that define the optimisation: a resumed run must keep them.
 RUN_DEFINING = ("model", "backbone", "bn", "batch_size", "max_iters", "wt_dec", "momentum", "head_lr_mult",
@@ -130,7 +130,7 @@ class SegTraining(TrainingRun):
         if report is not None:
             self.log.message(f"backbone weights {args.backbone_weights}: {report.summary()}")
         # On a GPU: channels_last (cuDNN's fastest convolution layouts, bf16 above all; cuDNN's
-        # algorithm search is on there, tool.device.configure_math). Not on the CPU, where
+        # algorithm search is on there, core.device.configure_math). Not on the CPU, where
         # channels_last changes oneDNN's rounding and the published numbers with it.
         self.channels_last = rt.device.type == "cuda"
         self.model.to(rt.device).train()

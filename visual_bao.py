@@ -31,7 +31,7 @@ from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask
 from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS, DatasetSpec
-from tool.device import amp_dtype, compile_model, configure_math, resolve_device
+from core.device import amp_dtype, compile_model, configure_math, resolve_device
 from tool.overlay import colorize_labels, jet_overlay, save_rgb, summary_sheet
 from tool.predict import HostOutputs, MultiScalePredictor, iterate_batches, load_model, to_host
 

@@ -37,7 +37,7 @@ FLAG_HINTS = {
     "label_files": "; make pseudo-labels for every name of the list (infer_bao.py --infer_list) or check "
                    "--label_dir and the list",
     "label_ids": " (--label_dir, --label_file / --dataset)",
-    # evaluation_bao.py (tool.evaluate, tool.metrics)
+    # evaluation_bao.py (scoring.evaluate, scoring.metrics)
     "prediction_folder": "; set --predict_dir",
     "ground_truth_folder": "; set --gt_dir or --voc12_root",
     "predictions": " (--predict_dir, --list)",
@@ -132,7 +132,7 @@ def parse_scales(text: str) -> tuple[int, ...]:
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--amp``."""
-    from tool.device import AMP_CHOICES
+    from core.device import AMP_CHOICES
 
     parser.add_argument("--device", default="auto",
                         help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
@@ -145,7 +145,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 
 def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--tf32`` and ``--compile``: opt-in speed that changes the numbers (docs/numerics.md)."""
-    from tool.device import COMPILE_MODES
+    from core.device import COMPILE_MODES
 
     parser.add_argument("--tf32", action="store_true",
                         help="TF32 matmuls on CUDA (faster on Ampere and later; changes the numbers slightly; "
@@ -286,22 +286,22 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_crf_backend_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, device_flag: bool = True) -> None:
-    """``--crf_backend``: which implementation runs the dense CRF (tool/crf.py); ``device_flag``:
+    """``--crf_backend``: which implementation runs the dense CRF (crf/refine.py); ``device_flag``:
     whether the script has ``--device`` (without it the torch CRF runs on the CPU)."""
-    from tool.crf import BACKENDS
+    from crf.params import BACKENDS
 
     where = "on --device" if device_flag else "on the CPU"
     parser.add_argument("--crf_backend", choices=BACKENDS, default="auto",
                         help="dense CRF implementation: auto = pydensecrf2 when it is installed (the published "
                              "numbers), else the torch CRF; pydensecrf = pydensecrf2 (an error when it is not "
-                             f"installed); torch = the torch CRF (tool/densecrf.py, same labels on >= 99.5%% of "
+                             f"installed); torch = the torch CRF (crf/densecrf.py, same labels on >= 99.5%% of "
                              f"pixels), {where} (default: auto)")
 
 
 def crf_backend_from_args(args: argparse.Namespace, needed: bool) -> str:
     """``--crf_backend`` resolved once, before any work, when the run writes CRF labels (``needed``):
     "pydensecrf" or "torch" (pydensecrf2 asked for but missing is a UserError); else the flag as given."""
-    from tool.crf import resolve_backend
+    from crf.params import resolve_backend
 
     return resolve_backend(args.crf_backend) if needed else args.crf_backend
 
@@ -484,7 +484,7 @@ def settings_from_run(args: argparse.Namespace, defaults: dict[str, object]) -> 
     A flag given on the command line wins. Returns the line to print naming what was taken from
     where, or None when nothing was.
     """
-    from tool.trainrun import read_run_args
+    from engine.trainrun import read_run_args
 
     found = read_run_args(args.weights)
     taken = []

@@ -1,5 +1,5 @@
 """Benchmark: the segmentation stage's dense CRF, in one process against worker processes, and
-pydensecrf2 against the torch CRF (tool/densecrf.py).
+pydensecrf2 against the torch CRF (crf/densecrf.py).
 
 infer_seg.py refines every val and test image with the DeepLab-V2 CRF (10 mean-field
 iterations, 21 classes), seconds per 500 x 375 image on one CPU core, while the GPU needs a
@@ -50,11 +50,12 @@ from core.workers import TaskPool, default_workers
 from data.images import read_image
 from data.labels import ImageLabels, read_list
 from data.synthetic import generate
-from tool import densecrf
+from crf import densecrf
 from network.deeplab import build_segmentation_model, load_segmentation_weights
-from tool.crf import CRFParams, crf_label_marginals, crf_refine_probs
+from crf.params import CRFParams
+from crf.refine import crf_label_marginals, crf_refine_probs
 from tool.segmentation import multiscale_probs, write_label_pngs
-from tool.trainrun import read_run_args
+from engine.trainrun import read_run_args
 
 NUM_CLASSES = 21
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def _time_uses(images: list[np.ndarray], labels: list[np.ndarray], probs: list[n
 
 def _timed(refine, images: list[np.ndarray], inputs: list[np.ndarray], extra: tuple, device: torch.device,
            pixels_per_call: int | None) -> tuple[float, list[np.ndarray]]:
-    """Seconds for ``refine`` (a ``tool.densecrf`` ``*_batch`` function, ``extra`` its arguments after
+    """Seconds for ``refine`` (a ``crf.densecrf`` ``*_batch`` function, ``extra`` its arguments after
     the inputs) on ``device`` over every image, after a warm-up on a 32-pixel crop, and its outputs."""
     refine([images[0][:32, :32]], [inputs[0][..., :32, :32]], *extra, device=device)
     if device.type == "cuda":
@@ -247,7 +248,7 @@ def _same_pngs(a: Path, b: Path, count: int) -> bool:
 
 def torch_only(args: argparse.Namespace) -> str:
     """``--torch_only DEVICE``: the torch CRF on DEVICE, both uses, one image per call and up to
-    :data:`tool.densecrf.PIXELS_PER_CALL` pixels per lattice, against the torch CRF on the CPU (one
+    :data:`crf.densecrf.PIXELS_PER_CALL` pixels per lattice, against the torch CRF on the CPU (one
     image per lattice: the labels the CPU rows of the bench_crf section compare with pydensecrf2)."""
     device = torch.device(args.torch_only)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -392,7 +393,7 @@ def main(args: argparse.Namespace) -> str:
             + (f"Workers' PNGs byte-identical to one process's: pydensecrf {'yes' if same['pydensecrf'] else 'NO'}, "
                f"torch {'yes' if same['torch'] else 'NO'}. " if workers else "")
             + f"Torch's labels equal to pydensecrf2's: {100 * png_same:.3f}% of the pixels.\n\n"
-            "### pydensecrf2 and the torch CRF alone (tool/densecrf.py)\n\n"
+            "### pydensecrf2 and the torch CRF alone (crf/densecrf.py)\n\n"
             "The CRF alone (no PNG writing) on the same images, both uses: infer_bao.py's label-map CRF (the "
             "degraded masks below, published terms) and infer_seg.py's (the smooth random probabilities above); "
             f"median seconds of {args.repeats} repeats, the backends alternating; per core: images/s divided by "

@@ -4,9 +4,9 @@ Generates a VOC-size dataset with data.synthetic (ground-truth masks with 255 ba
 object boundaries), spreads its class ids over the 20 VOC classes, derives predicted label maps
 and CAM files from its objects in a temporary folder, then times
 
-- PNG evaluation: tool.evaluate.evaluate_labels (the code path of evaluation_bao.py) against
+- PNG evaluation: scoring.evaluate.evaluate_labels (the code path of evaluation_bao.py) against
   a per-class loop over images with boolean masks (the published approach);
-- a threshold sweep of CAM files: tool.evaluate.evaluate_cams (each file read once) against
+- a threshold sweep of CAM files: scoring.evaluate.evaluate_cams (each file read once) against
   thresholding and scoring per threshold, re-reading the whole folder every time (published).
 
 Both must give identical pixel counts. The ratios are printed and written to the
@@ -41,8 +41,8 @@ from data.classes import VOC
 from core.errors import UserError, run_cli
 from data.synthetic import CLASSES as SHAPES, generate as generate_dataset
 from core.workers import default_workers
-from tool.evaluate import evaluate_cams, evaluate_labels
-from tool.metrics import threshold_range
+from scoring.evaluate import evaluate_cams, evaluate_labels
+from scoring.metrics import threshold_range
 from core.palette import IGNORE_INDEX, read_label_png, save_label_png
 
 NUM_CLASSES = VOC.num_classes

@@ -72,7 +72,7 @@ from network.checkpoint import load_weights
 from network.deeplab import BACKBONES, build_segmentation_model
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.cam import pseudo_labels
-from tool.device import AMP_DTYPES, compile_model, configure_math, resolve_device
+from core.device import AMP_DTYPES, compile_model, configure_math, resolve_device
 from tool.predict import DEFAULT_FORWARD_PIXELS, DEFAULT_SCALES, MultiScalePredictor, iterate_batches, to_host
 from tool.segmentation import (DEFAULT_SEG_SCALES, argmax_labels, batch_probs, multiscale_probs,
                                segmentation_loss)
@@ -232,7 +232,7 @@ def _train_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _set_math(device: torch.device, variant: Variant) -> None:
     """The math backends of ``variant``: the published loops ran with PyTorch's defaults (no
-    cuDNN autotuner, full float32 matmuls), this version's with :func:`tool.device.configure_math`."""
+    cuDNN autotuner, full float32 matmuls), this version's with :func:`core.device.configure_math`."""
     if variant.published:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False

@@ -1,1 +1,1 @@
-"""Base layer: errors, atomic file output, label PNG I/O; imports nothing else of this repository."""
+"""Base layer: errors, atomic file output, label PNG I/O, run locks, the worker pool, and devices (CUDA or CPU, mixed precision, torchrun's process group); imports nothing else of this repository."""

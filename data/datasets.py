@@ -43,10 +43,10 @@ class _AugmentedDataset(Dataset, ABC):
     run resumed at epoch ``epoch`` sees exactly the crops of an uninterrupted run. The epoch
     travels with the key, not as the dataset's state: DataLoader workers that persist across
     epochs (``persistent_workers=True``) draw each epoch's crops. The training loader's
-    sampler yields these keys (:attr:`epoch_keys`; :func:`tool.runtime.make_loader`).
+    sampler yields these keys (:attr:`epoch_keys`; :func:`engine.resume.make_loader`).
     """
 
-    # Tells tool.runtime.make_loader to index with (epoch, index) keys.
+    # Tells engine.resume.make_loader to index with (epoch, index) keys.
     epoch_keys = True
 
     def __init__(self, layout: DatasetLayout, names: list[str], seed: int):

@@ -3,7 +3,7 @@
 Scores the threshold-free labels of a list against its masks with the three reads of BAO's
 background channel of :mod:`tool.background` (published ``am[:, 0]``, softmax
 ``softmax(am)[:, 0]``, centred ``am[:, 0] - mean_k am[:, k]``), everything else as the
-pseudo-label validation of training (tool/validation.py) and infer_bao.py: multi-scale,
+pseudo-label validation of training (scoring/validation.py) and infer_bao.py: multi-scale,
 flipped, normalised, argmax.
 
     python -m protocol.background_diag --weights demo_out/seed0/refine_none/bao/bao/bao_9epochs_modelt.pth \\
@@ -23,10 +23,10 @@ from core.fileio import atomic_write
 from data.classes import ClassSet
 from data.labels import read_list
 from tool.background import BACKGROUNDS, WithBackground
-from tool.device import amp_dtype, resolve_device
-from tool.metrics import scores
+from core.device import amp_dtype, resolve_device
+from scoring.metrics import scores
 from tool.predict import load_model
-from tool.validation import PseudoLabelValidation
+from scoring.validation import PseudoLabelValidation
 
 
 def get_args_parser() -> argparse.ArgumentParser:

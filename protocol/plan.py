@@ -18,7 +18,7 @@ from core.errors import UserError
 from core.fileio import atomic_path
 from data.labels import read_list
 from data.layout import REPO_ROOT
-from tool.crf import resolve_backend
+from crf.params import resolve_backend
 
 
 STAGES = ("transcam", "bao", "pseudo_score", "eval_score", "cnn_score", "overlays", "pseudo_seg", "seg_train",

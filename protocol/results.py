@@ -9,7 +9,7 @@ from pathlib import Path
 from core.fileio import atomic_path
 from protocol import rows
 from protocol.plan import Plan, cams_name
-from tool.crf import resolve_backend
+from crf.params import resolve_backend
 
 
 def collect(plan: Plan) -> dict:

@@ -17,7 +17,7 @@ from data.camio import load_cams
 from data.labels import ImageLabels, read_list
 from network.conformer_CAM import Net_tiny
 from tests.helpers import assert_refused, call_main, run_cli
-from tool.device import autocast
+from core.device import autocast
 from tool.teacher import make_teacher
 from tool.training import bao_losses, transcam_losses
 

@@ -1,5 +1,5 @@
 """Multi-scale aggregation, normalisation, pseudo-labels (tool/cam.py), the batched
-predictor (tool/predict.py) and the dense CRF (tool/crf.py)."""
+predictor (tool/predict.py) and the dense CRF (crf/refine.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,7 @@ from network.conformer import ConformerOutput
 from network.conformer_CAM import Net_tiny
 from tests.helpers import assert_labels_agree_where_clear, assert_maps_close
 from tool.cam import NORM_EPS, fold_views, normalize_maps, present_keys, pseudo_labels
-from tool.crf import crf_refine_labels
+from crf.refine import crf_refine_labels
 from tool.predict import MultiScalePredictor
 
 

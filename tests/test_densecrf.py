@@ -1,5 +1,5 @@
-"""tool/densecrf.py: the permutohedral lattice against an exact Gaussian filter, the torch CRF
-against pydensecrf2, and tool/crf.py's backend switch."""
+"""crf/densecrf.py: the permutohedral lattice against an exact Gaussian filter, the torch CRF
+against pydensecrf2, and crf/params.py's backend switch (crf/refine.py runs it)."""
 from __future__ import annotations
 
 import importlib
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from core.errors import UserError
-from tool import crf, densecrf
-from tool.crf import CRFParams
+from crf import densecrf, params, refine
+from crf.params import CRFParams
 
 # pydensecrf2 is optional (requirements-crf.txt): the comparisons with it skip where it is not installed.
 NO_PYDENSECRF = "compares with pydensecrf2 (optional, requirements-crf.txt), which is not installed"
@@ -87,11 +87,11 @@ def test_label_map_crf_agrees_with_pydensecrf():
     image, labels = _image(45, 61, 2), _noisy_labels(45, 61, 21, 3)
     unary = utils.unary_from_labels(labels.astype(np.int64), 21, gt_prob=0.7, zero_unsure=False)
     np.testing.assert_allclose(densecrf.label_unary(labels, 21, 0.7).T, unary, rtol=1e-6)
-    ref = _pydensecrf_marginals(image, unary, (crf.GAUSSIAN_SXY, crf.GAUSSIAN_COMPAT),
-                                (crf.BILATERAL_SXY, crf.BILATERAL_SRGB, crf.BILATERAL_COMPAT), crf.ITERATIONS)
+    ref = _pydensecrf_marginals(image, unary, (params.GAUSSIAN_SXY, params.GAUSSIAN_COMPAT),
+                                (params.BILATERAL_SXY, params.BILATERAL_SRGB, params.BILATERAL_COMPAT), params.ITERATIONS)
     q = densecrf.mean_field([image], torch.from_numpy(densecrf.label_unary(labels, 21, 0.7)),
-                            (crf.GAUSSIAN_SXY, crf.GAUSSIAN_COMPAT),
-                            (crf.BILATERAL_SXY, crf.BILATERAL_SRGB, crf.BILATERAL_COMPAT), crf.ITERATIONS)
+                            (params.GAUSSIAN_SXY, params.GAUSSIAN_COMPAT),
+                            (params.BILATERAL_SXY, params.BILATERAL_SRGB, params.BILATERAL_COMPAT), params.ITERATIONS)
     q = q.numpy().T.reshape(ref.shape)
     assert np.abs(q - ref).max() < 1e-4  # measured 3e-6: float summation order only
     refined = densecrf.crf_refine_labels(image, labels, 21)
@@ -111,9 +111,9 @@ def test_probability_crf_agrees_with_pydensecrf():
     assert q.shape == probs.shape and q.dtype == np.float32
     assert np.abs(q - ref).max() < 1e-4
     assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.995
-    # Through tool/crf.py's switch, both backends.
-    np.testing.assert_allclose(crf.crf_refine_probs(image, probs, params, backend="torch"), q, atol=0, rtol=0)
-    np.testing.assert_allclose(crf.crf_refine_probs(image, probs, params, backend="pydensecrf"), ref, atol=0, rtol=0)
+    # Through crf/refine.py's switch, both backends.
+    np.testing.assert_allclose(refine.crf_refine_probs(image, probs, params, backend="torch"), q, atol=0, rtol=0)
+    np.testing.assert_allclose(refine.crf_refine_probs(image, probs, params, backend="pydensecrf"), ref, atol=0, rtol=0)
 
 
 def test_batch_of_different_sizes_equals_one_by_one():
@@ -140,14 +140,14 @@ def no_pydensecrf(monkeypatch):
 
 
 def test_auto_backend_without_pydensecrf_uses_torch(no_pydensecrf, monkeypatch):
-    assert not crf.pydensecrf_installed()
-    assert crf.resolve_backend("auto") == "torch"
-    assert crf.resolve_backend("torch") == "torch"
-    # tool/crf.py imports without it, and refines with torch. The fresh import also rebinds the
-    # package attribute tool.crf: restore it too, or later tests patch one module and run another.
-    monkeypatch.setattr(sys.modules["tool"], "crf", crf)
-    monkeypatch.delitem(sys.modules, "tool.crf")
-    fresh = importlib.import_module("tool.crf")
+    assert not params.pydensecrf_installed()
+    assert params.resolve_backend("auto") == "torch"
+    assert params.resolve_backend("torch") == "torch"
+    # crf/refine.py imports without it, and refines with torch. The fresh import also rebinds the
+    # package attribute crf.refine: restore it too, or later tests patch one module and run another.
+    monkeypatch.setattr(sys.modules["crf"], "refine", refine)
+    monkeypatch.delitem(sys.modules, "crf.refine")
+    fresh = importlib.import_module("crf.refine")
     image, labels = _image(12, 16, 10), _noisy_labels(12, 16, 4, 11)
     np.testing.assert_array_equal(fresh.crf_refine_labels(image, labels, 4),
                                   densecrf.crf_refine_labels(image, labels, 4))
@@ -155,16 +155,16 @@ def test_auto_backend_without_pydensecrf_uses_torch(no_pydensecrf, monkeypatch):
 
 def test_pydensecrf_backend_without_it_is_one_user_error(no_pydensecrf):
     with pytest.raises(UserError) as err:
-        crf.resolve_backend("pydensecrf")
+        params.resolve_backend("pydensecrf")
     message = str(err.value)
     assert "\n" not in message
     assert "pip install pydensecrf2" in message and "--crf_backend torch" in message
     with pytest.raises(UserError):
-        crf.crf_refine_labels(_image(8, 8, 12), np.zeros((8, 8), np.uint8), 3, backend="pydensecrf")
+        refine.crf_refine_labels(_image(8, 8, 12), np.zeros((8, 8), np.uint8), 3, backend="pydensecrf")
     with pytest.raises(ValueError):
-        crf.resolve_backend("gpu")
+        params.resolve_backend("gpu")
 
 
 def test_auto_backend_with_pydensecrf_is_pydensecrf():
     pytest.importorskip("pydensecrf.densecrf", reason=NO_PYDENSECRF)
-    assert crf.resolve_backend("auto") == "pydensecrf"
+    assert params.resolve_backend("auto") == "pydensecrf"

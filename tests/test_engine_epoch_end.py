@@ -1,4 +1,4 @@
-"""tool/engine.py's loop resumed at positions its sampler cannot reach: an error or a clean end of
+"""engine/loop.py's loop resumed at positions its sampler cannot reach: an error or a clean end of
 the epoch, never a loop that restarts the same epoch forever (each run has a deadline); and its
 refusal of a non-finite loss, which leaves the weights as the last step left them."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from torch.utils.data import DistributedSampler, default_collate
 
 from core.errors import UserError
 from tests.helpers import deadline
-from tool.device import Runtime
-from tool.engine import Engine, Task
-from tool.runtime import ResumableSampler, load_checkpoint, make_loader
-from tool.train_log import RunLog
+from core.device import Runtime
+from engine.loop import Engine, Task
+from engine.resume import ResumableSampler, load_checkpoint, make_loader
+from engine.log import RunLog
 
 CPU = Runtime(device=torch.device("cpu"))
 DATA = [{"x": torch.full((2,), float(i)), "y": torch.tensor(float(i % 3))} for i in range(12)]  # 3 steps of 4

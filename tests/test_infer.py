@@ -74,7 +74,7 @@ def torch_crf_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
 
 def test_torch_crf_backend_agrees_with_pydensecrf(bao_run, torch_crf_run, voc_root):
     """bao_run's CRF is pydensecrf2's (auto, where it is installed): the torch CRF gives the same
-    label on >= 99.5% of the pixels (tool/densecrf.py; they differ only where marginals tie)."""
+    label on >= 99.5% of the pixels (crf/densecrf.py; they differ only where marginals tie)."""
     pytest.importorskip("pydensecrf.densecrf", reason="compares with pydensecrf2, which is not installed")
     equal = total = 0
     for name in read_list(voc_root / "ImageSets/Segmentation/train.txt"):
@@ -97,7 +97,7 @@ def _hide_pydensecrf(tmp_path: Path) -> dict[str, str]:
 def test_without_pydensecrf_auto_runs_the_torch_crf_and_pydensecrf_is_refused(torch_crf_run, voc_root,
                                                                                tiny_bao_weights, tmp_path):
     env = _hide_pydensecrf(tmp_path)
-    probe = run_cli("-c", "from tool.crf import pydensecrf_installed, resolve_backend; "
+    probe = run_cli("-c", "from crf.params import pydensecrf_installed, resolve_backend; "
                           "print(pydensecrf_installed(), resolve_backend('auto'))", env=env)
     assert probe.returncode == 0 and probe.stdout.split() == ["False", "torch"], probe.stderr
     out = tmp_path / "crf"
@@ -339,7 +339,7 @@ def test_background_diagnostic_scores_the_published_labels_as_written(bao_run, v
     from data.classes import ClassSet
     from data.datasets import read_mask
     from data.layout import load_dataset
-    from tool.metrics import confusion, scores
+    from scoring.metrics import confusion, scores
 
     spec = load_dataset("voc", voc_root, label_file=voc_root / "cls_labels.json")
     names = read_list(voc_root / "ImageSets/Segmentation/train.txt")

@@ -24,7 +24,7 @@ from data.transforms import resized_scales
 from network.conformer import ConformerOutput
 from tests.helpers import ROOT, assert_refused, call_main
 from tool.cam import pseudo_labels
-from tool.device import configure_math
+from core.device import configure_math
 from tool.predict import MultiScalePredictor, to_host
 
 CPU = torch.device("cpu")

@@ -11,11 +11,9 @@ from data.classes import COCO, COCO_RAW, COCO_UNUSED_IDS, VOC, ClassSet, generic
 from tool.cam import pseudo_labels
 from data.camio import load_cams, save_cams
 from core.errors import UserError
-from tool.evaluate import evaluate_cams, evaluate_labels
-from tool.metrics import (
-    _count_below, argmax_labels, check_ids, confusion, confusions_from_bins, scores,
-    format_table, scores_to_json, sweep_bins, sweep_confusions, threshold_range,
-)
+from scoring.evaluate import evaluate_cams, evaluate_labels
+from scoring.metrics import (_count_below, argmax_labels, check_ids, confusion, confusions_from_bins, scores,
+                             format_table, scores_to_json, sweep_bins, sweep_confusions, threshold_range)
 from core.palette import save_label_png
 
 # Hand-made 2x4 masks with 3 classes; 255 in the ground truth is ignored.

@@ -15,7 +15,7 @@ from data.classes import COCO_CLASSES
 from data.labels import read_list
 from protocol import demo, pipeline, rows
 from tests.helpers import ROOT, assert_refused, call_main, run_cli
-from tool.crf import resolve_backend
+from crf.params import resolve_backend
 
 TINY_TRAIN = ["--arch", "tiny", "--max_epoches", "1", "--crop_size", "64", "--resize_long", "48", "80",
               "--batch_size", "4", "--num_workers", "0"]
@@ -132,7 +132,7 @@ def test_crf_backend_command_reaches_only_the_stages_that_run_a_crf(tmp_path, mo
                     with_flag.append((stage, cmd[0]))
         expected = [("seg_val", "infer_seg.py"), ("seg_upper", "infer_seg.py"), ("seg_test", "infer_seg.py")]
         assert with_flag == ([] if backend == "auto" else expected), backend
-    monkeypatch.setattr("tool.crf.pydensecrf_installed", lambda: False)
+    monkeypatch.setattr("crf.params.pydensecrf_installed", lambda: False)
     run_dir = tmp_path / "refused"
     args = pipeline.get_args_parser().parse_args(["--run_dir", str(run_dir), *base, "--crf_backend", "pydensecrf"])
     with pytest.raises(UserError, match="pip install pydensecrf2.*--crf_backend torch"):

@@ -17,7 +17,7 @@ from core.palette import read_label_png, save_label_png
 from data.camio import load_cams, save_cams
 from tests.helpers import ROOT, call_main, run_cli
 from tool.cam import pseudo_labels
-from tool.metrics import threshold_labels
+from scoring.metrics import threshold_labels
 
 PUBLISHED_SWEEP = [i / 100 for i in range(30, 70)]  # --start 30 --end 70: t = 0.30 .. 0.69
 

@@ -21,7 +21,7 @@ from data.transforms import scaled_input
 from network.deeplab import (ASPP_V2_DILATIONS, build_segmentation_model, head_and_backbone_parameters,
                              load_backbone_weights, load_segmentation_weights)
 from tests.helpers import assert_refused, call_main, run_cli
-from tool.runtime import state_digest
+from engine.resume import state_digest
 from tool.segmentation import (VOC_SERVER_DIR, argmax_labels, batch_probs, multiscale_probs, poly_lr,
                                segmentation_loss, set_poly_lr)
 

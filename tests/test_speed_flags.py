@@ -9,7 +9,7 @@ import torch
 
 from core.errors import UserError
 from tests.helpers import call_main
-from tool.device import COMPILE_MODES, compile_model, configure_math
+from core.device import COMPILE_MODES, compile_model, configure_math
 
 SCRIPTS = ("train_bao", "train_seg", "infer_bao", "infer_seg", "visual_bao")
 

@@ -26,8 +26,8 @@ from data.labels import ImageLabels, read_list
 from data.layout import DatasetLayout
 from data.transforms import TrainAugment
 from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, deadline, run_cli
-from tool.device import Runtime
-from tool.runtime import ResumableSampler, make_loader, release_workers, state_digest
+from core.device import Runtime
+from engine.resume import ResumableSampler, make_loader, release_workers, state_digest
 
 
 def _args(voc_root: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -78,7 +78,7 @@ def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes)
         [1 - 0.0005 * (math.cos(math.pi * i / 3) + 1) / 2 for i in range(3)])
     log = (full_run / "log.txt").read_text()
     assert "4 missing, kept at initialisation" in log  # the LoadReport of the TransCAM weights
-    assert "float32 math: the CPU's (no TF32)" in log  # tool.device.configure_math's line
+    assert "float32 math: the CPU's (no TF32)" in log  # core.device.configure_math's line
 
     # The plain files are published-layout BAO weights; teacher and student differ after EMA.
     for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):

@@ -1,1 +1,1 @@
-"""The method: losses, teacher, multi-scale CAMs and pseudo-labels, metrics, CRF, overlays, devices, and the training engine."""
+"""The method: losses, teacher, multi-scale CAMs and pseudo-labels, the training losses of one batch, the segmentation stage's loss and inference, and overlays."""

@@ -7,7 +7,7 @@ ones are represented by the lowest absent class id with the score -1, the only o
 an argmax with ties going to the lower id can pick.
 
 Written once for numpy arrays and torch tensors alike: ``tool.cam`` (torch, inference) and
-``tool.metrics`` (numpy, evaluation of CAM files, which must not need torch) both use it.
+``scoring.metrics`` (numpy, evaluation of CAM files, which must not need torch) both use it.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from data.transforms import normalized_views
 from network.checkpoint import LoadReport, load_weights
 from network.factory import build_network
 from tool.cam import fold_views, normalize_maps, present_keys, pseudo_labels
-from tool.device import autocast
+from core.device import autocast
 
 # The maps inference can make: BAO (learned background + TransCAM foreground), TransCAM CAMs,
 # and the CNN CAMs before attention refinement (an ablation).

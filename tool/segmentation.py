@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from core.fileio import atomic_path
 from core.palette import IGNORE_INDEX, save_label_png
 from data.transforms import scaled_input
-from tool.crf import CRFParams, crf_refine_probs, limit_torch_threads
-from tool.device import autocast
+from crf.params import CRFParams
+from crf.refine import crf_refine_probs, limit_torch_threads
+from core.device import autocast
 
 DEFAULT_SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # Where the VOC evaluation server expects the test-set PNGs of competition 6 (segmentation,
@@ -148,8 +149,8 @@ def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: d
         probs: (C, H, W) float class probabilities at the image's size.
         outputs: "pred" (argmax), "crf" (argmax after the dense CRF) and/or "server" -> folder.
         server_labels: "pred" or "crf", the labels the "server" folder receives.
-        crf, backend, device: the CRF's terms, backend and device (:func:`tool.crf.crf_refine_probs`).
-        threads: torch CPU threads of the CRF in a worker process (:func:`tool.crf.limit_torch_threads`).
+        crf, backend, device: the CRF's terms, backend and device (:func:`crf.refine.crf_refine_probs`).
+        threads: torch CPU threads of the CRF in a worker process (:func:`crf.refine.limit_torch_threads`).
     """
     labels = {}
     if "pred" in outputs or ("server" in outputs and server_labels == "pred"):

@@ -1,5 +1,5 @@
 """The losses of one training batch for each stage of the method: BAO (teacher-student) and
-TransCAM (classification only). The loop that drives them is :mod:`tool.engine`; the loss
+TransCAM (classification only). The loop that drives them is :mod:`engine.loop`; the loss
 functions themselves are in :mod:`tool.losses`, the teacher update in :mod:`tool.teacher`.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn as nn
 from core.errors import UserError
 from data.labels import ImageLabels
 from network.checkpoint import BAO_HEADS
-from tool.device import autocast
+from core.device import autocast
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
 
 STAGES = ("bao", "transcam")  # the trainable stages; each has its loss function below

@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion matrices, IoU scores, the one-pass threshold sweep, labels
 of CAM files (threshold-free argmax, one background score) and the result tables; the
-evaluation of whole folders is :mod:`tool.evaluate`.
+evaluation of whole folders is :mod:`scoring.evaluate`.
 
 Conventions: a confusion matrix ``conf`` is int64 (C, C) with rows = ground-truth class and
 columns = predicted class. Ground-truth 255 is ignored. The classes are a

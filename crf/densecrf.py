@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tool.crf import (BILATERAL_COMPAT, BILATERAL_SRGB, BILATERAL_SXY, GAUSSIAN_COMPAT, GAUSSIAN_SXY, GT_PROB,
-                      ITERATIONS, CRFParams, check_label_inputs, check_prob_inputs)
+from crf.params import (BILATERAL_COMPAT, BILATERAL_SRGB, BILATERAL_SXY, GAUSSIAN_COMPAT, GAUSSIAN_SXY, GT_PROB,
+                        ITERATIONS, CRFParams, check_label_inputs, check_prob_inputs)
 
 # pydensecrf's SSE lattice builder runs over pixels four at a time and also inserts the lattice
 # points of the zero feature vectors that pad the last group of four (they are never splatted
@@ -329,7 +329,7 @@ def crf_label_marginals_batch(images: Sequence[np.ndarray], labels: Sequence[np.
                               gt_prob: float = GT_PROB, iterations: int = ITERATIONS,
                               device: str | torch.device = "cpu",
                               pixels_per_call: int | None = None) -> list[np.ndarray]:
-    """Marginals of the label-map CRF (tool.crf's) of several images, up to ``pixels_per_call``
+    """Marginals of the label-map CRF (crf.refine's) of several images, up to ``pixels_per_call``
     pixels per lattice (None: :func:`default_pixels_per_call`'s default for ``device``).
 
     Args:
@@ -397,7 +397,7 @@ def crf_refine_probs_batch(images: Sequence[np.ndarray], probs: Sequence[np.ndar
 
 def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_prob: float = GT_PROB,
                       iterations: int = ITERATIONS, device: str | torch.device = "cpu") -> np.ndarray:
-    """Refine a label map with the dense CRF (tool.crf's label-map CRF, in torch).
+    """Refine a label map with the dense CRF (crf.refine's label-map CRF, in torch).
 
     Args:
         image: (H, W, 3) uint8 RGB original image.
@@ -414,7 +414,7 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_p
 
 def crf_refine_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(),
                      device: str | torch.device = "cpu") -> np.ndarray:
-    """Refine class probabilities with the dense CRF (tool.crf's probability CRF, in torch).
+    """Refine class probabilities with the dense CRF (crf.refine's probability CRF, in torch).
 
     Args:
         image: (H, W, 3) uint8 RGB original image.

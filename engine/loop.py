@@ -5,7 +5,7 @@ A script builds its model, data and optimizer, then hands the engine a *step fun
 The engine owns what every training run needs and what is easy to get wrong:
 
 - the loop over epochs and steps, with a sampler that resumes mid-epoch on exactly the
-  batches an uninterrupted run would have seen next (:class:`tool.runtime.ResumableSampler`);
+  batches an uninterrupted run would have seen next (:class:`engine.resume.ResumableSampler`);
 - DistributedDataParallel when launched by ``torchrun`` (losses averaged over ranks,
   buffers broadcast from rank 0, a final check that every rank holds the same weights);
 - mixed precision (a gradient scaler for fp16);
@@ -14,11 +14,11 @@ The engine owns what every training run needs and what is easy to get wrong:
   out-of-memory message, each saying how to continue (:class:`Hints`);
 - one resumable checkpoint (modules, optimizer, scaler, position, random state of every
   rank), written atomically at every epoch end and at every stop;
-- logging: text, JSON lines, TensorBoard and a tqdm bar (:class:`tool.train_log.RunLog`).
+- logging: text, JSON lines, TensorBoard and a tqdm bar (:class:`engine.log.RunLog`).
 
 The sampler, the random state, the checkpoint and weight files and the collectives it uses
-live in :mod:`tool.runtime`; what a training script does around the loop (the run directory,
-resume checks, messages) in :mod:`tool.trainrun`.
+live in :mod:`engine.resume`; what a training script does around the loop (the run directory,
+resume checks, messages) in :mod:`engine.trainrun`.
 
 The engine speaks of no flag and no dataset: what a message should advise comes from the
 script, in :class:`Hints`.
@@ -41,10 +41,10 @@ from tqdm import tqdm
 
 from core.errors import UserError, record_stop_signal
 from data.datasets import raise_batch_error
-from tool.device import Runtime, barrier
-from tool.runtime import (broadcast_buffers, cpu_state, gather_objects, release_workers, rng_state, save_checkpoint,
-                          seed_everything, set_rng_state, state_digest)
-from tool.train_log import RunLog
+from core.device import Runtime, barrier
+from engine.resume import (broadcast_buffers, cpu_state, gather_objects, release_workers, rng_state, save_checkpoint,
+                           seed_everything, set_rng_state, state_digest)
+from engine.log import RunLog
 
 FAULTS = ("nan", "oom")
 
@@ -150,7 +150,7 @@ class Engine:
         run_dir: the run directory (``checkpoint.pth`` lives there).
         log: the run's log (disabled on ranks other than 0).
         loader: the training batches, drawn by ``sampler``.
-        sampler: the :class:`tool.runtime.ResumableSampler` of ``loader``.
+        sampler: the :class:`engine.resume.ResumableSampler` of ``loader``.
         global_batch: images per step over all ranks (for throughput).
         max_epochs: epochs of the run.
         max_steps: stop after this many steps in total (a resumable stop), or None.
@@ -188,7 +188,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- resume
     def restore(self, checkpoint: dict[str, Any], source: str, seed: int) -> None:
-        """Continue from a checkpoint of :meth:`save_checkpoint` (read with :func:`tool.runtime.load_checkpoint`);
+        """Continue from a checkpoint of :meth:`save_checkpoint` (read with :func:`engine.resume.load_checkpoint`);
         ``seed`` reseeds the ranks when the checkpoint was written by another number of processes."""
         for name, module in self.task.modules.items():
             module.load_state_dict(checkpoint[name])

@@ -37,11 +37,11 @@ from core.fileio import atomic_write
 from core.runlock import RunLock, refuse_if_locked
 from data.layout import REPO_ROOT
 from network.checkpoint import require_file
-from tool.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
+from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
                          setup_distributed)
-from tool.engine import Engine, Hints, Position, Task, parse_fault
-from tool.runtime import ResumableSampler, load_checkpoint, make_loader, seed_everything
-from tool.train_log import RunLog
+from engine.loop import Engine, Hints, Position, Task, parse_fault
+from engine.resume import ResumableSampler, load_checkpoint, make_loader, seed_everything
+from engine.log import RunLog
 
 RESUME_HINT = "continue with the same command and --resume auto"
 DEFAULT_TRAIN_LISTS = {"voc": REPO_ROOT / "voc12" / "train_aug.txt", "coco": REPO_ROOT / "coco14" / "train.txt"}
@@ -208,7 +208,7 @@ class TrainingRun:
 
     run_defining: tuple[str, ...] = ()
     adjustable: tuple[str, ...] = ()
-    # Scored every --val_every epochs (a tool.validation.PseudoLabelValidation), or None.
+    # Scored every --val_every epochs (a scoring.validation.PseudoLabelValidation), or None.
     validation = None
 
     def __init__(self, args: argparse.Namespace, rt: Runtime):
@@ -342,7 +342,7 @@ class TrainingRun:
 def run_training(build, args: argparse.Namespace) -> None:
     """Run a training script's ``build(args, runtime).run()`` under ``torchrun`` or alone.
 
-    ``build`` returns an object with ``run()``, ``log`` (:class:`tool.train_log.RunLog`) and
+    ``build`` returns an object with ``run()``, ``log`` (:class:`engine.log.RunLog`) and
     ``engine`` (a :class:`TrainingRun`); a user error during training is recorded in the run's
     log before it ends the script, and the log is closed and the process group left whatever
     happens. The run directory is locked (:class:`core.runlock.RunLock`) for the whole run.

@@ -8,7 +8,7 @@
   constants they write and check) and the plain weight files (:func:`save_weights`, :func:`cpu_state`);
 - the ranks of a ``torchrun``: :func:`broadcast_buffers`, :func:`gather_objects`, :func:`state_digest`.
 
-The loop that uses them is :mod:`tool.engine`.
+The loop that uses them is :mod:`engine.loop`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from core.errors import UserError, quiet_loader_worker
 from core.fileio import atomic_path
 from data.datasets import CollateOrError, ErrorsAsItems
 from network.checkpoint import safe_load
-from tool.device import Runtime
+from core.device import Runtime
 
 CHECKPOINT_FORMAT = "bao-train-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -5,7 +5,7 @@
   inference writes, at the given scales (each with its flip).
 - TransCAM (``method="transcam"``): its CAMs have no background map, so no threshold-free
   rule exists for them. They are scored at the best background score of the default sweep
-  (:data:`tool.metrics.DEFAULT_SWEEP`), which chooses t with the masks, as the evaluation of
+  (:data:`scoring.metrics.DEFAULT_SWEEP`), which chooses t with the masks, as the evaluation of
   TransCAM CAMs does; the mIoU and that t are reported.
 
 The model runs in eval mode (no drop-path, running batch-norm statistics: the maps inference
@@ -30,7 +30,7 @@ from data.datasets import InferenceDataset, read_mask
 from data.labels import ImageLabels
 from data.layout import DatasetLayout
 from tool.cam import pseudo_labels
-from tool.metrics import DEFAULT_SWEEP, confusion, confusions_from_bins, scores, sweep_bins, threshold_range
+from scoring.metrics import DEFAULT_SWEEP, confusion, confusions_from_bins, scores, sweep_bins, threshold_range
 from tool.predict import DEFAULT_FORWARD_PIXELS, MultiScalePredictor, iterate_batches
 
 RULES = {"bao": "threshold-free", "transcam": "best background score"}

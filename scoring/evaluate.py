@@ -1,13 +1,13 @@
 """Evaluation of folders of label maps or CAM files against ground truth, and the labels of
 CAM files at one background score, on :mod:`core.workers`' process pool.
 
-The counts come from :mod:`tool.metrics` (confusion matrices, the one-pass threshold sweep);
+The counts come from :mod:`scoring.metrics` (confusion matrices, the one-pass threshold sweep);
 each worker reads a chunk of the listed files and returns its summed counts, so only small
 arrays travel between processes. Errors a user can cause raise :class:`UserError` with an
-``about`` of :data:`tool.metrics.ABOUT`.
+``about`` of :data:`scoring.metrics.ABOUT`.
 
 At one background score, :func:`write_threshold_labels` also writes those labels as PNGs
-(optionally refined by the dense CRF of :mod:`tool.crf`): the published way of making
+(optionally refined by the dense CRF of :mod:`crf.refine`): the published way of making
 threshold-based pseudo-labels from CAM files.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from core.workers import TaskPool, default_workers
 from data.camio import CAM_SUFFIX, load_cams
 from data.classes import ClassSet
 from data.images import read_image
-from tool.metrics import (argmax_labels, check_ids, check_thresholds, confusion, confusions_from_bins, shape_text,
-                          sweep_bins, threshold_labels)
+from scoring.metrics import (argmax_labels, check_ids, check_thresholds, confusion, confusions_from_bins, shape_text,
+                             sweep_bins, threshold_labels)
 
 IMAGE_SUFFIX = ".jpg"  # images read for the CRF: <image folder>/<name>.jpg, as published
 
@@ -187,7 +187,7 @@ class _LabelJob:
     label_dir: str | None  # the thresholded labels; None: not written
     image_dir: str | None  # images for the CRF; None: no CRF
     crf_dir: str | None  # the CRF-refined labels; None: not written (but scored)
-    crf_backend: str = "auto"  # tool.crf.BACKENDS; the torch CRF runs on the CPU
+    crf_backend: str = "auto"  # crf.params.BACKENDS; the torch CRF runs on the CPU
     crf_threads: int | None = None  # torch threads of a worker process (None: unchanged)
 
 
@@ -197,7 +197,7 @@ def _label_chunk(args: tuple[_LabelJob, list[str]]) -> tuple[np.ndarray | None, 
     c = job.classes.num_classes
     crf_conf = None
     if job.image_dir is not None:
-        from tool.crf import crf_refine_labels, limit_torch_threads  # pydensecrf is imported only where the CRF runs
+        from crf.refine import crf_refine_labels, limit_torch_threads  # pydensecrf is imported only where the CRF runs
 
         limit_torch_threads(job.crf_backend, job.crf_threads)
         crf_conf = np.zeros((c, c), np.int64)
@@ -233,10 +233,10 @@ def write_threshold_labels(names: Sequence[str], cam_dir: str | os.PathLike, gt_
 
     Each label map (:func:`threshold_labels`) goes to ``<label_dir>/<name>.png`` (palette PNG,
     atomically) unless ``label_dir`` is None. With ``image_dir``, the label map is also refined
-    by the dense CRF (:mod:`tool.crf`, the class count of ``classes``) on the image
+    by the dense CRF (:mod:`crf.refine`, the class count of ``classes``) on the image
     ``<image_dir>/<name>.jpg``, written to ``<crf_dir>/<name>.png`` unless ``crf_dir`` is None,
     and scored against ``<gt_dir>/<name>.png``: returns that confusion matrix (C, C), else None.
-    ``crf_backend``: one of :data:`tool.crf.BACKENDS`; the torch CRF runs on the CPU, with one
+    ``crf_backend``: one of :data:`crf.params.BACKENDS`; the torch CRF runs on the CPU, with one
     thread in each worker process.
     Every listed file is checked to exist before any is written.
     """

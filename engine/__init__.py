@@ -1,0 +1,1 @@
+"""Run plumbing of the training scripts: the resumable loop and its step (loop), a training run's life around it (trainrun), data order, random state and checkpoints (resume), and the run's logs (log)."""

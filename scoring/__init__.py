@@ -1,0 +1,1 @@
+"""Scoring: confusion matrices, IoU and the threshold sweep (metrics), folders of label maps and CAM files scored on a worker pool (evaluate), and pseudo-labels scored during training (validation)."""
