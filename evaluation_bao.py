@@ -28,38 +28,32 @@ line to the log file, and optionally writes JSON and a plot of the sweep.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from apps.cli import (FLAG_HINTS, DefaultsHelpFormatter, add_crf_backend_arg, add_label_file_arg, add_voc_root_arg,
-                      crf_backend_from_args, int_at_least, non_negative_int, parse_bool, run_cli, voc_layout_from_args,
-                      worker_count)
+from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_label_file_arg, add_voc_root_arg,
+                      crf_backend_from_args, int_at_least, non_negative_int, parse_bool, run_cli, worker_count)
+from apps.evaluation import (PUBLISHED_END, PUBLISHED_START, background_scores, gt_dir_from_args,
+                             image_dir_from_args, resolve_classes, with_flag_hint)
 from core.errors import UserError
-from core.fileio import atomic_path, prepare_output_dir
+from core.fileio import prepare_output_dir
 from core.workers import default_workers
-from data.classes import (COCO, COCO_CONVENTIONS, COCO_RAW, CONVENTION_FILE, DATASET_CLASSES, MAX_CLASSES,
-                          ClassSet, ClassSetConflict, from_foreground, read_mask_convention, resolve_class_set)
-from data.labels import ImageLabels, read_list
+from data.classes import COCO, COCO_CONVENTIONS, COCO_RAW, DATASET_CLASSES, MAX_CLASSES, ClassSet
+from data.labels import read_list
 from data.layout import DEFAULT_INFER_LISTS
 from scoring.evaluate import IMAGE_SUFFIX, evaluate_cams, evaluate_labels, write_threshold_labels
-from scoring.metrics import DEFAULT_SWEEP, format_table, scores, scores_to_json, threshold_range
+from scoring.metrics import DEFAULT_SWEEP, format_table, scores, scores_to_json
+from scoring.report import append_log, write_report
+from scoring.sweep import best_threshold, plot_sweep, sweep_json, sweep_table
 
 # The images evaluated by default: those infer_bao.py makes pseudo-labels for by default (VOC).
 DEFAULT_LIST = DEFAULT_INFER_LISTS["voc"]
-# The published sweep --start/--end (percent, end excluded): t = 0.30 .. 0.69.
-PUBLISHED_START, PUBLISHED_END = 30, 70
 # The published --cam-type: its default names the maps; "coco" chose the COCO variant.
 CAM_TYPES = ("cam", "coco")
 # --out-crf without a folder (the published switch): the refined labels go to --out-dir.
 CRF_INTO_OUT_DIR = "<--out-dir>"
-CONVENTIONS_TEXT = (
-    "COCO masks come in two conventions: contiguous ids (0 background, 1..80 in sorted category-id order; "
-    "81 classes) and raw category ids (0 background, 1..90, the ten unused ids skipped; 91 classes)"
-)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -166,12 +160,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gt_dir(args: argparse.Namespace) -> Path:
-    if args.gt_dir:
-        return Path(args.gt_dir)
-    return voc_layout_from_args(args, hint=", or give the mask folder as --gt_dir").mask_folder()
-
-
 def check_args(args: argparse.Namespace) -> bool:
     """Validate flag combinations and settle them; return True for CAM (npy/npz) evaluation.
 
@@ -211,132 +199,18 @@ def check_args(args: argparse.Namespace) -> bool:
     return cams
 
 
-def background_scores(args: argparse.Namespace) -> np.ndarray:
-    """The background scores (T,) float32, ascending, that ``--type npy`` evaluates.
-
-    ``--t``: that one score. Otherwise a sweep: ``--start``/``--end`` (t = i / 100 for i in
-    range(start, end), end excluded, a missing one at its published default), else
-    ``--t_range`` (stop included), else :data:`DEFAULT_SWEEP`. An explicit ``--curve`` decides
-    between the two as published, the flags of the other mode being ignored with a note;
-    without it, giving both is refused.
-    """
-    percents = args.start is not None or args.end is not None
-    sweep_flags = [flag for flag, given in (("--t_range", args.t_range is not None), ("--start/--end", percents))
-                   if given]
-    if args.curve is True and args.t is not None:
-        print(f"note: --curve true sweeps background scores; --t {args.t:g} is ignored, as published")
-        args.t = None
-    elif args.curve is False:
-        if args.t is None:
-            raise UserError("--curve false evaluates a single background score: give it as --t (or drop --curve "
-                            "to sweep)")
-        if sweep_flags:
-            print(f"note: --curve false evaluates --t {args.t:g} alone; {' and '.join(sweep_flags)} ignored, as "
-                  "published")
-            sweep_flags, percents, args.t_range = [], False, None
-    if args.t is not None:
-        if sweep_flags:
-            raise UserError(f"give either --t or {sweep_flags[0]}, not both (or --curve true / false to choose)")
-        if not 0.0 <= args.t <= 1.0:
-            raise UserError(f"--t {args.t:g}: a background score lies in 0..1 (the normalised maps lie below 1), "
-                            f"e.g. --t 0.44; --start/--end count in percent, --t does not")
-        return np.asarray([args.t], np.float32)
-    if not percents:
-        return threshold_range(*(args.t_range or DEFAULT_SWEEP))
-    if args.t_range is not None:
-        raise UserError("give either --start/--end (percent, end excluded) or --t_range, not both")
-    start = PUBLISHED_START if args.start is None else args.start
-    end = PUBLISHED_END if args.end is None else args.end
-    if start >= end:
-        raise UserError(f"--start {start} --end {end}: the sweep t = i/100 for i in range({start}, {end}) is "
-                        "empty; --end must exceed --start (it is excluded)")
-    return np.asarray([i / 100 for i in range(start, end)], np.float32)
-
-
-def resolve_classes(args: argparse.Namespace, gt_dir: Path) -> tuple[ClassSet, str]:
-    """The classes to evaluate with and where they come from (for messages); see the module docstring.
-
-    Raises :class:`UserError` when ``--num_classes``, ``--convention`` or ``--label_file``
-    contradicts the convention recorded beside the masks or given by ``--convention``,
-    ``--num_classes`` contradicts ``--label_file``, the dataset's label file or ``--dataset coco``.
-    """
-    record = read_mask_convention(gt_dir)
-    label = from_foreground(ImageLabels.load(args.label_file).classes) if args.label_file else None
-    # The dataset's own label file names its classes when its masks are the ones evaluated.
-    data_file = None if args.gt_dir else voc_layout_from_args(args).label_file()
-    data_label = from_foreground(ImageLabels.load(data_file).classes) if data_file and not label else None
-    try:
-        classes, source = resolve_class_set(record, args.convention, label, data_label, args.dataset,
-                                            args.num_classes)
-    except ClassSetConflict as err:
-        raise _conflict_message(err, args, gt_dir, record, label, data_file) from None
-    return classes, {
-        "mask_convention": str(gt_dir / CONVENTION_FILE),
-        "convention": f"--convention {args.convention}",
-        "label_file": f"--label_file {args.label_file}",
-        "dataset_label_file": f"{data_file}, the label file of the dataset root",
-        "dataset": f"--dataset {args.dataset}",
-        "count": f"--num_classes {args.num_classes} (generic class names)",
-    }[source]
-
-
-def _conflict_message(err: ClassSetConflict, args: argparse.Namespace, gt_dir: Path, record: dict | None,
-                      label: ClassSet | None, data_file: Path | None) -> UserError:
-    """The flags' terms of a contradiction between the sources of the class set."""
-    classes = err.classes
-    if err.source == "mask_convention":
-        where, convention = gt_dir / CONVENTION_FILE, record["convention"]
-        if err.given == "convention":
-            return UserError(f"--convention {args.convention} contradicts the ground truth: {where} says the "
-                             f"masks use the {convention!r} convention; drop --convention")
-        says = (f"the ground truth: {where} says the masks use the {convention!r} convention, evaluated with "
-                f"{classes.num_classes} classes")
-        names_from = "convention.json"
-    elif err.source == "convention":
-        names_from = f"--convention {args.convention}"
-        says = f"{names_from}, which means {classes.num_classes} classes"
-    if err.source in ("mask_convention", "convention"):
-        if err.given == "count":
-            return UserError(f"--num_classes {args.num_classes} contradicts {says}. {CONVENTIONS_TEXT}. Drop "
-                             "--num_classes, or evaluate against masks of the other convention (python -m "
-                             "coco14.prepare_coco --convention ... --mask_dir DIR, then --gt_dir DIR)")
-        return UserError(f"--label_file {args.label_file} names {label.num_classes} classes (background "
-                         f"included), which contradicts {says}. {CONVENTIONS_TEXT}; the label file holds "
-                         f"contiguous classes. Drop --label_file: the class names come from {names_from}")
-    if err.source == "label_file":
-        return UserError(f"--num_classes {args.num_classes} contradicts --label_file {args.label_file}, which has "
-                         f"{classes.num_classes - 1} foreground classes ({classes.num_classes} with background); "
-                         "drop one of the two flags")
-    if err.source == "dataset_label_file":
-        return UserError(f"--num_classes {args.num_classes} contradicts {data_file}, the label file of the dataset "
-                         f"root, which has {classes.num_classes - 1} foreground classes ({classes.num_classes} with "
-                         "background); drop --num_classes, or give the classes with --label_file")
-    return UserError(f"--num_classes {args.num_classes} contradicts --dataset coco, whose masks have "
-                     f"{classes.num_classes} classes unless --convention says otherwise. {CONVENTIONS_TEXT}: "
-                     "drop --num_classes, or add --convention raw for raw category ids")
-
-
-def _with_flag_hint(err: UserError, classes: ClassSet, origin: str) -> UserError:
-    """``err`` of the evaluation with what this script's flags can do about it (:data:`apps.cli.FLAG_HINTS`)."""
-    if err.about == "class_ids":
-        return UserError(f"{err} (here {classes.num_classes} classes, from {origin}; the classes come from "
-                         "convention.json beside the masks, --convention, --label_file, --dataset or --num_classes)")
-    hint = FLAG_HINTS.get(err.about)
-    return UserError(f"{err}{hint}") if hint else err
-
-
 def main(args: argparse.Namespace) -> dict:
     cams = check_args(args)
     args.list = args.list or str(DEFAULT_LIST)
     names = read_list(args.list)
-    gt_dir = _gt_dir(args)
+    gt_dir = gt_dir_from_args(args)
     classes, origin = resolve_classes(args, gt_dir)
     args.num_classes = classes.num_classes
     if cams and args.cam_type == "coco" and classes.num_classes not in (COCO.num_classes, COCO_RAW.num_classes):
         raise UserError(f"--cam-type coco evaluates COCO maps, but these are {classes.num_classes} classes (from "
                         f"{origin}); the classes come from convention.json beside the masks or --dataset coco: "
                         "add --dataset coco, or drop --cam-type")
-    image_dir = _image_dir(args) if args.out_crf else None
+    image_dir = image_dir_from_args(args) if args.out_crf else None
     report = {
         "timestamp": datetime.now().astimezone().isoformat(timespec="seconds"),
         "comment": args.comment, "type": "npy" if cams else "png", "predict_dir": str(args.predict_dir),
@@ -355,19 +229,11 @@ def main(args: argparse.Namespace) -> dict:
             if args.out_dir or args.out_crf:
                 fields += _write_labels(args, names, classes, gt_dir, image_dir, report)
     except UserError as err:
-        raise _with_flag_hint(err, classes, origin) from None
-    _append_log(args.logfile, report, fields)
+        raise with_flag_hint(err, classes, origin) from None
+    append_log(args.logfile, report, fields)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args.json, report)
     return report
-
-
-def _image_dir(args: argparse.Namespace) -> Path:
-    """The folder of the images the CRF reads: --img_dir, else the VOC root's JPEGImages."""
-    if args.img_dir:
-        return Path(args.img_dir)
-    return voc_layout_from_args(args, hint=", or give the image folder as --img_dir").image_dirs[0]
 
 
 def _write_labels(args: argparse.Namespace, names: list[str], classes: ClassSet, gt_dir: Path,
@@ -403,23 +269,15 @@ def _evaluate_cams(args: argparse.Namespace, names: list[str], classes: ClassSet
     confs, free_conf = evaluate_cams(names, args.predict_dir, gt_dir, classes, thresholds,
                                      args.bg_from_file, args.workers, not args.no_progress)
     results = [scores(c, classes) for c in confs]
-    print(f"{'t':>6}{'mIoU':>8}{'FP':>8}{'FN':>8}{'prec':>8}{'recall':>8}")
-    for t, r in zip(thresholds, results):
-        print(f"{t:6.2f}" + "".join(f"{100 * r[k]:8.2f}" for k in ("miou", "mean_fp", "mean_fn",
-                                                                  "mean_precision", "mean_recall")))
+    print(sweep_table(thresholds, results))
     mious = np.array([r["miou"] for r in results])
     if np.all(np.isnan(mious)):
         raise UserError("no class has ground truth or predictions in these images; nothing to score")
-    best = int(np.nanargmax(mious))
-    best_t = float(round(float(thresholds[best]), 6))
+    best, best_t = best_threshold(thresholds, mious)
     print(f"\nper-class scores at the best background score t = {best_t:.2f}:")
     print(format_table(results[best], classes))
     print(f"best: t = {best_t:.2f}, mIoU = {100 * mious[best]:.2f} on {len(names)} images")
-    report["sweep"] = [
-        {"t": float(round(float(t), 6)), **{k: _num(r[k]) for k in ("miou", "mean_fp", "mean_fn",
-                                                                     "mean_precision", "mean_recall")}}
-        for t, r in zip(thresholds, results)
-    ]
+    report["sweep"] = sweep_json(thresholds, results)
     report["best"] = {"t": best_t, **scores_to_json(results[best], classes)}
     fields = [f"mIoU={100 * mious[best]:.2f}", f"best_t={best_t:.2f}"]
     ref = (args.ref_miou, "reference") if args.ref_miou is not None else None
@@ -432,61 +290,8 @@ def _evaluate_cams(args: argparse.Namespace, names: list[str], classes: ClassSet
         fields.append(f"bg_from_file_mIoU={100 * free['miou']:.2f}")
         ref = ref or (100 * free["miou"], "threshold-free (learned background)")
     if args.plot:
-        _plot(args.plot, thresholds, results, ref, args.comment)
+        plot_sweep(args.plot, thresholds, results, ref, args.comment)
     return fields
-
-
-def _num(value: float) -> float | None:
-    return None if np.isnan(value) else float(value)
-
-
-def _append_log(logfile: str, report: dict, fields: list[str]) -> None:
-    """Append one tab-separated line: timestamp, comment, type, scores, images, prediction folder."""
-    if not logfile:
-        return
-    comment = " ".join(report["comment"].split())  # keep the record on one line
-    line = "\t".join([report["timestamp"], comment, report["type"], *fields,
-                      f"n={report['num_images']}", f"predict_dir={report['predict_dir']}"]) + "\n"
-    # A single O_APPEND write of one line: concurrent runs cannot overwrite each other's lines
-    # (rewriting the file atomically could), and an interruption cannot leave half a line.
-    try:
-        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise UserError(f"cannot append to the log file {logfile}: {err.strerror or err}; set --logfile") from None
-
-
-def _plot(path: str, thresholds: np.ndarray, results: list[dict], ref: tuple[float, str] | None,
-          comment: str) -> None:
-    """Save mIoU, FP and FN (%) against the background score, with an optional reference mIoU
-    line ``ref`` = (mIoU in %, legend label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in (("miou", "mIoU", "-"), ("mean_fp", "FP", "--"), ("mean_fn", "FN", ":")):
-        ax.plot(thresholds, [100 * r[key] for r in results], style, label=label)
-    mious = np.array([100 * r["miou"] for r in results])
-    best = int(np.nanargmax(mious))
-    ax.plot([thresholds[best]], [mious[best]], "o", color="C0",
-            label=f"best t = {thresholds[best]:.2f} ({mious[best]:.2f})")
-    if ref is not None:
-        ax.axhline(ref[0], color="k", linewidth=1, linestyle="-.", label=f"{ref[1]} ({ref[0]:.2f})")
-    ax.set_xlabel("background score t")
-    ax.set_ylabel("%")
-    ax.set_title(comment or "threshold sweep")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    print(f"plot saved to {path}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from apps.cli import (add_crf_backend_arg, add_crf_workers_arg, add_prediction_args, check_threshold,
-                      crf_backend_from_args, crf_setup, dataset_from_args, prediction_settings_from_run, run_cli)
+from apps.cli import (add_crf_backend_arg, add_crf_workers_arg, add_overwrite_arg, add_prediction_args,
+                      check_threshold, crf_backend_from_args, dataset_from_args, run_cli)
+from apps.crf_placement import crf_setup
+from apps.run_settings import prediction_settings_from_run
 from core.errors import UserError
 from core.fileio import unfinished
 from core.palette import save_label_png
@@ -65,8 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_cam", default=None,
                         help="folder for the normalised maps of the present classes (<name>.npz, "
                              "data.camio format; BAO includes the background map as key 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="recompute images whose outputs already exist (default: skip them)")
+    add_overwrite_arg(parser)
     add_crf_workers_arg(parser)
     add_crf_backend_arg(parser)
     add_prediction_args(parser)

@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from apps.cli import (RawDescriptionDefaultsHelpFormatter, add_crf_backend_arg, add_crf_workers_arg, add_dataset_args,
-                      add_device_args, add_segmentation_model_args, add_speed_args, crf_backend_from_args,
-                      crf_setup, dataset_from_args, non_negative_int, positive_int, run_cli,
-                      segmentation_settings_from_run)
+                      add_device_args, add_overwrite_arg, add_segmentation_model_args, add_speed_args,
+                      crf_backend_from_args, dataset_from_args, non_negative_int, positive_int, run_cli)
+from apps.crf_placement import crf_setup
+from apps.run_settings import segmentation_settings_from_run
 from core.errors import UserError, quiet_loader_worker
 from core.fileio import unfinished
 from core.workers import Shared, TaskPool
@@ -52,8 +53,8 @@ from data.layout import REPO_ROOT
 from network.deeplab import build_segmentation_model, load_segmentation_weights
 from crf.params import CRFParams
 from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
-                         setup_distributed)
-from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, argmax_labels, batch_probs, save_labels,
+                         memory_layout, setup_distributed)
+from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, argmax_classes, batch_probs, save_labels,
                                write_label_pngs, write_server_archive)
 
 # Images segmented by default: the val lists the segmentation stage is scored on (not
@@ -117,11 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="on a CUDA device, images of one size segmented together, each scale one forward pass "
                              "of 2 x batch_size with the flips; 1 on the CPU, where batched convolutions round "
                              "differently from the published one-image runs")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="recompute images whose outputs already exist (default: skip them)")
+    add_overwrite_arg(parser)
     add_device_args(parser)
     add_speed_args(parser)
-    add_dataset_args(parser)
+    add_dataset_args(parser, from_run=True)
     return parser
 
 
@@ -190,8 +190,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
     report = load_segmentation_weights(model, args.weights)
     model.eval().to(runtime.device)
     cuda = runtime.device.type == "cuda"
-    if cuda:  # cuDNN's fast layouts; on the CPU channels_last would change oneDNN's rounding
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=memory_layout(runtime.device, "seg_inference"))
     math = configure_math(runtime.device, args.tf32)
     compile_model(model, args.compile)
     batch_size = args.batch_size if cuda else 1
@@ -230,7 +229,7 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                                                outputs, args.server_labels, crf, setup.backend, setup.device,
                                                setup.threads))
                 else:
-                    for item, labels in zip(group, argmax_labels(probs).cpu().numpy()):
+                    for item, labels in zip(group, argmax_classes(probs).cpu().numpy()):
                         bar.update(pool.submit(save_labels, item["name"], {"pred": labels}, outputs,
                                                args.server_labels))
             bar.update(pool.drain())

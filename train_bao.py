@@ -30,7 +30,6 @@ the mIoU goes to ``log.jsonl`` and TensorBoard). The published loop never valida
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,13 +41,13 @@ from data.classes import ClassSet
 from data.datasets import ClassificationDataset
 from data.labels import read_list
 from data.transforms import TrainAugment
-from network.checkpoint import BAO_HEADS, load_weights
+from network.checkpoint import load_weights
 from network.factory import build_network
-from core.device import Runtime
 from engine.loop import Engine, Position, Task
-from engine.resume import broadcast_buffers, cpu_state, save_weights, seed_everything
+from engine.resume import broadcast_buffers
 from tool.teacher import make_teacher, update_teacher
-from tool.training import STAGES, bao_losses, freeze_bao_heads, labelled_names, transcam_losses
+from tool.training import (STAGES, bao_batch_losses, epoch_weight_files, freeze_bao_heads, labelled_names,
+                           transcam_batch_losses)
 from engine.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
                              resolve_train_list, resolve_val_list, run_training)
 from scoring.validation import PseudoLabelValidation
@@ -143,55 +142,59 @@ class BAOTraining(TrainingRun):
     # changes are logged. Everything in run_defining must stay as the run was started.
     adjustable = ("lr", "crop_size", "resize_long")
 
-    def __init__(self, args: argparse.Namespace, rt: Runtime):
-        super().__init__(args, rt)
-        spec = dataset_from_args(args)
-        names, skipped = labelled_names(read_list(args.train_list), spec.labels, args.train_list)
+    validated_maps = property(lambda self: "the teacher's" if self.args.method == "bao" else "the model's")
+    out_of_memory_advice = ("lower --crop_size (a resumed run may change it) or start a new run with a lower "
+                            "--batch_size")
+
+    def training_names(self) -> tuple[list[str], int]:
+        args = self.args
+        self.spec = dataset_from_args(args)
+        names, self.skipped = labelled_names(read_list(args.train_list), self.spec.labels, args.train_list)
         if self.checkpoint is not None:
             # Checkpoints written before --refine existed were all trained with attention refinement.
             self.checkpoint["args"].setdefault("refine", "attention")
-        self.identify_data(names, spec.num_classes)
-        # The dataset checks that every image and label exists.
-        self.dataset = ClassificationDataset(spec.layout, names, spec.labels,
-                                             TrainAugment(args.crop_size, tuple(args.resize_long)), seed=args.seed,
-                                             source=args.train_list)
-        loader, sampler = self.make_loader(self.dataset, len(names))
-        if args.val_every:  # its images and labels are checked now, before the run starts
-            self.validation = PseudoLabelValidation(
-                spec.layout, spec.labels, read_list(args.val_list), ClassSet(spec.class_names), args.method,
-                tuple(args.val_scales), rt.device, self.amp, self.per_rank_batch, args.num_workers, rt.rank,
-                rt.world_size, source=args.val_list)
+        return names, self.spec.num_classes
 
-        seed_everything(args.seed)
-        self.model = build_network(args.network, args.arch, spec.num_classes, refine=args.refine)
-        report = (load_weights(self.model, args.weights, purpose=START_WEIGHTS[args.method])
-                  if self.checkpoint is None and args.weights else None)
-        self.open_log()
-        if skipped:
-            self.log.message(f"skipped {skipped} image(s) of {args.train_list} without any foreground class in "
-                             "their image-level label (e.g. COCO images without annotations): they cannot "
-                             "teach the classification loss")
-        if report is not None:
-            self.log.message(f"weights {args.weights}: {report.summary()}")
-        self.announce_validation(self.dataset.layout.mask_dirs,
-                                 "the teacher's" if args.method == "bao" else "the model's")
+    def make_dataset(self, names: list[str]) -> ClassificationDataset:
+        args = self.args
+        return ClassificationDataset(self.spec.layout, names, self.spec.labels,
+                                     TrainAugment(args.crop_size, tuple(args.resize_long)), seed=args.seed,
+                                     source=args.train_list)
+
+    def make_validation(self) -> PseudoLabelValidation | None:
+        args, spec, rt = self.args, self.spec, self.rt
+        if not args.val_every:
+            return None
+        return PseudoLabelValidation(spec.layout, spec.labels, read_list(args.val_list), ClassSet(spec.class_names),
+                                     args.method, tuple(args.val_scales), rt.device, self.amp, self.per_rank_batch,
+                                     args.num_workers, rt.rank, rt.world_size, source=args.val_list)
+
+    def make_model(self) -> tuple[torch.nn.Module, list[str]]:
+        args = self.args
+        model = build_network(args.network, args.arch, self.spec.num_classes, refine=args.refine)
+        loaded = []
+        if self.skipped:
+            loaded.append(f"skipped {self.skipped} image(s) of {args.train_list} without any foreground class in "
+                          "their image-level label (e.g. COCO images without annotations): they cannot teach the "
+                          "classification loss")
+        if self.checkpoint is None and args.weights:
+            report = load_weights(model, args.weights, purpose=START_WEIGHTS[args.method])
+            loaded.append(f"weights {args.weights}: {report.summary()}")
+        return model, loaded
+
+    def make_task(self) -> Task:
+        args = self.args
         if args.method == "transcam":
             freeze_bao_heads(self.model)
-        self.model.to(rt.device).train()
-        if self.channels_last:  # the cuDNN autotuner is on with it (TrainingRun: core.device.configure_math)
-            self.model.to(memory_format=torch.channels_last)
+        self.placed(self.model)
         self.teacher = make_teacher(self.model).train(args.teacher_mode == "train") if args.method == "bao" else None
         self.compiled(self.model, self.teacher)
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
                                       weight_decay=args.wt_dec, eps=args.adam_eps)
         modules = {"student": self.model, "teacher": self.teacher} if self.teacher else {"model": self.model}
-        task = Task(model=self.model, optimizer=optimizer, step=self._step, modules=modules,
+        return Task(model=self.model, optimizer=optimizer, step=self._step, modules=modules,
                     after_step=self._update_teacher if self.teacher else None, save_epoch=self._save_epoch,
                     validate=self._validate if self.validation else None)
-        self.start_engine(task, loader, sampler, args.max_epoches,
-                          out_of_memory="lower --crop_size (a resumed run may change it) or start a new run with a "
-                                        "lower --batch_size",
-                          non_finite="lower --lr" + (" or use --amp bf16 / off" if self.amp == torch.float16 else ""))
 
     def restored(self) -> None:
         for group in self.engine.task.optimizer.param_groups:  # --lr may be changed on resume
@@ -200,19 +203,12 @@ class BAOTraining(TrainingRun):
     def resume_position(self, pos: Position) -> dict[str, int]:
         return {"epoch": pos.epoch + 1, "iter": pos.step}
 
-    @property
-    def channels_last(self) -> bool:
-        """CUDA only: the model and its inputs in channels-last layout and cuDNN picking the fastest
-        convolution algorithms, a speed-up that changes no number on the CPU, where neither applies."""
-        return self.rt.device.type == "cuda"
-
     def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        images = batch["img"].to(self.rt.device, non_blocking=True, memory_format=layout)
-        labels = batch["label"].to(self.rt.device, non_blocking=True)
+        """The engine's step function: the stage's losses of ``batch`` through ``engine.wrapped``."""
         if self.teacher is not None:
-            return bao_losses(engine.wrapped, self.teacher, images, labels, self.args.eps, self.args.l_pcl, self.amp)
-        return transcam_losses(engine.wrapped, images, labels, self.amp)
+            return bao_batch_losses(engine.wrapped, self.teacher, batch, self.rt.device, self.args.eps,
+                                    self.args.l_pcl, self.amp)
+        return transcam_batch_losses(engine.wrapped, batch, self.rt.device, self.amp)
 
     def _update_teacher(self, pos) -> dict[str, float]:
         momentum = update_teacher(self.teacher, self.model, pos.epoch, pos.step, self.engine.iters_per_epoch,
@@ -227,16 +223,8 @@ class BAOTraining(TrainingRun):
         return self.validate(epoch, self.teacher if self.teacher is not None else self.model)
 
     def _save_epoch(self, epoch: int) -> list[str]:
-        """Plain state_dicts of the finished ``epoch`` (0-based), named as published (rank 0 writes)."""
-        prefix = f"{self.args.session_name}_{epoch}epochs"
-        if self.teacher is not None:
-            files = {f"{prefix}_modelt.pth": (self.teacher, ()), f"{prefix}_models.pth": (self.model, ())}
-        else:  # the published TransCAM layout, without the (untrained) BAO heads
-            files = {f"{prefix}.pth": (self.model, BAO_HEADS)}
-        if self.rt.is_main:
-            for name, (module, exclude) in files.items():
-                save_weights(Path(self.args.run_dir) / name, cpu_state(module, exclude))
-        return list(files)
+        """Engine hook: the plain weights of the finished ``epoch`` (0-based), named as published."""
+        return self.save_weight_files(epoch_weight_files(self.args.session_name, epoch, self.model, self.teacher))
 
     def summary(self) -> tuple[str, str]:
         return (f"{self.args.method} training", f"{len(self.dataset)} images, {self.engine.iters_per_epoch} steps "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,10 +31,9 @@ from data.datasets import PseudoLabelDataset
 from data.labels import read_list
 from data.transforms import SegAugment
 from network.deeplab import DEFAULT_BN, build_segmentation_model, head_and_backbone_parameters, load_backbone_weights
-from core.device import Runtime, autocast
 from engine.loop import Engine, Position, Task
-from engine.resume import cpu_state, save_weights, seed_everything
-from tool.segmentation import segmentation_loss, set_poly_lr
+from tool.segmentation import set_poly_lr
+from tool.training import seg_batch_losses
 from engine.trainrun import (TrainingRun, prepare_training_run, require_non_negative, require_positive,
                              resolve_train_list, run_training)
 
@@ -111,51 +109,42 @@ class SegTraining(TrainingRun):
     run_defining = RUN_DEFINING
     adjustable = ADJUSTABLE_ON_RESUME
 
-    def __init__(self, args: argparse.Namespace, rt: Runtime):
-        super().__init__(args, rt)
-        spec = dataset_from_args(args)
-        names = read_list(args.train_list)
-        self.identify_data(names, spec.num_classes)
-        # Checks every image and label map (presence, mode, size) before anything is built.
-        self.dataset = PseudoLabelDataset(
-            spec.layout, names, args.label_dir, spec.num_classes,
-            SegAugment(args.crop_size, tuple(args.scale_range), args.flip), seed=args.seed, source=args.train_list)
-        loader, sampler = self.make_loader(self.dataset, len(names))
+    def training_names(self) -> tuple[list[str], int]:
+        self.spec = dataset_from_args(self.args)
+        return read_list(self.args.train_list), self.spec.num_classes
 
-        seed_everything(args.seed)
-        self.model = build_segmentation_model(args.model, args.backbone, spec.num_classes, args.bn)
-        report = (load_backbone_weights(self.model, args.backbone_weights, args.backbone)
-                  if self.checkpoint is None and args.backbone_weights else None)
-        self.open_log()
-        if report is not None:
-            self.log.message(f"backbone weights {args.backbone_weights}: {report.summary()}")
-        # On a GPU: channels_last (cuDNN's fastest convolution layouts, bf16 above all; cuDNN's
-        # algorithm search is on there, core.device.configure_math). Not on the CPU, where
-        # channels_last changes oneDNN's rounding and the published numbers with it.
-        self.channels_last = rt.device.type == "cuda"
-        self.model.to(rt.device).train()
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.compiled(self.model)
+    def make_dataset(self, names: list[str]) -> PseudoLabelDataset:
+        # Checks every image and label map (presence, mode, size) before anything is built.
+        args = self.args
+        return PseudoLabelDataset(self.spec.layout, names, args.label_dir, self.spec.num_classes,
+                                  SegAugment(args.crop_size, tuple(args.scale_range), args.flip), seed=args.seed,
+                                  source=args.train_list)
+
+    def make_model(self) -> tuple[torch.nn.Module, list[str]]:
+        args = self.args
+        model = build_segmentation_model(args.model, args.backbone, self.spec.num_classes, args.bn)
+        if self.checkpoint is not None or not args.backbone_weights:
+            return model, []
+        report = load_backbone_weights(model, args.backbone_weights, args.backbone)
+        return model, [f"backbone weights {args.backbone_weights}: {report.summary()}"]
+
+    def make_task(self) -> Task:
+        args = self.args
+        self.compiled(self.placed(self.model))
         backbone, head = head_and_backbone_parameters(self.model)
         self.base_lrs = [args.lr, args.lr * args.head_lr_mult]
         optimizer = torch.optim.SGD([{"params": backbone, "lr": self.base_lrs[0]},
                                      {"params": head, "lr": self.base_lrs[1]}],
                                     lr=args.lr, momentum=args.momentum, weight_decay=args.wt_dec)
-        task = Task(model=self.model, optimizer=optimizer, step=self._step, modules={"model": self.model},
+        return Task(model=self.model, optimizer=optimizer, step=self._step, modules={"model": self.model},
                     before_step=self._schedule, save_epoch=self._save_final)
-        self.start_engine(task, loader, sampler, math.ceil(args.max_iters / len(loader)),
-                          out_of_memory="start a new run with a lower --batch_size or --crop_size",
-                          non_finite="lower --lr", total_steps=args.max_iters)
+
+    def schedule(self, steps_per_epoch: int) -> tuple[int, int]:
+        return math.ceil(self.args.max_iters / steps_per_epoch), self.args.max_iters
 
     def _step(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = batch["img"].to(self.rt.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["label"].to(self.rt.device, non_blocking=True)
-        with autocast(self.rt.device, self.amp):
-            logits = engine.wrapped(images)
-        return {"loss": segmentation_loss(logits, labels)}
+        """The engine's step function: the segmentation loss of ``batch`` through ``engine.wrapped``."""
+        return seg_batch_losses(engine.wrapped, batch, self.rt.device, self.amp)
 
     def _schedule(self, pos: Position) -> None:
         """Before step ``pos.global_step`` (0-based): its poly rates (1x backbone, 10x head)."""
@@ -166,10 +155,7 @@ class SegTraining(TrainingRun):
         """After an epoch: the plain weights once the schedule is complete (rank 0 writes)."""
         if self.engine.pos.global_step < self.args.max_iters:
             return []
-        name = f"{self.args.session_name}_final.pth"
-        if self.rt.is_main:
-            save_weights(Path(self.args.run_dir) / name, cpu_state(self.model))
-        return [name]
+        return self.save_weight_files({f"{self.args.session_name}_final.pth": (self.model, ())})
 
     def summary(self) -> tuple[str, str]:
         args = self.args

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from apps.cli import (add_prediction_args, check_threshold, dataset_from_args, positive_int,
-                      prediction_settings_from_run, run_cli)
+from apps.cli import add_prediction_args, check_threshold, dataset_from_args, positive_int, run_cli
+from apps.run_settings import prediction_settings_from_run
 from core.errors import UserError
 from core.fileio import prepare_output_dir
 from data.datasets import InferenceDataset, read_mask

@@ -1,22 +1,17 @@
-"""The command-line flags of every entry script, each defined once.
+"""The flags that several entry scripts share, each defined once here (a script's own flags are
+defined in its ``get_args_parser``; tests/test_cli_flags.py checks the split), their types, and
+the hints naming the flag that fixes a library error (:data:`FLAG_HINTS`, :func:`run_cli`).
 
-Entry scripts (train_bao.py, infer_bao.py, visual_bao.py, evaluation_bao.py, the dataset and
-demo commands) build their parsers from these groups, so a flag has one name, one default
-and one help text everywhere. Library modules define no flags; where a library error should
-name the flag that fixes it, the helpers here add it (:func:`dataset_from_args`).
-
-The groups that need torch-based modules import them inside the function: evaluation and
-the dataset commands use this module too, and must start without loading torch.
+Library modules define no flags. The groups that need torch-based modules import them inside
+the function: evaluation and the dataset commands use this module too, and must start without torch.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 
 from core.errors import UserError
-from core.errors import run_cli as run_with_hints
-from core.workers import default_workers
+from core.errors import run_guarded
 from data.layout import DEFAULT_LABEL_FILES, DEFAULT_VOC_ROOT, DatasetLayout, DatasetSpec, load_dataset
 
 DEFAULT_ARCH = "sm"
@@ -52,13 +47,14 @@ FLAG_HINTS = {
                      "convert the predictions to contiguous ids"),
     "background_map": "; drop --bg_from_file",
     "images": "; set --img_dir (the folder of <name>.jpg; default <voc12_root>/JPEGImages)",
+    "logfile": "; set --logfile",
 }
 
 
 def run_cli(main, args: argparse.Namespace) -> None:
     """Run an entry script's ``main(args)``: a user error ends in one line naming the flag to fix
     (:data:`FLAG_HINTS`; a dataset-root error found after the dataset was opened, e.g. by a dataset's
-    image check, names the script's root flag), Ctrl-C in a clean exit (:func:`core.errors.run_cli`)."""
+    image check, names the script's root flag), Ctrl-C in a clean exit (:func:`core.errors.run_guarded`)."""
     def main_naming_root_flag(a: argparse.Namespace):
         try:
             return main(a)
@@ -66,7 +62,7 @@ def run_cli(main, args: argparse.Namespace) -> None:
             flag = "--coco_root" if getattr(a, "dataset", "voc") == "coco" else "--voc12_root"
             raise (_with_root_flag(err, flag) if hasattr(a, flag[2:]) else err) from None
 
-    run_with_hints(main_naming_root_flag, args, FLAG_HINTS)
+    run_guarded(main_naming_root_flag, args, FLAG_HINTS)
 
 
 def int_at_least(minimum: int):
@@ -170,11 +166,13 @@ def add_voc_root_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                              f"Annotations/ (default: {DEFAULT_VOC_ROOT})")
 
 
-def add_label_file_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, extra_help: str = "") -> None:
-    """``--label_file``."""
+def add_label_file_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, extra_help: str = "",
+                       from_run: bool = False) -> None:
+    """``--label_file``; ``from_run`` as in :func:`add_model_args` (the help then says that the run's
+    ``args.json`` supplies the default)."""
     parser.add_argument("--label_file", default=None,
                         help="image-level label JSON; its class list sets the number of classes (default: "
-                             f"{DEFAULT_LABEL_FILES['voc'].relative_to(DEFAULT_LABEL_FILES['voc'].parents[1])} "
+                             f"{_run_or(from_run)}{DEFAULT_LABEL_FILES['voc'].relative_to(DEFAULT_LABEL_FILES['voc'].parents[1])} "
                              f"for voc, {DEFAULT_LABEL_FILES['coco'].relative_to(DEFAULT_LABEL_FILES['coco'].parents[1])} "
                              f"for coco, both in this repository){extra_help}")
 
@@ -191,8 +189,9 @@ def add_generated_dataset_args(parser: argparse.ArgumentParser, num_train: int =
                              "[0.75, 1.25] * size (default: %(default)s)")
 
 
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """``--dataset``, ``--voc12_root``, ``--coco_root``, ``--coco_mask_dir`` and ``--label_file``."""
+def add_dataset_args(parser: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """``--dataset``, ``--voc12_root``, ``--coco_root``, ``--coco_mask_dir`` and ``--label_file``
+    (``from_run`` as in :func:`add_label_file_arg`)."""
     group = parser.add_argument_group("dataset")
     group.add_argument("--dataset", choices=("voc", "coco"), default="voc",
                        help="dataset layout: PASCAL VOC 2012 or MS COCO 2014 (default: voc)")
@@ -203,7 +202,7 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coco_mask_dir", default=None,
                        help="folder of COCO ground-truth mask PNGs written by the coco14 command "
                             "(default: <coco_root>/SegmentationClass)")
-    add_label_file_arg(group)
+    add_label_file_arg(group, from_run=from_run)
 
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
@@ -226,7 +225,7 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, we
                    weights_required: bool, from_run: bool = False) -> None:
     """``--weights``, ``--network`` and ``--arch``.
 
-    ``from_run``: the model flags default to None, for :func:`settings_from_run` to fill them
+    ``from_run``: the model flags default to None, for :func:`apps.run_settings.settings_from_run` to fill them
     from the run that wrote ``--weights`` (else with the defaults the help states).
     """
     from network.factory import DEFAULT_NETWORK
@@ -241,7 +240,7 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, we
 
 
 def _run_or(from_run: bool) -> str:
-    """The start of a default's help when :func:`settings_from_run` may take it from the training run."""
+    """The start of a default's help when :func:`apps.run_settings.settings_from_run` may take it from the training run."""
     return "that of the training run, from the args.json beside --weights, else " if from_run else ""
 
 
@@ -317,36 +316,10 @@ def add_crf_workers_arg(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                              "machine, minus one)")
 
 
-def crf_worker_count(args: argparse.Namespace, needed: bool, backend: str = "pydensecrf",
-                     device_type: str = "cpu") -> int:
-    """``--crf_workers`` resolved: 0 when the run writes no CRF labels (nothing worth a process) or
-    the torch CRF runs on a GPU (``backend`` "torch", ``device_type`` "cuda": it runs in the main
-    process beside the model), else the flag, or :func:`core.workers.default_workers` when it was
-    not given."""
-    if not needed or (backend == "torch" and device_type == "cuda"):
-        return 0
-    return default_workers() if args.crf_workers is None else args.crf_workers
-
-
-@dataclass(frozen=True)
-class CRFSetup:
-    """Where an inference script's CRF runs: ``backend`` ("pydensecrf" or "torch"),
-    the torch CRF's ``device``, the pool's ``workers`` (0: the main process) and each worker's
-    torch ``threads`` (None: torch's setting)."""
-
-    backend: str
-    device: str
-    workers: int
-    threads: int | None
-
-
-def crf_setup(args: argparse.Namespace, device: object, needed: bool) -> CRFSetup:
-    """The CRF of ``args.crf_backend`` (resolved by :func:`crf_backend_from_args`) next to a model on
-    ``device`` (a torch.device): the torch CRF on that device, in the main process on a GPU; on the
-    CPU (and pydensecrf2) in ``--crf_workers`` processes of one torch thread each."""
-    where = str(device) if args.crf_backend == "torch" else "cpu"
-    workers = crf_worker_count(args, needed, args.crf_backend, where.split(":")[0])
-    return CRFSetup(args.crf_backend, where, workers, 1 if workers else None)
+def add_overwrite_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--overwrite`` of the inference scripts, which otherwise resume by skipping finished images."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute images whose outputs already exist (default: skip them)")
 
 
 def add_threshold_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -392,7 +365,7 @@ def add_prediction_args(parser: argparse.ArgumentParser) -> None:
     add_threshold_arg(group)
     add_device_args(parser)
     add_speed_args(parser)
-    add_dataset_args(parser)
+    add_dataset_args(parser, from_run=True)
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_batch: int, epochs_help: str | None) -> None:
@@ -475,39 +448,3 @@ def add_segmentation_model_args(parser: argparse.ArgumentParser | argparse._Argu
                         help="backbone batch norm: frozen (statistics and affine constant, the DeepLab-V2 "
                              "fine-tuning recipe) or train (default: the model's recipe: " + recipe + "; train with "
                              "--from_scratch)")
-
-
-def settings_from_run(args: argparse.Namespace, defaults: dict[str, object]) -> str | None:
-    """Fill the model flags the command line left out (None) from the ``args.json`` of the
-    training run that wrote ``--weights``, else with ``defaults`` (flag name -> its default).
-
-    A flag given on the command line wins. Returns the line to print naming what was taken from
-    where, or None when nothing was.
-    """
-    from engine.trainrun import read_run_args
-
-    found = read_run_args(args.weights)
-    taken = []
-    for key, default in defaults.items():
-        if getattr(args, key) is not None:
-            continue
-        value = found[1].get(key) if found else None
-        setattr(args, key, default if value is None else value)
-        if value is not None:
-            taken.append(f"--{key} {value}")
-    return f"model settings from {found[0]} (the run that wrote --weights): {', '.join(taken)}" if taken else None
-
-
-def prediction_settings_from_run(args: argparse.Namespace) -> str | None:
-    """:func:`settings_from_run` for the flags of :func:`add_prediction_args` that define the model
-    (``--network``, ``--arch``, ``--refine``, ``--label_file``)."""
-    from network.conformer import REFINE_MODES
-    from network.factory import DEFAULT_NETWORK
-
-    return settings_from_run(args, {"network": DEFAULT_NETWORK, "arch": DEFAULT_ARCH, "refine": REFINE_MODES[0],
-                                    "label_file": None})
-
-
-def segmentation_settings_from_run(args: argparse.Namespace) -> str | None:
-    """:func:`settings_from_run` for ``--model``, ``--backbone`` and ``--label_file`` of infer_seg.py."""
-    return settings_from_run(args, {"model": DEFAULT_SEG_MODEL, "backbone": DEFAULT_BACKBONE, "label_file": None})

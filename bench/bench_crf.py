@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from apps.cli import non_negative_int, positive_int, run_cli
-from apps.report import RESULTS_FILE, machine_line, write_section
+from bench.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
 from core.palette import IGNORE_INDEX, read_label_png
 from core.workers import TaskPool, default_workers

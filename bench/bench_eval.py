@@ -35,14 +35,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from apps.cli import int_at_least, positive_int
-from apps.report import RESULTS_FILE, cpu_name, write_section
+from bench.report import RESULTS_FILE, cpu_name, write_section
 from data.camio import load_cams, save_cams
 from data.classes import VOC
-from core.errors import UserError, run_cli
+from core.errors import UserError, run_guarded
 from data.synthetic import CLASSES as SHAPES, generate as generate_dataset
 from core.workers import default_workers
 from scoring.evaluate import evaluate_cams, evaluate_labels
 from scoring.metrics import threshold_range
+from scoring.sweep import best_threshold
 from core.palette import IGNORE_INDEX, read_label_png, save_label_png
 
 NUM_CLASSES = VOC.num_classes
@@ -211,7 +212,7 @@ def main(args: argparse.Namespace) -> None:
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
     miou = _miou(ref_png)
-    best = int(np.nanargmax(_miou(ref_sweep)))
+    best, _ = best_threshold(thresholds, _miou(ref_sweep))
     rows = [
         ("PNG label maps", args.num, t_ref_png, t_png1, t_pngw, "x5"),
         (f"CAM sweep, {thresholds.size} thresholds", num_sweep, t_ref_sweep, t_sw1, t_sww, "x20"),
@@ -251,4 +252,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    run_guarded(main, get_args_parser().parse_args())

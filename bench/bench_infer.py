@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from apps.cli import parse_scales, positive_int, run_cli
-from apps.report import RESULTS_FILE, cpu_name, write_section
+from bench.report import RESULTS_FILE, cpu_name, write_section
+from core.device import memory_layout
 from core.errors import UserError
 from data.datasets import InferenceDataset
 from data.images import read_image
@@ -82,8 +83,8 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, DatasetLayout, Im
 
 def _run_ours(model, layout, labels, names, args) -> dict[str, np.ndarray]:
     """name -> (K', H, W) float32 normalised maps of the present classes (background first)."""
-    model = model.to(memory_format=torch.channels_last)
     cpu = torch.device("cpu")
+    model = model.to(memory_format=memory_layout(cpu, "cam_prediction"))  # as tool.predict.load_model
     dataset = InferenceDataset(layout, names, labels, scales=args.scales, flip=True)
     predictor = MultiScalePredictor(model, "bao", cpu)
     out = {}

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, parse_scales, positive_int, run_cli
-from apps.report import RESULTS_FILE, machine_line, write_section
+from bench.report import RESULTS_FILE, machine_line, write_section
 from core.errors import UserError
 from data.synthetic import generate_once
 from protocol import pipeline

@@ -1,9 +1,15 @@
 """Benchmark: one BAO training step as train_bao.py does it, against the same step done the
 published way.
 
+Ours is the step train_bao.py runs, the very functions its engine calls:
+:func:`engine.step.train_step` (backward, the non-finite guard, the AdamW step) around
+:func:`tool.training.bao_batch_losses` (the batch to the device in the training layout of
+:func:`core.device.memory_layout`, then the losses), then the teacher EMA update. A speed
+change, or a regression, of the engine's step is what this measures.
+
 Both variants run the same model (Conformer ``sm`` by default, 21 classes), the same
-input batch, the same losses, AdamW step and teacher EMA update. The published way adds
-what the published script does on top:
+input batch, the same losses, AdamW step and teacher EMA update. The published way, a
+reimplementation of the published loop, adds what the published script does on top:
 
 - ``torch.autograd.set_detect_anomaly(True)`` for the whole run;
 - the teacher forward with gradients enabled (a plain copy of the student whose parameters
@@ -41,14 +47,16 @@ from pathlib import Path
 import torch
 
 from apps.cli import run_cli
-from apps.report import RESULTS_FILE, cpu_name, write_section
+from bench.report import RESULTS_FILE, cpu_name, write_section
+from core.device import memory_layout
 from core.errors import UserError
 from data.images import read_image
 from data.synthetic import generate
+from engine.step import train_step
 from network.factory import DEFAULT_NETWORK, build_network
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
 from tool.teacher import make_teacher, update_teacher
-from tool.training import bao_losses
+from tool.training import bao_batch_losses
 
 NUM_CLASSES = 21
 # One section per device, so that a GPU run does not replace the CPU figures.
@@ -100,18 +108,32 @@ def _variant(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    student = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES).to(device).train()
     published = args.variant == "published"
+    # The published loop ran NCHW; ours runs the layout train_bao.py gives the model.
+    layout = torch.preserve_format if published else memory_layout(device, "training")
+    student = build_network(DEFAULT_NETWORK, args.arch, NUM_CLASSES).to(device, memory_format=layout).train()
     # A plain deep copy keeps requires_grad (the published teacher); ours turns it off.
     teacher = copy.deepcopy(student) if published else make_teacher(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=5e-4, eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # train_bao.py's: enabled for fp16 only
     amp = torch.bfloat16 if args.variant == "bf16" else None
-    images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
-    labels = torch.zeros(args.batch_size, NUM_CLASSES - 1, device=device)
-    labels[torch.arange(args.batch_size), torch.arange(args.batch_size) % (NUM_CLASSES - 1)] = 1.0
+    # A loader batch in host memory (pinned on CUDA, as the training loader's), moved by the step.
+    batch = {"img": torch.randn(args.batch_size, 3, args.crop_size, args.crop_size),
+             "label": torch.zeros(args.batch_size, NUM_CLASSES - 1)}
+    batch["label"][torch.arange(args.batch_size), torch.arange(args.batch_size) % (NUM_CLASSES - 1)] = 1.0
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    images, labels = batch["img"].to(device), batch["label"].to(device)  # the published loop's, moved once
     paths = sorted(Path(args.images_dir).glob("*.jpg"))[:args.batch_size] if args.images_dir else []
-    if published:
-        torch.autograd.set_detect_anomaly(True)
+    # The published loop's anomaly detection, switched back off when the run ends (the benchmark
+    # also runs in-process, where it would slow and change every later backward).
+    with torch.autograd.set_detect_anomaly(published):
+        _timed_steps(args, device, published, student, teacher, optimizer, scaler, amp, batch, images, labels, paths)
+
+
+def _timed_steps(args, device, published, student, teacher, optimizer, scaler, amp, batch, images, labels,
+                 paths) -> None:
+    """Time ``args.warmup + args.steps`` steps of one variant; write the measurements to ``--out`` (JSON)."""
     baseline = rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -123,11 +145,13 @@ def _variant(args: argparse.Namespace) -> None:
         tic = time.perf_counter()
         if published:
             loss = _published_losses(student, teacher, images, labels, paths, 0.4, 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss = float(loss.detach())
         else:
-            loss = bao_losses(student, teacher, images, labels, 0.4, 1.0, amp)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            loss = train_step(lambda: bao_batch_losses(student, teacher, batch, device, 0.4, 1.0, amp), optimizer,
+                              scaler)["loss"]
         # an EMA epoch (the first epoch's copy costs about the same)
         update_teacher(teacher, student, epoch=1, it=it, iters_per_epoch=args.warmup + args.steps,
                        base_momentum=0.9995)
@@ -142,7 +166,7 @@ def _variant(args: argparse.Namespace) -> None:
         "images_per_s": args.batch_size / statistics.median(times),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_rss_mib": baseline,
-        "loss": float(loss),
+        "loss": loss,
     }
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

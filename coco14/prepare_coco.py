@@ -56,7 +56,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from apps.cli import positive_int
-from core.errors import UserError, run_cli
+from core.errors import UserError, run_guarded
 from core.fileio import atomic_path, is_temporary, remove_temporaries
 from core.palette import IGNORE_INDEX, save_label_png
 from core.workers import TaskPool, default_workers
@@ -345,8 +345,8 @@ def collect_split(coco_root: Path, split: str, values: dict[int, int],
     return sorted(labels), {s: sorted(v) for s, v in labels.items()}, tasks
 
 
-def prepare_mask_dir(mask_dir: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Check ``mask_dir`` can take masks of ``record``'s convention, then write convention.json.
+def check_mask_dir(mask_dir: Path, record: dict[str, Any], overwrite: bool) -> None:
+    """Check that ``mask_dir`` can take masks of ``record``'s convention; nothing is written.
 
     A folder that already holds masks must have been written with the same record: other
     settings, or PNGs of unknown origin (no convention.json, unless ``overwrite``), are
@@ -373,8 +373,6 @@ def prepare_mask_dir(mask_dir: Path, record: dict[str, Any], overwrite: bool) ->
         raise UserError(f"{mask_dir} holds {len(pngs)} PNG(s) but no {CONVENTION_FILE}, so their "
                         "convention is unknown; choose another --mask_dir, or pass --overwrite to "
                         "rewrite the masks of the prepared splits")
-    with atomic_path(conv_path) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def write_masks(tasks: list[MaskTask], pool: TaskPool, desc: str) -> None:
@@ -406,10 +404,11 @@ def main(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     mask_dir = DatasetLayout.coco(coco_root, args.mask_dir).mask_dirs[0]
     values = category_values(args.convention)
+    record = convention_record(args.convention)
     splits = list(dict.fromkeys(args.splits))
     for split in splits:  # fail on a missing folder or file before any work
         split_paths(coco_root, split)
-    prepare_mask_dir(mask_dir, convention_record(args.convention), args.overwrite)
+    check_mask_dir(mask_dir, record, args.overwrite)
 
     # Fork the workers now, while this process is small: forked later, each would share
     # (and, as its garbage collector touches them, copy) the gigabytes of parsed JSON. A first
@@ -423,6 +422,9 @@ def main(args: argparse.Namespace) -> None:
             for split in splits:
                 # One split at a time, so only one parsed annotation file is in memory.
                 stems, labels, tasks = collect_split(coco_root, split, values, mask_dir)
+                if split == splits[0]:  # its annotations accepted, no mask yet: a rejected input creates nothing
+                    with atomic_path(mask_dir / CONVENTION_FILE) as tmp:
+                        Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
                 started.update(stems)
                 remove_temporaries(mask_dir, ".png", set(stems))  # left by an earlier, killed run
                 todo = tasks if args.overwrite else [t for t in tasks if not os.path.exists(t[0])]
@@ -442,4 +444,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    run_guarded(main, get_args_parser().parse_args())

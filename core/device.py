@@ -98,6 +98,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# What runs a model: training (both stages), multi-scale CAM prediction (infer_bao.py,
+# visual_bao.py, validation) and segmentation inference (infer_seg.py); see memory_layout.
+LAYOUT_WORK = ("training", "cam_prediction", "seg_inference")
+
+
+def memory_layout(device: torch.device, work: str) -> torch.memory_format:
+    """The memory layout of the model and its 4-D inputs for ``work`` (of :data:`LAYOUT_WORK`) on ``device``.
+
+    The one place that decides where channels_last is used. channels_last gives the faster
+    convolution kernels of cuDNN (with its autotuner, :func:`configure_math`) and of oneDNN,
+    and changes float rounding: a kernel sums in another order. Hence:
+
+    - on CUDA, channels_last for all work: GPU results are equal to the CPU's up to summation
+      order anyway;
+    - on the CPU, channels_last only for CAM prediction, whose recorded outputs
+      (tests/identity.py) were made in it. Training and segmentation inference keep the
+      layout they are given (NCHW), in which their recorded and published CPU numbers were
+      made: channels_last would change oneDNN's rounding, and those numbers with it.
+
+    Returns ``torch.channels_last``, or ``torch.preserve_format`` (leave the layout as it is),
+    for ``module.to(memory_format=...)`` and ``tensor.to(..., memory_format=...)``.
+    """
+    if work not in LAYOUT_WORK:
+        raise ValueError(f"work must be one of {LAYOUT_WORK}, got {work!r}")
+    if device.type == "cuda" or work == "cam_prediction":
+        return torch.channels_last
+    return torch.preserve_format
+
+
 def barrier() -> None:
     """Synchronise ranks (no-op outside distributed mode)."""
     if dist.is_available() and dist.is_initialized():

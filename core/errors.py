@@ -1,8 +1,9 @@
 """User-facing errors: one clear line, a non-zero exit, no traceback.
 
 Library code raises :class:`UserError` for anything a user can cause (a missing file, a
-wrong checkpoint, a bad list). Entry scripts wrap ``main`` with :func:`run_cli`, which
-prints ``error: <message>`` on stderr and exits with status 2; Ctrl-C exits with status 130.
+wrong checkpoint, a bad list). Entry scripts run ``main`` under :func:`run_guarded` (most of them
+through ``apps.cli.run_cli``, which adds the flags that fix an error), which prints
+``error: <message>`` on stderr and exits with status 2; Ctrl-C exits with status 130.
 SIGTERM (what job schedulers send before they kill) takes Ctrl-C's path (a training run saves
 a resumable checkpoint, inference leaves complete files only) and exits with status 143.
 Worker processes call :func:`worker_process_init` (DataLoader workers :func:`quiet_loader_worker`)
@@ -32,7 +33,7 @@ class UserError(Exception):
         self.about = about
 
 
-def run_cli(main: Callable[[object], object], args: object, hints: Mapping[str, str] | None = None) -> None:
+def run_guarded(main: Callable[[object], object], args: object, hints: Mapping[str, str] | None = None) -> None:
     """Run ``main(args)``; turn :class:`UserError`, Ctrl-C and SIGTERM into a clean exit.
 
     ``hints`` maps an error's ``about`` to text appended to its message (the flag that fixes it).
@@ -65,7 +66,7 @@ _received: list[int] = []  # the stop signals of this run (SIGTERM sets the exit
 
 def record_stop_signal(signum: int) -> None:
     """Note that signal ``signum`` stopped this run; a signal handler of its own (the training
-    engine's) calls it so that :func:`run_cli` exits with that signal's status."""
+    engine's) calls it so that :func:`run_guarded` exits with that signal's status."""
     _received.append(signum)
 
 

@@ -53,6 +53,12 @@ def lock_holder(folder: str | os.PathLike) -> dict | None:
         os.close(fd)
 
 
+def in_use_hint(*flags: str) -> str:
+    """The remedy a run refused for a folder in use is told, naming the ``flags`` that choose another
+    folder: ``in_use_hint("--run_dir")`` -> "wait for it to end, stop it, or give another --run_dir"."""
+    return f"wait for it to end, stop it, or give another {' or '.join(flags)}"
+
+
 def refuse_if_locked(folder: str | os.PathLike, remedy: str) -> None:
     """Raise :class:`RunLock`'s refusal now if ``folder`` is locked (a read-only check, for an
     early and accurate message; only :class:`RunLock` makes a run exclusive)."""
@@ -83,11 +89,10 @@ class RunLock:
     """Exclusive lock on ``folder`` (created when missing) while the ``with`` block runs.
 
     Entering raises :class:`core.errors.UserError` when another process holds it: one line with
-    what runs there (:func:`describe`) and ``remedy`` (e.g. "wait for it, stop it, or give
-    another --run_dir"). Only the lock file is created before the lock is taken, and a refused
-    process changes nothing in the folder. Leaving removes the lock file, and the folders that
-    entering created when nothing else was written in them (a run refused later, for its flags
-    or data, leaves no folder behind).
+    what runs there (:func:`describe`) and ``remedy`` (:func:`in_use_hint`). Only the lock file is
+    created before the lock is taken, and a refused process changes nothing in the folder. Leaving
+    removes the lock file, and the folders that entering created when nothing else was written in
+    them (a run refused later, for its flags or data, leaves no folder behind).
     """
 
     def __init__(self, folder: str | os.PathLike, remedy: str):

@@ -61,11 +61,17 @@ class ImageLabels:
     Attributes:
         classes: foreground class names, index i has segmentation id i+1.
         ids: name -> sorted list of foreground ids (1..C-1).
+        path: the file they were read from (:meth:`load`), named by the errors; None when built in memory.
     """
 
-    def __init__(self, classes: list[str], ids: dict[str, list[int]]):
+    def __init__(self, classes: list[str], ids: dict[str, list[int]], path: Path | None = None):
         self.classes = list(classes)
         self.ids = {k: sorted(int(i) for i in v) for k, v in ids.items()}
+        self.path = path
+
+    def _where(self) -> str:
+        """The label file for messages: its path, or "the label file" when built in memory."""
+        return str(self.path) if self.path is not None else "the label file"
 
     @property
     def num_fg(self) -> int:
@@ -83,7 +89,7 @@ class ImageLabels:
         try:
             ids = self.ids[name]
         except KeyError:
-            raise UserError(f"image {name!r} has no image-level label in the label file") from None
+            raise UserError(f"image {name!r} has no image-level label in {self._where()}") from None
         vec = np.zeros(self.num_fg, np.float32)
         vec[np.asarray(ids, dtype=np.int64) - 1] = 1.0
         return vec
@@ -93,7 +99,7 @@ class ImageLabels:
         missing = [n for n in names if n not in self.ids]
         if missing:
             raise UserError(
-                f"{len(missing)} image(s) of {source} have no image-level label "
+                f"{len(missing)} image(s) of {source} have no image-level label in {self._where()} "
                 f"(first: {missing[0]}); check the list and the label file"
             )
 
@@ -134,7 +140,7 @@ class ImageLabels:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and isinstance(ids, dict)
                 and all(isinstance(v, list) and all(type(i) is int for i in v) for v in ids.values())):
             raise UserError(not_labels)
-        labels = cls(classes, ids)
+        labels = cls(classes, ids, path)
         if num_fg is not None and labels.num_fg != num_fg:
             raise UserError(
                 f"{path} has {labels.num_fg} foreground classes but {num_fg} were expected; "

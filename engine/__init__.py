@@ -1,1 +1,1 @@
-"""Run plumbing of the training scripts: the resumable loop and its step (loop), a training run's life around it (trainrun), data order, random state and checkpoints (resume), and the run's logs (log)."""
+"""Run plumbing of the training scripts: the optimisation step that scripts run and benchmarks time (step), the resumable loop around it (loop), a training run's life, assembled in a fixed order (trainrun), data order, random state and checkpoints (resume), and the run's logs (log)."""

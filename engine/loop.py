@@ -10,22 +10,22 @@ The engine owns what every training run needs and what is easy to get wrong:
   buffers broadcast from rank 0, a final check that every rank holds the same weights);
 - mixed precision (a gradient scaler for fp16);
 - SIGINT / SIGTERM: stop after the current step, save, exit (:class:`StopRequest`);
-- a guard that refuses a non-finite loss before it reaches the weights, and an
-  out-of-memory message, each saying how to continue (:class:`Hints`);
+- the optimisation step, :func:`engine.step.train_step` (the one the benchmarks time): backward, a guard
+  that refuses a non-finite loss before it reaches the weights, the optimizer step; the
+  messages of a non-finite loss and of an out-of-memory error say how to continue (:class:`Hints`);
 - one resumable checkpoint (modules, optimizer, scaler, position, random state of every
   rank), written atomically at every epoch end and at every stop;
 - logging: text, JSON lines, TensorBoard and a tqdm bar (:class:`engine.log.RunLog`).
 
 The sampler, the random state, the checkpoint and weight files and the collectives it uses
-live in :mod:`engine.resume`; what a training script does around the loop (the run directory,
-resume checks, messages) in :mod:`engine.trainrun`.
+live in :mod:`engine.resume`; the optimisation step in :mod:`engine.step`; what a training
+script does around the loop (the run directory, resume checks, messages) in :mod:`engine.trainrun`.
 
 The engine speaks of no flag and no dataset: what a message should advise comes from the
 script, in :class:`Hints`.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -45,9 +44,7 @@ from core.device import Runtime, barrier
 from engine.resume import (broadcast_buffers, cpu_state, gather_objects, release_workers, rng_state, save_checkpoint,
                            seed_everything, set_rng_state, state_digest)
 from engine.log import RunLog
-
-FAULTS = ("nan", "oom")
-
+from engine.step import NonFiniteLoss, is_out_of_memory, train_step
 
 @dataclass
 class Position:
@@ -134,7 +131,7 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame) -> None:
         # Only set a flag: printing here could re-enter a write the main thread is doing.
-        record_stop_signal(signum)  # SIGTERM ends the script with status 143 (core.errors.run_cli)
+        record_stop_signal(signum)  # SIGTERM ends the script with status 143 (core.errors.run_guarded)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -330,44 +327,29 @@ class Engine:
         return finished
 
     def _step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One optimisation step; returns the rank-averaged losses, the stop vote and the hook's values."""
-        rt = self.rt
+        """One optimisation step (:func:`engine.step.train_step`) at the current position; returns the
+        rank-averaged losses, the stop vote and the hook's values."""
         fault = self.fault[0] if self.fault and self.fault[1] == self.pos.global_step + 1 else None
+
+        def forward() -> dict[str, torch.Tensor]:
+            losses = self.task.step(self, batch)
+            if fault == "nan":
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            return losses
+
         try:
             if fault == "oom":
                 raise torch.OutOfMemoryError("simulated out-of-memory error (fault injection)")
             if self.task.before_step is not None:
                 self.task.before_step(self.pos)
-            losses = self.task.step(self, batch)
-            if fault == "nan":
-                losses = {k: v * float("nan") for k, v in losses.items()}
-            names = sorted(losses)
-            stats = torch.stack([losses[k].detach().float() for k in names]
-                                + [torch.tensor(float(self.stop.requested), device=rt.device)])
-            if rt.distributed:
-                dist.all_reduce(stats)
-                stats[:-1] /= rt.world_size
-            ready = None
-            if stats.is_cuda:  # copied as soon as the forward is done, read once backward is queued
-                stats = stats.to("cpu", non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-            self.task.optimizer.zero_grad(set_to_none=True)
-            # Backward is launched before the losses are read, so that reading them (the step's one
-            # wait for the device) overlaps it; a non-finite loss is still refused before the
-            # optimizer step, hence before it changes the weights.
-            self.scaler.scale(losses["loss"]).backward()
-            if ready is not None:
-                ready.synchronize()
-            values: dict[str, Any] = dict(zip(names + ["stop"], stats.tolist()))
-            if not all(math.isfinite(values[k]) for k in names):
-                raise UserError(self._non_finite_message(values, names))
-            self.scaler.step(self.task.optimizer)
-            self.scaler.update()
+            values = train_step(forward, self.task.optimizer, self.scaler, self.stop.requested, self.rt.world_size)
+        except NonFiniteLoss as err:
+            raise UserError(self._non_finite_message(err.values)) from None
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
                 raise
-            raise UserError(f"out of memory on {rt.device}{self.hints.out_of_memory}{self.checkpoint_hint()}") from None
+            hint = self.hints.out_of_memory + self.checkpoint_hint()
+            raise UserError(f"out of memory on {self.rt.device}{hint}") from None
         broadcast_buffers(self.task.model)
         if self.task.after_step is not None:
             values.update(self.task.after_step(self.pos))
@@ -386,8 +368,8 @@ class Engine:
         scalars.update({f"train/{k}": v for k, v in extra.items()})
         self.log.record("step", record, step=self.pos.global_step, scalars=scalars)
 
-    def _non_finite_message(self, values: dict[str, float], names: list[str]) -> str:
-        terms = ", ".join(f"{k}={values[k]}" for k in names)
+    def _non_finite_message(self, losses: dict[str, float]) -> str:
+        terms = ", ".join(f"{k}={v}" for k, v in losses.items())
         advice = self.hints.non_finite
         return (f"non-finite loss at epoch {self.pos.epoch + 1}, step {self.pos.step + 1} ({terms}); training "
                 f"stopped before this step changed the weights. {advice[:1].upper()}{advice[1:]}"
@@ -417,21 +399,3 @@ class Engine:
                         step=self.pos.global_step)
         if not identical:
             self.log.message("warning: the processes ended with different weights; only rank 0's are saved")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """True for a device or host allocation failure."""
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err)
-    return "DefaultCPUAllocator: can't allocate memory" in text or "out of memory" in text.lower()
-
-
-def parse_fault(text: str | None) -> tuple[str, int] | None:
-    """``"KIND:STEP"`` (KIND in :data:`FAULTS`, STEP >= 1) -> ``(kind, step)``; ValueError otherwise."""
-    if text is None:
-        return None
-    kind, _, step = text.partition(":")
-    if kind not in FAULTS or not step.isdigit() or int(step) < 1:
-        raise ValueError(f"expected KIND:STEP with KIND in {', '.join(FAULTS)} and STEP >= 1, got {text!r}")
-    return kind, int(step)

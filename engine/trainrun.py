@@ -10,7 +10,8 @@ everything else a run does is here, once:
 - the run's record: ``args.json`` beside the weight files (:func:`write_args_json`, read back
   by the inference scripts through :func:`read_run_args`);
 - :class:`TrainingRun`, the part of a script's per-rank object that is the same in every
-  script: the checkpoint to resume and the refusal of other settings or other data, the data
+  script: the order in which a run is built (:meth:`TrainingRun.build`, from the script's
+  hooks), the checkpoint to resume and the refusal of other settings or other data, the data
   loader, the log, the engine with its messages' advice, the resume record, the start message,
   the validation between epochs;
 - :func:`run_training`, under ``torchrun`` or alone.
@@ -29,18 +30,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, default_collate
 
 from core.errors import UserError
 from core.fileio import atomic_write
-from core.runlock import RunLock, refuse_if_locked
+from core.runlock import RunLock, in_use_hint, refuse_if_locked
 from data.layout import REPO_ROOT
 from network.checkpoint import require_file
 from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
-                         setup_distributed)
-from engine.loop import Engine, Hints, Position, Task, parse_fault
-from engine.resume import ResumableSampler, load_checkpoint, make_loader, seed_everything
+                         memory_layout, setup_distributed)
+from engine.loop import Engine, Hints, Position, Task
+from engine.step import parse_fault
+from engine.resume import ResumableSampler, cpu_state, load_checkpoint, make_loader, save_weights, seed_everything
 from engine.log import RunLog
 
 RESUME_HINT = "continue with the same command and --resume auto"
@@ -85,7 +88,7 @@ def resolve_val_list(args: argparse.Namespace) -> None:
 
 
 # What a training run refused for a run directory in use is told (core.runlock.RunLock).
-RUN_DIR_IN_USE = "wait for it to end, stop it, or choose another --session_name or --save_dir"
+RUN_DIR_IN_USE = in_use_hint("--session_name", "--save_dir")
 
 
 def leads_launch() -> bool:
@@ -197,25 +200,82 @@ def changed_on_resume(checkpoint: dict, args: argparse.Namespace, adjustable: tu
 class TrainingRun:
     """One rank of a training run: the part of a script's run object that every script shares.
 
-    A script subclasses it and builds its run in ``__init__`` with these calls, in this order
-    (the order fixes which random numbers each part draws, hence the weights):
-    ``super().__init__`` (reads the checkpoint to resume), :meth:`identify_data`,
-    :meth:`make_loader`, ``seed_everything(args.seed)`` and the model, :meth:`open_log`,
-    :meth:`start_engine`. It sets :attr:`run_defining` (flags a resumed run must keep),
-    :attr:`adjustable` (flags it may change) and words its start with :meth:`summary` and
-    :meth:`notes`.
+    :meth:`build` assembles the run from the script's hooks in the one order that fixes which
+    random numbers each part draws (hence the weights) and refuses the cheap mistakes first;
+    a script subclasses it and fills in the hooks (:meth:`training_names`, :meth:`make_dataset`,
+    :meth:`make_validation`, :meth:`make_model`, :meth:`make_task`, :meth:`schedule`). It sets
+    :attr:`run_defining` (flags a resumed run must keep), :attr:`adjustable` (flags it may
+    change) and words its start with :meth:`summary` and :meth:`notes`.
     """
 
     run_defining: tuple[str, ...] = ()
     adjustable: tuple[str, ...] = ()
-    # Scored every --val_every epochs (a scoring.validation.PseudoLabelValidation), or None.
-    validation = None
+    # Whose pseudo-labels the validation scores, in its start message.
+    validated_maps = "the model's"
+    # What an out-of-memory message advises after the batch and crop sizes.
+    out_of_memory_advice = "start a new run with a lower --batch_size or --crop_size"
 
     def __init__(self, args: argparse.Namespace, rt: Runtime):
         self.args, self.rt = args, rt
         self.amp = amp_dtype(args.amp, rt.device)
         self.math = configure_math(rt.device, args.tf32)
         self.checkpoint = load_checkpoint(args.resume) if args.resume else None
+        self.build()
+
+    def build(self) -> None:
+        """Assemble the run from the script's hooks: the list (checked against the checkpoint to
+        resume), the data and this rank's loader, the validation, the model (seeded with --seed),
+        the log, the task and the engine. The order is fixed here, not by the scripts: it decides
+        which random numbers each part draws (hence the weights), and it refuses the cheap
+        mistakes before the costly work."""
+        names, num_classes = self.training_names()
+        self.identify_data(names, num_classes)
+        self.dataset = self.make_dataset(names)
+        loader, sampler = self.make_loader(self.dataset, len(names))
+        # Its images and labels are checked now, before the run starts.
+        self.validation = self.make_validation()
+        seed_everything(self.args.seed)
+        self.model, loaded = self.make_model()
+        self.open_log()
+        for line in loaded:
+            self.log.message(line)
+        self.announce_validation()
+        epochs, total_steps = self.schedule(len(loader))
+        self.start_engine(self.make_task(), loader, sampler, epochs, total_steps)
+
+    def training_names(self) -> tuple[list[str], int]:
+        """Hook: the names of the training list and the number of classes."""
+        raise NotImplementedError
+
+    def make_dataset(self, names: list[str]):
+        """Hook: the training dataset of ``names`` (it checks that every image and label exists)."""
+        raise NotImplementedError
+
+    def make_validation(self):
+        """Hook: a :class:`scoring.validation.PseudoLabelValidation` scored every --val_every epochs, or None."""
+        return None
+
+    def make_model(self) -> tuple[nn.Module, list[str]]:
+        """Hook: the model with its starting weights (on the CPU), and the lines to log about them."""
+        raise NotImplementedError
+
+    def make_task(self) -> Task:
+        """Hook: the engine's task (the model placed by :meth:`placed`, its optimizer, step and hooks)."""
+        raise NotImplementedError
+
+    def schedule(self, steps_per_epoch: int) -> tuple[int, int | None]:
+        """Hook: the run's epochs, and the steps after which it is complete (None: at the last epoch's
+        end); by default the --max_epoches of an epoch-based schedule."""
+        return self.args.max_epoches, None
+
+    def non_finite_advice(self) -> str:
+        """What the message of a non-finite loss advises."""
+        return "lower --lr" + (" or use --amp bf16 / off" if self.amp == torch.float16 else "")
+
+    def placed(self, model: nn.Module) -> nn.Module:
+        """``model`` on this rank's device in the training layout (:func:`core.device.memory_layout`),
+        in train mode."""
+        return model.to(self.rt.device, memory_format=memory_layout(self.rt.device, "training")).train()
 
     def identify_data(self, names: list[str], num_classes: int) -> None:
         """Fingerprint the training list (``self.data_id``, kept in the checkpoint); refuse to
@@ -244,18 +304,14 @@ class TrainingRun:
         return self.log
 
     def start_engine(self, task: Task, loader: DataLoader, sampler: ResumableSampler, epochs: int,
-                     out_of_memory: str, non_finite: str, total_steps: int | None = None) -> Engine:
-        """The engine of ``task``, restored from the checkpoint or, for a new run, with each rank seeded.
-
-        ``out_of_memory`` is what an out-of-memory message advises after the batch and crop
-        sizes; ``non_finite`` what a non-finite loss's message advises.
-        """
+                     total_steps: int | None = None) -> Engine:
+        """The engine of ``task``, restored from the checkpoint or, for a new run, with each rank seeded."""
         args = self.args
         task.checkpoint_meta = {"args": args_dict(args), "data": self.data_id, **task.checkpoint_meta}
         amp_hint = ", or use --amp bf16" if self.rt.device.type == "cuda" and self.amp is None else ""
-        hints = Hints(resume=RESUME_HINT, non_finite=non_finite,
+        hints = Hints(resume=RESUME_HINT, non_finite=self.non_finite_advice(),
                       out_of_memory=f" at --batch_size {args.batch_size} (per process {self.per_rank_batch}) and "
-                                    f"--crop_size {args.crop_size}: {out_of_memory}{amp_hint}")
+                                    f"--crop_size {args.crop_size}: {self.out_of_memory_advice}{amp_hint}")
         self.engine = Engine(task, self.rt, args.run_dir, self.log, loader, sampler, args.batch_size, epochs,
                              args.max_steps, args.log_every, self.amp, hints, args.debug_fault,
                              total_steps=total_steps)
@@ -271,16 +327,16 @@ class TrainingRun:
                                    "args": args_dict(args)}, step=self.engine.pos.global_step)
         return self.engine
 
-    def announce_validation(self, mask_dirs: list[Path], what: str) -> None:
-        """Say what --val_list / --val_every will do (``what``: whose pseudo-labels are scored);
-        drop the validation when no image has a mask in ``mask_dirs``."""
+    def announce_validation(self) -> None:
+        """Say what --val_list / --val_every will do; drop the validation when no image has a mask
+        in the training data's mask folders."""
         args, validation = self.args, self.validation
         if validation is None:
-            if args.val_list:
+            if getattr(args, "val_list", None):  # a script without validation flags has nothing to say
                 self.log.message(f"note: --val_list {args.val_list} is not scored without --val_every N (the "
                                  "published loop never validated)")
             return
-        folders = " or ".join(str(f) for f in mask_dirs)
+        folders = " or ".join(str(f) for f in self.dataset.layout.mask_dirs)
         if not validation.names:
             self.log.message(f"no validation: no image of --val_list {args.val_list} has a ground-truth mask "
                              f"(looked in {folders}); the run trains without it")
@@ -288,7 +344,8 @@ class TrainingRun:
             return
         left_out = (f"; {validation.missing} without a mask (looked in {folders}) left out" if validation.missing
                     else "")
-        self.log.message(f"validation every {args.val_every} epoch(s): {what} pseudo-labels ({validation.rule}) "
+        self.log.message(f"validation every {args.val_every} epoch(s): {self.validated_maps} pseudo-labels "
+                         f"({validation.rule}) "
                          f"on {len(validation.names)} images of {args.val_list}{left_out}, scales "
                          f"{','.join(map(str, args.val_scales))} with flips")
 
@@ -330,6 +387,14 @@ class TrainingRun:
         for note in [self.math, *self.notes()]:
             self.log.message(note)
         self.engine.run()
+
+    def save_weight_files(self, files: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> list[str]:
+        """Write plain state_dicts, ``name -> (module, key prefixes left out)``, into the run directory
+        (rank 0 writes); return their names."""
+        if self.rt.is_main:
+            for name, (module, exclude) in files.items():
+                save_weights(Path(self.args.run_dir) / name, cpu_state(module, exclude))
+        return list(files)
 
     def compiled(self, *modules: nn.Module) -> None:
         """Compile each of ``modules`` in place as ``--compile`` asks (after the teacher is copied:

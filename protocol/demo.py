@@ -43,11 +43,13 @@ from pathlib import Path
 from apps.cli import add_generated_dataset_args, add_stages_device_arg, run_cli
 from core.errors import UserError
 from core.fileio import atomic_path
-from core.runlock import RunLock
+from core.runlock import RunLock, in_use_hint
 from data.synthetic import generate_once
-from protocol import pipeline, rows
-from protocol.plan import Plan, Protocol, cams_name, make_plan, preset, transcam_weights
-from protocol.results import published_column, write_seed_files
+from protocol import pipeline
+from protocol.plan import Plan
+from protocol.protocol_file import Protocol, fixed_t_problem
+from protocol.results import check_seeds, seed_rows, write_seed_files
+from protocol.stages import transcam_weights
 from tool.overlay import stack_sheet_files
 
 # The values of train_bao.py --refine (network.conformer.REFINE_MODES, which tests/test_demo.py
@@ -56,7 +58,7 @@ REGIMES = ("attention", "none")
 # regime -> the label of its sheet on the regimes sheet of an image
 REGIME_LABELS = {"attention": "attention refinement (published)", "none": "no refinement"}
 REGIMES_SHEET = "regimes_"  # <out>/seed<S>/regimes_<image>.png
-PRESET = preset("demo")
+PRESET = pipeline.preset("demo")
 # demo flag -> (settings key of the preset, the script's flag, number of values): the knobs this
 # command turns; their defaults are the preset's values.
 KNOBS = {"crop_size": ("train", "--crop_size", 1), "resize_long": ("train", "--resize_long", 2),
@@ -180,15 +182,14 @@ def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> 
     """The runner's plan of one demo run at seed ``p.seed``: the attention regime, or a run without
     attention refinement from the attention run's TransCAM weights."""
     run = "attention" if regime == "attention" else "refine_none"
-    argv = ["--run_dir", str(p.results / run), "--device", args.device, "--voc12_root", str(p.data),
-            "--label_file", str(p.data / "cls_labels.json"), "--seg_from_scratch"]
+    values = {"device": args.device, "voc12_root": str(p.data), "label_file": str(p.data / "cls_labels.json"),
+              "seg_from_scratch": True}
     if regime == "attention":
-        argv += ["--start", "scratch"]
+        values["start"] = "scratch"
     else:
-        tc_weights = transcam_weights(demo_plan(args, p), planned=True)
-        argv += ["--refine", "none", "--start", "transcam", "--weights", tc_weights]
-    runner_args = pipeline.get_args_parser().parse_args(argv)
-    return make_plan(runner_args, demo_protocol(args, regime), seed=p.seed, run_dir=p.results / run)
+        values.update(refine="none", start="transcam", weights=transcam_weights(demo_plan(args, p), planned=True))
+    runner_args = pipeline.runner_args(p.results / run, **values)
+    return pipeline.make_plan(runner_args, demo_protocol(args, regime), seed=p.seed, run_dir=p.results / run)
 
 
 def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
@@ -221,15 +222,14 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> dict:
 
 
 def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> str:
-    """``<out>/seeds.json`` and ``seeds.md``: per regime, :func:`protocol.rows.seed_summary` over the seeds."""
+    """``<out>/seeds.json`` and ``seeds.md``: per regime, the runner's seeds table
+    (:func:`protocol.results.seed_rows`) over the seeds."""
     out = Path(args.out).resolve()
     sections, summaries = [], {}
     for key in per_seed[min(per_seed)]:
-        summary = rows.seed_summary({s: r[key] for s, r in per_seed.items()})
         plan = demo_plan(args, Paths(out, min(per_seed)), "attention" if key == "attention" else "none")
-        summaries[key] = summary
-        sections.append(f"## {key}\n\n" + rows.seed_table(summary, cams_name(plan), plan.protocol.fixed_t,
-                                                          published_column(plan)))
+        summaries[key], table = seed_rows({s: r[key] for s, r in per_seed.items()}, plan)
+        sections.append(f"## {key}\n\n" + table)
     text = (f"Demo over seeds {', '.join(map(str, sorted(per_seed)))}: mIoU % mean ± sample standard deviation "
             f"(n - 1), then each seed's value; {args.num_train} generated train images of about {args.size} px.\n\n"
             + "\n".join(sections))
@@ -239,16 +239,17 @@ def write_seed_tables(args: argparse.Namespace, per_seed: dict[int, dict]) -> st
 
 def main(args: argparse.Namespace) -> dict:
     """Run the demo for every seed; returns seed -> :func:`run_pipeline`'s results."""
+    check_seeds(args.seeds)  # the runner's check: one folder and one table column per seed
+    if problem := fixed_t_problem(args.default_t):
+        raise UserError(f"--default_t {problem}")
     # One demo per --out: a second one would train in the same run folders.
-    with RunLock(args.out, "wait for it to end, stop it, or give another --out"):
+    with RunLock(args.out, in_use_hint("--out")):
         return _demo(args)
 
 
 def _demo(args: argparse.Namespace) -> dict:
     if args.quick:
         apply_quick(args)
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UserError(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}")
     start = time.time()
     per_seed = {}
     for seed in args.seeds:

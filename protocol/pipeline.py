@@ -19,20 +19,12 @@ and the following ones (their folders are removed first); ``--until STAGE`` stop
 Everything a stage needs (weights, dataset root, lists, masks) is checked before the first
 stage starts.
 
-Stages, in order (:data:`STAGES`): ``transcam`` (only with ``--start imagenet`` or ``scratch``:
-the TransCAM stage from ImageNet Conformer weights or from random initialisation), ``bao``
-(BAO from TransCAM weights), ``pseudo_score``
-(BAO pseudo-labels and maps, and TransCAM CAMs, of the scoring list; the pseudo-labels' mIoU),
-``eval_score`` (the background-threshold sweeps of TransCAM CAMs and BAO maps, with plots),
-``pseudo_seg`` (pseudo-labels of the segmentation training list; nothing to do when it is the
-scoring list, whose labels are reused), ``seg_train``, ``seg_val``
-(segmentation of the val list, with and without CRF, scored), ``seg_test`` (VOC: the test set
-in the evaluation server's layout and archive), ``table`` (``results.md`` and ``results.json``,
-beside the published figures). A protocol may add optional stages (:attr:`Protocol.extras`, the
-demo's): ``cnn_score`` (the CNN CAMs before attention refinement, swept: an ablation),
-``overlays`` (overlay sheets) and ``seg_upper`` (the segmentation model trained on the
-ground-truth masks and scored on val: the fully supervised upper bound). A protocol without
-segmentation lists stops at the pseudo-labels.
+The stages, in order, are the records of the stage table (protocol/stages.py, :data:`STAGE_TABLE`;
+docs/protocol.md lists them): each record says what the runner, ``--status``, the prerequisite
+check and the results table need of its stage. ``transcam`` runs only with ``--start imagenet``
+or ``scratch``; the optional stages (``cnn_score``, ``overlays``, ``seg_upper``) only where the
+protocol names them in ``extras``; a protocol without segmentation lists stops at the
+pseudo-labels. A plan can be made with another table (:func:`make_plan`'s ``stages``).
 
 ``--seeds 0 1 2`` runs the protocol once per training seed (``--seed`` of train_bao.py and
 train_seg.py), each in ``<run_dir>/seed<S>/``; stages that no training of the seed feeds (the
@@ -47,24 +39,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_args, add_refine_arg,
                       add_stages_device_arg, crf_backend_from_args, run_cli)
 from core.errors import UserError, stop_signal
 from core.fileio import atomic_path
-from core.runlock import RunLock, describe, lock_holder
+from core.runlock import RunLock, describe, in_use_hint, lock_holder
 from data.layout import REPO_ROOT
-# Re-exported for the runner's callers (bench/bench_protocol.py, the tests), beside what it uses itself.
-from protocol.plan import (EXTRAS, STAGES, Plan, Protocol, check_definition, check_prerequisites,  # noqa: F401
-                           commands, make_plan, make_plans, preset, recorded_plans, script_parsers)
-from protocol.results import write_seed_table, write_table
+from protocol import protocol_file
+# Re-exported for the runner's callers (bench/bench_protocol.py, the demo, the tests), beside what it uses itself.
+from protocol.plan import (Plan, Stage, check_commands, check_definition, check_prerequisites, commands,  # noqa: F401
+                           script_parsers)
+from protocol.protocol_file import Protocol, fixed_t_problem
+from protocol.results import check_seeds, write_seed_table, write_table
+from protocol.stages import EXTRAS, SETTING_KEYS, STAGE_TABLE, STAGES  # noqa: F401
+
+RUN_DIR_IN_USE = in_use_hint("--run_dir")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,19 +97,110 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_protocol(path: str) -> Protocol:
+    """A protocol file, checked by the schema (:func:`protocol.protocol_file.load_protocol`) against the
+    stage table's optional stages and settings keys."""
+    return protocol_file.load_protocol(path, EXTRAS, SETTING_KEYS)
+
+
+def preset(name: str) -> Protocol:
+    """A shipped protocol: "voc", "coco" or "demo" (protocol/presets/<name>.json)."""
+    return load_protocol(str(protocol_file.PRESETS / f"{name}.json"))
+
+
+def _resolve_list(value: str, protocol: Protocol, args: argparse.Namespace) -> str:
+    """A protocol's list path as an absolute path (``{repo}``, ``{root}``, relative to the protocol's folder)."""
+    if "{root}" in value:
+        root = args.voc12_root if args.dataset == "voc" else args.coco_root
+        if not root:
+            raise UserError(f"the protocol's list {value} is in the dataset root: give --"
+                            f"{'voc12_root' if args.dataset == 'voc' else 'coco_root'}")
+        value = value.replace("{root}", str(Path(root).resolve()))
+    value = value.replace("{repo}", str(REPO_ROOT))
+    return str(Path(value) if Path(value).is_absolute() else Path(protocol.base) / value)
+
+
+def make_plan(args: argparse.Namespace, protocol: Protocol | None = None, seed: int | None = None,
+              run_dir: Path | None = None, check: bool = True, stages: Sequence[Stage] = STAGE_TABLE) -> Plan:
+    """The run's plan: ``protocol`` (default: ``--protocol``, else the dataset's preset); ``seed`` and
+    ``run_dir`` (default: ``<run_dir>/seed<S>`` with a seed, else ``--run_dir``) for one seed's run;
+    ``stages``: the stage table (default: the protocol's, :data:`protocol.stages.STAGE_TABLE`).
+    With ``check``, every stage's command line is parsed by its script's parser (:func:`check_commands`).
+    Creates nothing."""
+    protocol = protocol or (load_protocol(args.protocol) if args.protocol else preset(args.dataset))
+    if problem := fixed_t_problem(protocol.fixed_t):
+        raise UserError(f"the protocol's fixed_t {problem}")
+    given = protocol.lists
+    if ("seg_train" in given) != ("seg_val" in given):
+        raise ValueError("a protocol names both segmentation lists or neither")
+    lists = {k: given[k] for k in ("train", "score", "seg_train", "seg_val", "seg_test") if k in given}
+    if "seg_val" in lists and args.dataset == "coco" and args.coco_val == "full":
+        if "seg_val_full" not in given:
+            raise UserError("--coco_val full: the protocol names no seg_val_full list")
+        lists["seg_val"] = given["seg_val_full"]
+    if "seg_train" not in lists:
+        lists.pop("seg_test", None)
+    resolved = {k: _resolve_list(v, protocol, args) for k, v in lists.items()}
+    root = Path(args.run_dir).resolve()
+    if run_dir is None:
+        run_dir = root / f"seed{seed}" if seed is not None else root
+    plan = Plan(args, protocol, Path(run_dir).resolve(), resolved, root, tuple(stages), seed, given=lists)
+    if check:
+        check_commands(plan)
+    return plan
+
+
+def make_plans(args: argparse.Namespace, protocol: Protocol | None = None) -> list[Plan]:
+    """One plan, or one per ``--seeds`` (in ``<run_dir>/seed<S>``)."""
+    if not args.seeds:
+        return [make_plan(args, protocol)]
+    check_seeds(args.seeds)
+    return [make_plan(args, protocol, seed=s) for s in args.seeds]
+
+
+def runner_args(run_dir: str | Path, **values: object) -> argparse.Namespace:
+    """The runner's arguments of a run in ``run_dir``, for a caller that makes its plans itself (the demo):
+    every flag at its default, the attributes ``values`` (typed values, not words) set."""
+    args = get_args_parser().parse_args(["--run_dir", str(run_dir)])
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"the runner has no argument {', '.join(unknown)}")
+    vars(args).update(values)
+    return args
+
+
+def recorded_plans(args: argparse.Namespace) -> list[Plan]:
+    """The plans of the run in ``args.run_dir`` as its ``run.json`` recorded them, whatever flags and
+    preset (the demo's) made it: one, or one per ``seed<S>`` folder. A folder without ``run.json``
+    holds no run: UserError."""
+    root = Path(args.run_dir)
+    path = root / "run.json"
+    if not path.is_file():
+        state = "does not exist" if not root.exists() else "holds no run (no run.json)"
+        raise UserError(f"{root} {state}: give the --run_dir of a run (a run folder has run.json)")
+    d = json.loads(path.read_text())
+    protocol = Protocol(lists=d["lists"], published=d.get("published"), settings=d["settings"],
+                        extras=tuple(d["extras"]), fixed_t=d["fixed_t"])
+    recorded = argparse.Namespace(**{**vars(args), "dataset": d["dataset"], "refine": d["refine"],
+                                     "start": d["start"], "seg_from_scratch": d["seg_from_scratch"],
+                                     "crf_backend": d.get("crf_backend", args.crf_backend), "coco_val": "labelled"})
+    if d.get("seed") != "one folder per seed":
+        return [make_plan(recorded, protocol, seed=d.get("seed"), run_dir=root, check=False)]
+    seeds = sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].isdigit() and p.is_dir())
+    return [make_plan(recorded, protocol, seed=s, check=False) for s in seeds]
+
+
 def _done_file(plan: Plan, stage: str) -> Path:
     return plan.home(stage) / "stages" / f"{stage}.json"
 
 
 def status(plan: Plan) -> list[tuple[str, str]]:
-    """(stage, "done in N s" | "partly done" | "to do" | "not in this run") for every stage."""
+    """(stage, "done in N s" | "partly done (resumes)" | "to do" | its record's ``absent``) for every stage."""
     states = []
-    for stage in STAGES:
-        done = _done_file(plan, stage)
-        if not plan.runs(stage) and stage != "pseudo_seg":
-            states.append((stage, "not in this run"))
-        elif not plan.runs(stage):
-            states.append((stage, "not in this run (the scoring list's pseudo-labels are reused)"))
+    for record in plan.stages:
+        stage, done = record.name, _done_file(plan, record.name)
+        if not plan.runs(stage):
+            states.append((stage, record.absent))
         elif done.is_file():
             states.append((stage, f"done in {json.loads(done.read_text())['seconds']:.0f} s"))
         elif plan.out(stage).exists():
@@ -123,7 +211,8 @@ def status(plan: Plan) -> list[tuple[str, str]]:
 
 
 def _run_stage(plan: Plan, stage: str) -> None:
-    """Run the stage's commands, teeing their output to ``logs/<stage>.log``; mark it done."""
+    """Run the stage's commands, teeing their output to ``logs/<stage>.log``; write the results when its
+    record says so; mark it done."""
     start = time.time()
     log_path = plan.home(stage) / "logs" / f"{stage}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +234,7 @@ def _run_stage(plan: Plan, stage: str) -> None:
             if proc.wait() != 0:
                 raise UserError(f"stage {stage} failed (exit {proc.returncode}); its output is in {log_path}; fix the "
                                 "cause and rerun the same command, which continues from this stage")
-    if stage == "table":
+    if plan.stage(stage).writes_results:
         write_table(plan)
     with atomic_path(_done_file(plan, stage)) as tmp:
         Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
@@ -175,9 +264,6 @@ def _pass_output(proc: subprocess.Popen, log) -> None:
         log.write(chunk)
 
 
-RUN_DIR_IN_USE = "wait for it to end, stop it, or give another --run_dir"
-
-
 def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
     """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end.
     ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them).
@@ -188,18 +274,30 @@ def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
         _run_stages(plan, show_table, redo_shared)
 
 
+def _selected(plan: Plan) -> list[str]:
+    """The stages up to ``--until`` (all without it), in order."""
+    names = plan.names
+    for flag, name in (("--from", plan.args.from_stage), ("--until", plan.args.until)):
+        if name is not None and name not in names:
+            raise UserError(f"{flag} {name}: no such stage in this run ({', '.join(names)})")
+    return names[:names.index(plan.args.until) + 1] if plan.args.until else names
+
+
+def _reaches_results(plan: Plan, selected: list[str]) -> bool:
+    """Whether the ``selected`` stages write the run's results (results.md, results.json)."""
+    return any(plan.stage(s).writes_results and plan.runs(s) for s in selected)
+
+
 def _run_stages(plan: Plan, show_table: bool, redo_shared: bool) -> None:
-    a = plan.args
-    first = STAGES.index(a.from_stage) if a.from_stage else 0
-    last = STAGES.index(a.until) if a.until else len(STAGES) - 1
-    if first > last:
+    a, selected = plan.args, _selected(plan)
+    first = plan.names.index(a.from_stage) if a.from_stage else 0
+    if first >= len(selected):
         raise UserError(f"--from {a.from_stage} comes after --until {a.until}")
-    selected = list(STAGES[:last + 1])
-    todo = [s for s in selected if STAGES.index(s) >= first or not _done_file(plan, s).is_file()]
+    todo = [s for s in selected if plan.names.index(s) >= first or not _done_file(plan, s).is_file()]
     check_prerequisites(plan, todo)
     check_definition(plan)
     if a.from_stage:
-        for stage in (s for s in STAGES[first:] if redo_shared or not plan.shared(s)):
+        for stage in (s for s in plan.names[first:] if redo_shared or not plan.shared(s)):
             _done_file(plan, stage).unlink(missing_ok=True)
             shutil.rmtree(plan.out(stage), ignore_errors=True)
     for stage in selected:
@@ -210,18 +308,18 @@ def _run_stages(plan: Plan, show_table: bool, redo_shared: bool) -> None:
             continue
         print(f"\n== {stage}", flush=True)
         _run_stage(plan, stage)
-    if selected[-1] == "table" and show_table:
+    if show_table and _reaches_results(plan, selected):
         print("\n" + (plan.run_dir / "results.md").read_text())
 
 
 def run_seeds(plans: list[Plan]) -> None:
-    """Run every seed's plan (a shared stage once: the first seed runs it, the others find it done); with
-    the table stage reached, write and print the seeds table in the root."""
+    """Run every seed's plan (a shared stage once: the first seed runs it, the others find it done); when
+    the runs reach their results, write and print the seeds table in the root."""
     with RunLock(plans[0].root, RUN_DIR_IN_USE):  # each seed's folder is locked by run() too
         for plan in plans:
             print(f"\n=== seed {plan.seed}: {plan.run_dir}", flush=True)
             run(plan, show_table=False, redo_shared=plan is plans[0])  # --from redoes a shared stage once
-        if plans[0].args.until in (None, "table"):
+        if _reaches_results(plans[0], _selected(plans[0])):
             print("\n" + write_seed_table(plans, plans[0].root))
 
 
@@ -238,8 +336,9 @@ def main(args: argparse.Namespace) -> None:
         return
     # pydensecrf2 asked for but missing stops the run before its first stage, not at seg_val
     crf_backend_from_args(args, args.crf_backend == "pydensecrf")
+    # Nothing is created before here: the run folder is made by the lock, which removes it again when
+    # the run is refused before its first stage wrote anything (its flags, data or weights).
     plans = make_plans(args)
-    os.makedirs(plans[0].root, exist_ok=True)
     if args.seeds:
         run_seeds(plans)
     else:

@@ -1,9 +1,10 @@
 """The rows of the results table, with the published figures, and the multi-seed summary.
 
 One table for the runner (``results.md``), the demo and the multi-seed summary (``seeds.md``):
-each row is a key of the runner's ``results.json``, a title, the list it scores and the stage
-that scores it. :data:`PUBLISHED` holds the published figures per dataset; a protocol file
-names the column it is compared with (``"published": "voc"``).
+each row is a key of the runner's ``results.json``, a title and the list it scores (the stage
+that scores it names the row in its record's figures, protocol/stages.py). :data:`PUBLISHED`
+holds the published figures per dataset; a protocol file names the column it is compared with
+(``"published": "voc"``).
 """
 from __future__ import annotations
 
@@ -12,22 +13,20 @@ from typing import NamedTuple
 
 
 class Row(NamedTuple):
-    key: str
+    key: str  # the row's key in results.json; the stage table's figures say which stage scores it
     title: str  # "{cams}": what the TransCAM stage's CAMs are in the run; "{fixed_t}": the fixed threshold
     list_key: str
-    stage: str
 
 
-ROWS = (Row("bao_pseudo", "BAO pseudo-labels, threshold-free", "score", "pseudo_score"),
-        Row("bao_maps_best", "BAO maps, best background threshold (reference)", "score", "eval_score"),
-        Row("transcam_best", "{cams}, best background threshold (tuned on pixel labels)", "score", "eval_score"),
-        Row("transcam_fixed", "{cams}, fixed threshold t = {fixed_t}", "score", "eval_score"),
-        Row("cnn_best", "CNN CAMs before attention refinement, best threshold (ablation)", "score", "cnn_score"),
-        Row("seg_val", "segmentation model on the BAO pseudo-labels", "seg_val", "seg_val"),
-        Row("seg_val_crf", "segmentation model on the BAO pseudo-labels, + CRF", "seg_val", "seg_val"),
-        Row("seg_upper", "segmentation model on the ground-truth masks (upper bound)", "seg_val", "seg_upper"),
-        Row("seg_upper_crf", "segmentation model on the ground-truth masks, + CRF (upper bound)", "seg_val",
-            "seg_upper"))
+ROWS = (Row("bao_pseudo", "BAO pseudo-labels, threshold-free", "score"),
+        Row("bao_maps_best", "BAO maps, best background threshold (reference)", "score"),
+        Row("transcam_best", "{cams}, best background threshold (tuned on pixel labels)", "score"),
+        Row("transcam_fixed", "{cams}, fixed threshold t = {fixed_t}", "score"),
+        Row("cnn_best", "CNN CAMs before attention refinement, best threshold (ablation)", "score"),
+        Row("seg_val", "segmentation model on the BAO pseudo-labels", "seg_val"),
+        Row("seg_val_crf", "segmentation model on the BAO pseudo-labels, + CRF", "seg_val"),
+        Row("seg_upper", "segmentation model on the ground-truth masks (upper bound)", "seg_val"),
+        Row("seg_upper_crf", "segmentation model on the ground-truth masks, + CRF (upper bound)", "seg_val"))
 
 # The threshold-free BAO pseudo-labels' figure is in the paper, not in the published repository;
 # 74.97 is the BAO maps' at their best background threshold (t = 0.49-0.50).

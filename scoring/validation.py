@@ -31,6 +31,7 @@ from data.labels import ImageLabels
 from data.layout import DatasetLayout
 from tool.cam import pseudo_labels
 from scoring.metrics import DEFAULT_SWEEP, confusion, confusions_from_bins, scores, sweep_bins, threshold_range
+from scoring.sweep import best_threshold
 from tool.predict import DEFAULT_FORWARD_PIXELS, MultiScalePredictor, iterate_batches
 
 RULES = {"bao": "threshold-free", "transcam": "best background score"}
@@ -90,8 +91,8 @@ class PseudoLabelValidation:
             result["miou_pct"] = 100 * float(scores(counts, self.classes)["miou"])
             return result
         mious = np.array([scores(c, self.classes)["miou"] for c in confusions_from_bins(counts)])
-        best = int(np.nanargmax(mious)) if not np.all(np.isnan(mious)) else 0
-        result.update(miou_pct=100 * float(mious[best]), best_t=float(round(float(self.thresholds[best]), 6)))
+        best, best_t = best_threshold(self.thresholds, mious)
+        result.update(miou_pct=100 * float(mious[best]), best_t=best_t)
         return result
 
     def counts(self, model: nn.Module) -> np.ndarray:

@@ -16,7 +16,7 @@ from core.palette import read_label_png
 from data.camio import load_cams
 from data.labels import ImageLabels, read_list
 from network.conformer_CAM import Net_tiny
-from tests.helpers import assert_refused, call_main, run_cli
+from tests.helpers import assert_refused, call_main, run_script
 from core.device import autocast
 from tool.teacher import make_teacher
 from tool.training import bao_losses, transcam_losses
@@ -64,11 +64,11 @@ def test_losses_under_bf16_autocast_are_float32_and_finite():
 
 
 def test_bf16_training_both_stages_saves_float32_weights(voc_root, tmp_path):
-    tc = run_cli("train_bao.py", *_train_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
+    tc = run_script("train_bao.py", *_train_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
                                               "--amp", "bf16"))
     assert tc.returncode == 0, tc.stderr
     tc_weights = tmp_path / "transcam" / "transcam_0epochs.pth"
-    bao = run_cli("train_bao.py", *_train_args(voc_root, tmp_path, "--weights", str(tc_weights), "--amp", "bf16"))
+    bao = run_script("train_bao.py", *_train_args(voc_root, tmp_path, "--weights", str(tc_weights), "--amp", "bf16"))
     assert bao.returncode == 0, bao.stderr
     for run, keys in (("transcam", ("loss", "loss_cls")), ("bao", ("loss", "loss_cls", "loss_pcl"))):
         steps = _step_records(tmp_path / run)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import run_script
 
 
 def _given_weights(folder: Path, bao_weights: Path, num_classes: int) -> tuple[Path, Path]:
@@ -39,7 +39,7 @@ def test_smoke_run_on_one_tiny_image_prints_every_row(tmp_path, tiny_bao_weights
     makes with a run's weights and a segmentation model's softmax to the agreement table."""
     pytest.importorskip("pydensecrf.densecrf", reason="the benchmark times pydensecrf2, which is not installed")
     bao, seg = _given_weights(tmp_path, tiny_bao_weights, num_classes)
-    proc = run_cli("-m", "bench.bench_crf", "--images", "1", "--size", "48", "--workers", "1", "--threads", "1",
+    proc = run_script("-m", "bench.bench_crf", "--images", "1", "--size", "48", "--workers", "1", "--threads", "1",
                    "--repeats", "2", "--bao_weights", str(bao), "--seg_weights", str(seg), "--results", "",
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_torch_only_mode_times_the_torch_crf_on_a_device_without_pydensecrf(tmp_
     the CPU's (on the CPU itself, one image per lattice or several: the same marginals up to float
     rounding), the section written; CUDA refused without a GPU."""
     results = tmp_path / "RESULTS.md"
-    proc = run_cli("-m", "bench.bench_crf", "--torch_only", "cpu", "--images", "2", "--size", "48",
+    proc = run_script("-m", "bench.bench_crf", "--torch_only", "cpu", "--images", "2", "--size", "48",
                    "--results", str(results), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| label maps", "| probabilities"))]
@@ -82,5 +82,5 @@ def test_torch_only_mode_times_the_torch_crf_on_a_device_without_pydensecrf(tmp_
         assert cells[4] == cells[5] == "100.000" and float(cells[6]) < 1e-5
     assert "<!-- bench_crf_device:begin -->" in results.read_text()
     if not torch.cuda.is_available():
-        proc = run_cli("-m", "bench.bench_crf", "--torch_only", "cuda", "--results", "", timeout=300)
+        proc = run_script("-m", "bench.bench_crf", "--torch_only", "cuda", "--results", "", timeout=300)
         assert proc.returncode == 2 and proc.stderr.strip() == "error: --torch_only cuda: no CUDA device here"

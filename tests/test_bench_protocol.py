@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from tests.helpers import run_cli
+from tests.helpers import run_script
 
 SMOKE = ["-m", "bench.bench_protocol", "--device", "cpu", "--arch", "tiny", "--seg_backbone", "tiny", "--num_train",
          "8", "--num_val", "4", "--size", "64", "--batch_size", "4", "--crop_size", "64", "--scales", "32,64",
@@ -11,7 +11,7 @@ SMOKE = ["-m", "bench.bench_protocol", "--device", "cpu", "--arch", "tiny", "--s
 
 
 def test_cpu_smoke_run_times_every_stage_and_scales_them_to_voc(tmp_path):
-    proc = run_cli(*SMOKE, "--work_dir", str(tmp_path / "work"), timeout=600)
+    proc = run_script(*SMOKE, "--work_dir", str(tmp_path / "work"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = proc.stdout[proc.stdout.index("## The protocol runner's stages, timed"):]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in report.splitlines()

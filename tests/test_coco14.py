@@ -20,7 +20,7 @@ from tests.coco_root import (
     uncompressed_rle,
     write_coco_root,
 )
-from tests.helpers import run_cli
+from tests.helpers import run_script
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -85,7 +85,7 @@ def _expected_mask(coco: COCO, image_id: int, value_of: dict[int, int]) -> np.nd
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return run_cli("-m", "coco14.prepare_coco", *args, timeout=120)
+    return run_script("-m", "coco14.prepare_coco", *args, timeout=120)
 
 def _check_masks(coco_root: Path, mask_dir: Path, value_of: dict[int, int]) -> None:
     for split in ("train", "val"):
@@ -252,6 +252,17 @@ def test_user_errors(coco_root, tmp_path):
     (root / "train2014").rmdir()
     with pytest.raises(UserError, match="image folder not found: .*train2014"):
         _main(root, tmp_path, "--splits", "train")
+
+
+def test_rejected_annotation_file_creates_nothing(coco_root, tmp_path):
+    """docs/troubleshooting.md: a rejected input leaves no convention.json, mask or list behind."""
+    root = _copy_root(coco_root, tmp_path / "root")
+    data = json.loads((root / "annotations" / "instances_val2014.json").read_text())
+    data["categories"] = data["categories"][:-1]
+    (root / "annotations" / "instances_val2014.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"missing ids \[90\]"):
+        _main(root, tmp_path, "--splits", "val")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
 
 
 def test_mask_dir_with_unknown_pngs_is_refused(coco_root, tmp_path):

@@ -16,7 +16,7 @@ import torch
 import evaluation_bao
 import train_bao
 from tests.coco_root import annotation, box_mask, compressed_rle, rect, stem, uncompressed_rle, write_coco_root
-from tests.helpers import run_cli
+from tests.helpers import run_script
 from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from data.labels import ImageLabels
 from data.camio import load_cams
@@ -64,20 +64,20 @@ def run(tmp_path_factory) -> dict[str, Path]:
     root = write_coco_root(tmp / "coco", IMAGES, _annotations())
     paths = {"root": root, "lists": tmp / "lists", "masks": root / "SegmentationClass", "raw": tmp / "raw_masks",
              "runs": tmp / "runs", "pred": tmp / "pred", "crf": tmp / "crf", "cam": tmp / "cam"}
-    _ok(run_cli("-m", "coco14.prepare_coco", "--coco_root", str(root), "--out_dir", str(paths["lists"]),
+    _ok(run_script("-m", "coco14.prepare_coco", "--coco_root", str(root), "--out_dir", str(paths["lists"]),
                 "--workers", "1"))
-    _ok(run_cli("-m", "coco14.prepare_coco", "--coco_root", str(root), "--out_dir", str(tmp / "lists_raw"),
+    _ok(run_script("-m", "coco14.prepare_coco", "--coco_root", str(root), "--out_dir", str(tmp / "lists_raw"),
                 "--mask_dir", str(paths["raw"]), "--convention", "raw", "--workers", "1"))
     data = ("--dataset", "coco", "--coco_root", str(root), "--label_file", str(paths["lists"] / "cls_labels.json"))
     train = ("train_bao.py", *data, *TINY, "--train_list", str(paths["lists"] / "train.txt"), "--crop_size", "64",
              "--resize_long", "48", "80", "--batch_size", "2", "--max_steps", "2", "--num_workers", "0",
              "--save_dir", str(paths["runs"]))
-    _ok(run_cli(*train, "--method", "transcam", "--from_scratch", "--session_name", "tc"))
-    _ok(run_cli(*train, "--method", "bao", "--weights", str(paths["runs"] / "tc" / "tc_0epochs.pth"),
+    _ok(run_script(*train, "--method", "transcam", "--from_scratch", "--session_name", "tc"))
+    _ok(run_script(*train, "--method", "bao", "--weights", str(paths["runs"] / "tc" / "tc_0epochs.pth"),
                 "--session_name", "bao"))
     paths["weights"] = paths["runs"] / "bao" / "bao_0epochs_modelt.pth"
     paths["data"] = data
-    _ok(run_cli("infer_bao.py", *data, *TINY, "--infer_list", str(paths["lists"] / "val.txt"),
+    _ok(run_script("infer_bao.py", *data, *TINY, "--infer_list", str(paths["lists"] / "val.txt"),
                 "--weights", str(paths["weights"]), "--scales", "32,64", "--num_workers", "0",
                 "--out_pred", str(paths["pred"]), "--out_crf", str(paths["crf"]), "--out_cam", str(paths["cam"])))
     return paths
@@ -143,7 +143,7 @@ def _miou(pairs: list[tuple[np.ndarray, np.ndarray]], ids: list[int]) -> float:
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return run_cli("evaluation_bao.py", "--workers", "1", "--no_progress", "--logfile", "", *args)
+    return run_script("evaluation_bao.py", "--workers", "1", "--no_progress", "--logfile", "", *args)
 
 
 def _main(*argv: str) -> dict:
@@ -210,7 +210,7 @@ def test_evaluation_refuses_flags_contradicting_the_masks(run):
 
 def test_visualisation(run, tmp_path):
     out = tmp_path / "visual"
-    _ok(run_cli("visual_bao.py", *run["data"], *TINY, "--list", str(run["lists"] / "val.txt"),
+    _ok(run_script("visual_bao.py", *run["data"], *TINY, "--list", str(run["lists"] / "val.txt"),
                 "--weights", str(run["weights"]), "--scales", "32,64", "--num_workers", "0", "--out_dir", str(out)))
     written = {p.name for p in out.iterdir()}
     s7, s8, s9 = _val_stems()
@@ -246,15 +246,15 @@ def test_label_file_names_the_table(tmp_path):
 def test_segmentation_stage_on_coco(run, tmp_path):
     """BAO pseudo-labels of the train list -> train_seg.py -> infer_seg.py on val -> evaluation (81 classes)."""
     train, val = run["lists"] / "train.txt", run["lists"] / "val.txt"
-    _ok(run_cli("infer_bao.py", *run["data"], *TINY, "--infer_list", str(train), "--weights", str(run["weights"]),
+    _ok(run_script("infer_bao.py", *run["data"], *TINY, "--infer_list", str(train), "--weights", str(run["weights"]),
                 "--scales", "32,64", "--num_workers", "0", "--out_pred", str(tmp_path / "pseudo")))
-    _ok(run_cli("train_seg.py", *run["data"], "--device", "cpu", "--train_list", str(train), "--label_dir",
+    _ok(run_script("train_seg.py", *run["data"], "--device", "cpu", "--train_list", str(train), "--label_dir",
                 str(tmp_path / "pseudo"), "--backbone", "tiny", "--bn", "train", "--from_scratch", "--crop_size", "48",
                 "--batch_size", "2", "--max_iters", "3", "--num_workers", "0", "--save_dir", str(tmp_path / "runs"),
                 "--session_name", "seg"))
     weights = tmp_path / "runs" / "seg" / "seg_final.pth"
     assert torch.load(weights, weights_only=True)["aspp.0.weight"].shape[0] == 81
-    _ok(run_cli("infer_seg.py", *run["data"], "--device", "cpu", "--weights", str(weights), "--backbone", "tiny",
+    _ok(run_script("infer_seg.py", *run["data"], "--device", "cpu", "--weights", str(weights), "--backbone", "tiny",
                 "--infer_list", str(val), "--scales", "0.5,1.0", "--num_workers", "0", "--out_pred",
                 str(tmp_path / "seg_val")))
     _ok(_evaluate("--predict_dir", str(tmp_path / "seg_val"), "--gt_dir", str(run["masks"]), "--list", str(val),

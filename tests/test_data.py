@@ -393,16 +393,30 @@ def test_voc_xml_written_by_element_tree_is_read(tmp_path):
 
 def test_make_cls_labels_command_rebuilds_the_label_file(voc_root, tmp_path):
     """voc12.make_cls_labels derives from the XML exactly the labels the generator wrote."""
-    from tests.helpers import run_cli
+    from tests.helpers import run_script
 
     lists = [str(voc_root / "ImageSets/Segmentation" / f"{s}.txt") for s in ("train", "val")]
     out = tmp_path / "labels.json"
-    proc = run_cli("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list", *lists,
+    proc = run_script("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list", *lists,
                    "--out", str(out), "--class_file", str(voc_root / "cls_labels.json"))
     assert proc.returncode == 0, proc.stderr
     assert ImageLabels.load(out).ids == ImageLabels.load(voc_root / "cls_labels.json").ids
     (tmp_path / "ghost.txt").write_text("ghost\n")
-    proc = run_cli("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list",
+    proc = run_script("-m", "voc12.make_cls_labels", "--voc12_root", str(voc_root), "--list",
                    str(tmp_path / "ghost.txt"), "--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "1 of 1 images have no annotation" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_make_cls_labels_class_file_alone_labels_every_annotated_image(voc_root, tmp_path, capsys):
+    """A dataset of its own classes needs --class_file only (README): without --list its images are
+    those of its Annotations/ folder, not the repository's VOC lists."""
+    from tests.helpers import call_main
+
+    out = tmp_path / "labels.json"
+    code, _, err = call_main("voc12.make_cls_labels", ["--voc12_root", str(voc_root), "--out", str(out),
+                                                       "--class_file", str(voc_root / "cls_labels.json")], capsys)
+    assert code == 0, err
+    annotated = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
+    assert sorted(ImageLabels.load(out).ids) == annotated
+    assert ImageLabels.load(out).ids == ImageLabels.load(voc_root / "cls_labels.json").ids

@@ -12,7 +12,7 @@ from protocol import pipeline
 from protocol.demo import REGIME_LABELS, REGIMES, apply_quick, get_args_parser, write_seed_tables
 from core.palette import read_label_png
 from network.conformer import REFINE_MODES
-from tests.helpers import assert_refused, call_main, run_cli
+from tests.helpers import assert_refused, call_main, run_script
 from tool.overlay import read_rgb, stacked_sheets
 
 
@@ -32,7 +32,7 @@ def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
+    proc = run_script("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("BAO pseudo-labels, threshold-free", "TransCAM CAMs, best background threshold",
                 "TransCAM CAMs, fixed threshold t = 0.44"):
@@ -109,7 +109,7 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert "segmentation" not in refine_none
     assert json.loads((out / "seeds.json").read_text())["regimes"]["refine_none"]["bao_pseudo"]["sd"] == 0
 
-    again = run_cli("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
+    again = run_script("-m", "protocol.demo", "--quick", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     # the dataset and every stage of both runs are reused
     assert "== dataset: done before" in again.stdout

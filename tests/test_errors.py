@@ -4,7 +4,7 @@ and no partial file in the output folders.
 
 Cases already covered elsewhere (test_train.py, test_infer.py, test_visual.py,
 test_evaluation.py, test_coco14.py, test_network.py) are not repeated here. Most cases call the script's own ``get_args_parser`` / ``main`` under
-``core.errors.run_cli`` in-process (the command line's path without a torch start-up per
+``apps.cli.run_cli`` in-process (the command line's path without a torch start-up per
 case); each script family also runs here as a real subprocess, where worker processes and
 signals behave as in a terminal.
 """
@@ -29,7 +29,7 @@ from core.fileio import is_temporary
 from core.palette import read_label_png
 from data.camio import load_cams
 from data.labels import read_list
-from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_cli
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, run_script
 
 TRAIN_LIST = "ImageSets/Segmentation/train.txt"
 # The odd images of the fixture ``odd_root``: name -> (how it is stored, its size (W, H)).
@@ -168,7 +168,7 @@ def odd_root(tmp_path_factory, voc_root) -> Path:
 
 def test_train_corrupt_jpeg_in_a_loader_worker_is_one_line(corrupt_root, tiny_transcam_weights, tmp_path):
     root, jpeg = corrupt_root
-    proc = run_cli("train_bao.py", *_replace(_train_args(root, tmp_path, "--weights", str(tiny_transcam_weights)),
+    proc = run_script("train_bao.py", *_replace(_train_args(root, tmp_path, "--weights", str(tiny_transcam_weights)),
                                              "--num_workers", "2"))
     assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}", "corrupt or truncated",
                     "no checkpoint had been saved yet")
@@ -395,7 +395,7 @@ def test_infer_ctrl_c_exits_cleanly_and_leaves_only_complete_files(voc_root, tin
 def test_visual_corrupt_jpeg_through_a_worker(corrupt_root, tiny_bao_weights, tmp_path):
     root, jpeg = corrupt_root
     out = tmp_path / "vis"
-    proc = run_cli("visual_bao.py", *_replace(_visual_args(root, tiny_bao_weights, out), "--num_workers", "1"))
+    proc = run_script("visual_bao.py", *_replace(_visual_args(root, tiny_bao_weights, out), "--num_workers", "1"))
     assert_refused(proc.returncode, proc.stderr, f"cannot read image {jpeg}")
     assert "DataLoader worker" not in proc.stderr
     assert_no_partial_files(out)
@@ -441,7 +441,7 @@ def test_evaluation_list_and_flag_errors(bad, tmp_path, capsys):
     (tmp_path / "list.txt").write_text("a\n")
     base = ["--predict_dir", str(tmp_path / "pred"), "--gt_dir", str(tmp_path / "gt"), "--workers", "1",
             "--no_progress", "--logfile", str(tmp_path / "log.txt")]
-    proc = run_cli("evaluation_bao.py", *base, "--list", str(bad["empty_list"]))
+    proc = run_script("evaluation_bao.py", *base, "--list", str(bad["empty_list"]))
     assert_refused(proc.returncode, proc.stderr, f"list file {bad['empty_list']} is empty")
     cases = {
         "list missing": (["--list", str(tmp_path / "none.txt")], ("list file not found",)),
@@ -563,6 +563,6 @@ def test_loader_workers_ignore_ctrl_c_and_a_dropped_hand_over():
             "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN; "
             "sys.excepthook(ConnectionResetError, ConnectionResetError(104, 'reset'), None); "
             "sys.excepthook(EOFError, EOFError(), None); sys.excepthook(ValueError, ValueError('shown'), None)")
-    proc = run_cli("-c", code)
+    proc = run_script("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "ValueError: shown"

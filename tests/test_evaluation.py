@@ -118,6 +118,13 @@ def test_missing_files(data: Path) -> None:
     assert_user_error(proc, "2 of 2 CAM files missing", "a.png exists", "--type png")
 
 
+def test_unwritable_log_file_names_the_flag(data: Path) -> None:
+    """scoring.report states the problem; the script adds the flag that fixes it (apps.cli.FLAG_HINTS)."""
+    proc = run("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", "--logfile", "gt", cwd=data)
+    assert_user_error(proc, "cannot append to the log file gt: ", "; set --logfile")
+    assert proc.stderr.count("error:") == 1
+
+
 def test_size_mismatch(data: Path) -> None:
     save_label_png(data / "pred" / "a.png", np.zeros((3, 4), np.uint8))
     proc = run("--predict_dir", "pred", "--gt_dir", "gt", "--list", "list.txt", "--logfile", "", cwd=data)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from tests.helpers import run_cli
+from tests.helpers import run_script
 
 SMOKE = ["-m", "bench.gpu_check", "--device", "cpu", "--arch", "tiny", "--batch_size", "2", "--crop_size", "64",
          "--train_steps", "1", "--warmup", "1", "--infer_images", "2", "--infer_size", "64", "--scales", "32,64",
@@ -18,7 +18,7 @@ def _rows(stdout: str, names: tuple[str, ...]) -> list[list[str]]:
 
 
 def test_cpu_smoke_run_reports_every_variant_and_the_end_to_end_runs():
-    proc = run_cli(*SMOKE, timeout=400)
+    proc = run_script(*SMOKE, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     variants = ("published", "fp32", "tf32")  # bf16 on the CPU is slow; its path is the same code

@@ -25,7 +25,7 @@ from core.fileio import is_temporary
 from core.palette import read_label_png
 from data.camio import load_cams
 from data.labels import ImageLabels, read_list
-from tests.helpers import ROOT, assert_maps_close, assert_refused, call_main, run_cli
+from tests.helpers import ROOT, assert_maps_close, assert_refused, call_main, run_script
 from tool.labelrule import lowest_absent
 
 
@@ -47,7 +47,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def bao_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
     """One full command-line run writing label PNGs, CRF PNGs and maps."""
     out = tmp_path_factory.mktemp("infer")
-    proc = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"),
+    proc = run_script("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"),
                    "--out_crf", str(out / "crf"), "--out_cam", str(out / "cam"), "--crf_workers", "2")
     assert proc.returncode == 0, proc.stderr
     assert "12 to do" in proc.stdout
@@ -66,7 +66,7 @@ def test_crf_in_worker_processes_equals_inline(bao_run, voc_root, tiny_bao_weigh
 def torch_crf_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
     """The CRF PNGs of --crf_backend torch on the CPU, in one worker process (one torch thread)."""
     out = tmp_path_factory.mktemp("infer_torch_crf") / "crf"
-    proc = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_backend",
+    proc = run_script("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_backend",
                    "torch", "--crf_workers", "1")
     assert proc.returncode == 0, proc.stderr
     return out
@@ -97,18 +97,18 @@ def _hide_pydensecrf(tmp_path: Path) -> dict[str, str]:
 def test_without_pydensecrf_auto_runs_the_torch_crf_and_pydensecrf_is_refused(torch_crf_run, voc_root,
                                                                                tiny_bao_weights, tmp_path):
     env = _hide_pydensecrf(tmp_path)
-    probe = run_cli("-c", "from crf.params import pydensecrf_installed, resolve_backend; "
+    probe = run_script("-c", "from crf.params import pydensecrf_installed, resolve_backend; "
                           "print(pydensecrf_installed(), resolve_backend('auto'))", env=env)
     assert probe.returncode == 0 and probe.stdout.split() == ["False", "torch"], probe.stderr
     out = tmp_path / "crf"
-    auto = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_workers", "1",
+    auto = run_script("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(out), "--crf_workers", "1",
                    env=env)
     assert auto.returncode == 0, auto.stderr
     names = read_list(voc_root / "ImageSets/Segmentation/train.txt")
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.png" for n in names)
     assert _files(out) == _files(torch_crf_run)  # auto ran the torch CRF
     refused_dir = tmp_path / "refused"
-    refused = run_cli("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(refused_dir),
+    refused = run_script("infer_bao.py", *_common(voc_root, tiny_bao_weights), "--out_crf", str(refused_dir),
                       "--crf_backend", "pydensecrf", env=env)
     assert_refused(refused.returncode, refused.stderr, "needs pydensecrf2, which is not installed",
                    "`pip install pydensecrf2`", "--crf_backend torch")
@@ -414,15 +414,35 @@ def test_bad_inputs_are_refused_before_any_output(case, voc_root, num_classes, t
 
 
 def test_command_line_error_exits_cleanly(voc_root, tmp_path):
-    missing = run_cli("infer_bao.py", *_common(voc_root, tmp_path / "missing.pth"), "--out_pred", str(tmp_path / "o"))
+    missing = run_script("infer_bao.py", *_common(voc_root, tmp_path / "missing.pth"), "--out_pred", str(tmp_path / "o"))
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: weights file not found") and "Traceback" not in missing.stderr
     assert not (tmp_path / "o").exists()
 
 
+def test_label_file_from_the_run_is_named_in_help_and_error(voc_root, tiny_bao_weights, tmp_path, capsys):
+    """--label_file left out comes from the args.json beside --weights: --help says so, and a list
+    with names that label file lacks is refused naming the label file read."""
+    from infer_bao import get_args_parser
+
+    (action,) = [a for a in get_args_parser()._actions if "--label_file" in a.option_strings]
+    assert "args.json beside --weights" in action.help and "voc12/cls_labels.json" in action.help
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_bao_weights, run / "bao.pth")
+    raw = json.loads((voc_root / "cls_labels.json").read_text())
+    raw["labels"] = {"synth_000000": raw["labels"]["synth_000000"]}
+    (tmp_path / "few.json").write_text(json.dumps(raw))
+    (run / "args.json").write_text(json.dumps({"label_file": str(tmp_path / "few.json")}))
+    argv = _common(voc_root, run / "bao.pth") + ["--out_pred", str(tmp_path / "pred")]
+    del argv[argv.index("--label_file"):argv.index("--label_file") + 2]
+    code, _, err = _infer(argv, capsys)
+    assert_refused(code, err, "have no image-level label in " + str(tmp_path / "few.json"))
+
+
 def test_torchrun_shards_the_list_and_writes_the_same_files(bao_run, voc_root, tiny_bao_weights, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_bao.py",
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_bao.py",
                    *_common(voc_root, tiny_bao_weights), "--out_pred", str(out / "pred"), "--out_cam", str(out / "cam"))
     assert proc.returncode == 0, proc.stderr
     assert "rank 0 of 2 takes 6" in proc.stdout

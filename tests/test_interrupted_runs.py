@@ -23,7 +23,7 @@ import torch
 from core.fileio import is_temporary
 from data.classes import COCO_CATEGORY_IDS
 from tests.coco_root import annotation, box_mask, compressed_rle, rect, uncompressed_rle, write_coco_root
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_script
 
 # ------------------------------------------------------------------- COCO preparation
 
@@ -55,7 +55,7 @@ def save_or_die(path, label):
 
 prepare.save_label_png = save_or_die
 multiprocessing.set_start_method("fork")  # the workers inherit the replacement
-prepare.run_cli(prepare.main, prepare.get_args_parser().parse_args(sys.argv[3:]))
+prepare.run_guarded(prepare.main, prepare.get_args_parser().parse_args(sys.argv[3:]))
 """
 SPLIT_SIZES = {"train": 40, "val": 12}
 
@@ -85,7 +85,7 @@ def coco_reference(tmp_path_factory) -> tuple[Path, Path, Path]:
                 anns.append(annotation(len(anns) + 1, image_id, cat, segm, crowd=crowd))
     root = write_coco_root(tmp_path_factory.mktemp("coco") / "coco", images, anns)
     out, masks = root.parent / "out", root.parent / "masks"
-    proc = run_cli("-m", "coco14.prepare_coco", *_prepare_args(root, out, masks))
+    proc = run_script("-m", "coco14.prepare_coco", *_prepare_args(root, out, masks))
     assert proc.returncode == 0, proc.stderr
     return root, out, masks
 
@@ -111,7 +111,7 @@ def test_prepare_coco_killed_while_painting_reruns_to_identical_files(split, coc
     assert [p for p in masks.iterdir() if is_temporary(p.name)]  # and of a write
     assert sorted(_contents(out)) == ([] if split == "train" else ["cls_labels.json", "train.txt", "train_labelled.txt"])
 
-    rerun = run_cli("-m", "coco14.prepare_coco", *args)
+    rerun = run_script("-m", "coco14.prepare_coco", *args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(painted)} already present" in rerun.stdout
     for got, expected in ((out, ref_out), (masks, ref_masks)):
@@ -127,7 +127,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                    "train_bao.py", *args, env={"OMP_NUM_THREADS": "1"}, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -15,6 +15,7 @@ from scoring.evaluate import evaluate_cams, evaluate_labels
 from scoring.metrics import (_count_below, argmax_labels, check_ids, confusion, confusions_from_bins, scores,
                              format_table, scores_to_json, sweep_bins, sweep_confusions, threshold_range)
 from core.palette import save_label_png
+from scoring.sweep import best_threshold
 
 # Hand-made 2x4 masks with 3 classes; 255 in the ground truth is ignored.
 GT = np.array([[0, 0, 1, 1],
@@ -256,3 +257,12 @@ def test_folder_errors_state_the_problem_without_flags(tmp_path) -> None:
     with pytest.raises(UserError, match="no background map") as err:
         argmax_labels(np.array([1]), np.zeros((1, 2, 2), np.float32), 3, "c.npz")
     assert err.value.about == "background_map" and "--" not in str(err.value)
+
+
+def test_best_threshold_skips_nan_takes_the_first_of_ties_and_rounds():
+    """The one rule every sweep's best background score follows (evaluation, validation, bench)."""
+    t = np.array([0.3, 0.4, 0.5, 0.6], np.float32)
+    assert best_threshold(t, np.array([0.2, np.nan, 0.7, 0.7])) == (2, 0.5)
+    assert best_threshold(t, np.array([np.nan, 0.1, 0.05, np.nan])) == (1, 0.4)  # float32 0.4 rounded
+    assert best_threshold(t, np.full(4, np.nan)) == (0, 0.3)
+

@@ -12,7 +12,7 @@ from network.checkpoint import BAO_HEADS, CLASSIFIER_HEADS, checkpoint_kind, loa
 from network.conformer import REFINE_MODES, Conformer, build_conformer
 from network.conformer_CAM import ARCHS, Net_sm, Net_ti, Net_tiny
 from network.factory import build_network
-from tests.helpers import assert_refused, run_cli
+from tests.helpers import assert_refused, run_script
 
 DATA = Path(__file__).parent / "data"
 
@@ -150,7 +150,7 @@ def test_refine_flag_is_the_same_in_every_script_and_defaults_to_attention(scrip
     training run's args.json beside --weights decides, and without one it resolves to attention."""
     import importlib
 
-    from apps.cli import prediction_settings_from_run
+    from apps.run_settings import prediction_settings_from_run
 
     parser = importlib.import_module(script).get_args_parser()
     (action,) = [a for a in parser._actions if "--refine" in a.option_strings]
@@ -344,7 +344,7 @@ def test_any_file_that_is_not_a_checkpoint_is_one_user_error(tmp_path, content, 
 def test_text_weights_through_the_cli_are_one_line(tmp_path, voc_root):
     path = tmp_path / "notes.pth"
     path.write_text("these are not weights\n")
-    proc = run_cli("infer_bao.py", "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
+    proc = run_script("infer_bao.py", "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
                    "--infer_list", str(voc_root / "ImageSets/Segmentation/train.txt"), "--weights", str(path),
                    "--arch", "tiny", "--device", "cpu", "--out_pred", str(tmp_path / "out"))
     assert_refused(proc.returncode, proc.stderr, "notes.pth is not a readable PyTorch checkpoint")

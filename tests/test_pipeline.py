@@ -14,7 +14,7 @@ from core.errors import UserError
 from data.classes import COCO_CLASSES
 from data.labels import read_list
 from protocol import demo, pipeline, rows
-from tests.helpers import ROOT, assert_refused, call_main, run_cli
+from tests.helpers import ROOT, assert_refused, call_main, run_script
 from crf.params import resolve_backend
 
 TINY_TRAIN = ["--arch", "tiny", "--max_epoches", "1", "--crop_size", "64", "--resize_long", "48", "80",
@@ -198,7 +198,7 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
     differing = [str(p) for p in pngs if (cut / p).read_bytes() != (whole.run_dir / p).read_bytes()]
     assert not differing, differing
     (seg_cmd,) = pipeline.commands(plan, "seg_train")
-    stopped = run_cli(*seg_cmd, "--max_steps", "1")
+    stopped = run_script(*seg_cmd, "--max_steps", "1")
     assert stopped.returncode == 0, stopped.stderr
     assert dict(pipeline.status(plan))["seg_train"] == "partly done (resumes)"
     capsys.readouterr()

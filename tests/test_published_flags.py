@@ -15,7 +15,7 @@ import torch
 from apps.cli import parse_bool, worker_count
 from core.palette import read_label_png, save_label_png
 from data.camio import load_cams, save_cams
-from tests.helpers import ROOT, call_main, run_cli
+from tests.helpers import ROOT, call_main, run_script
 from tool.cam import pseudo_labels
 from scoring.metrics import threshold_labels
 
@@ -236,7 +236,7 @@ def test_published_sweep_end_to_end(tmp_path):
     save_label_png(tmp_path / "gt" / "a.png", gt)
     save_cams(tmp_path / "cam" / "a.npz", np.array([1]), np.where(gt == 1, 0.345, 0.1)[None].astype(np.float32))
     (tmp_path / "list.txt").write_text("a\n")
-    proc = run_cli(str(ROOT / "evaluation_bao.py"), "--type", "npy", "--predict_dir", "cam", "--gt_dir", "gt", "--list",
+    proc = run_script(str(ROOT / "evaluation_bao.py"), "--type", "npy", "--predict_dir", "cam", "--gt_dir", "gt", "--list",
                    "list.txt", "--curve", "True", "--start", "30", "--end", "70", "--n_jobs", "1", "--logfile",
                    "log.txt", "--comment", "bnr", "--json", "r.json", "--no_progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

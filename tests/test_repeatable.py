@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import run_script
 from tests.identity import checkpoint_tensors
 
 
 def _train(voc_root: Path, save_dir: Path, seed: int) -> dict[str, torch.Tensor]:
-    proc = run_cli("train_bao.py", "--method", "transcam", "--from_scratch", "--arch", "tiny", "--crop_size", "64",
+    proc = run_script("train_bao.py", "--method", "transcam", "--from_scratch", "--arch", "tiny", "--crop_size", "64",
                    "--batch_size", "4", "--num_workers", "1", "--max_steps", "2", "--seed", str(seed),
                    "--device", "cpu", "--voc12_root", str(voc_root), "--label_file", str(voc_root / "cls_labels.json"),
                    "--train_list", str(voc_root / "ImageSets" / "Segmentation" / "train.txt"),

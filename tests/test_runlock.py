@@ -25,7 +25,7 @@ from core.errors import UserError
 from core.fileio import is_temporary
 from core.palette import read_label_png
 from core.runlock import LOCK_NAME, RunLock, lock_holder
-from tests.helpers import ROOT, assert_no_partial_files, assert_refused, run_cli
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, run_script
 
 # Holds the lock on argv[1] until the file argv[2] exists (or forever).
 HOLD = """
@@ -71,9 +71,9 @@ def test_second_process_is_refused_with_the_holder_and_changes_nothing(tmp_path)
     info = lock_holder(folder)
     assert info["pid"] == holder.pid and info["host"] and info["start"] and "-c" in info["command"]
     before = _snapshot(folder)
-    second = run_cli("-c", "import sys; from core.errors import run_cli; from core.runlock import RunLock\n"
+    second = run_script("-c", "import sys; from core.errors import run_guarded; from core.runlock import RunLock\n"
                      "def main(_):\n    with RunLock(sys.argv[1], 'or give another --out'):\n        print('ran')\n"
-                     "run_cli(main, None)", str(folder))
+                     "run_guarded(main, None)", str(folder))
     _refused_line(second, f"PID {holder.pid} on {info['host']}", f"started {info['start']}", "or give another --out")
     assert "ran" not in second.stdout
     assert _snapshot(folder) == before
@@ -157,7 +157,7 @@ def _same_weights(got: Path, expected: Path) -> None:
 @pytest.fixture(scope="module")
 def undisturbed(voc_root, tiny_transcam_weights, tmp_path_factory) -> Path:
     save = tmp_path_factory.mktemp("undisturbed")
-    proc = run_cli("train_bao.py", *_train_args(voc_root, tiny_transcam_weights, save))
+    proc = run_script("train_bao.py", *_train_args(voc_root, tiny_transcam_weights, save))
     assert proc.returncode == 0, proc.stderr
     return save / "bao"
 
@@ -172,12 +172,12 @@ def test_training_started_twice_refuses_the_second_and_a_sigkilled_first_resumes
     assert lock_holder(run_dir)["pid"] == first.pid
     before = _snapshot(run_dir)
     for extra in ([], ["--resume", "auto"]):  # refused before --resume looks at the first run's checkpoint
-        second = run_cli("train_bao.py", *args, *extra)
+        second = run_script("train_bao.py", *args, *extra)
         _refused_line(second, f"PID {first.pid}", "train_bao.py", "--session_name or --save_dir")
         assert _snapshot(run_dir) == before
     first.kill()
     first.wait()
-    rerun = run_cli("train_bao.py", *args, "--resume", "auto")
+    rerun = run_script("train_bao.py", *args, "--resume", "auto")
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed" in rerun.stdout and "at end of epoch 1" in rerun.stdout
     _same_weights(run_dir, undisturbed)
@@ -323,9 +323,9 @@ def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
     first = _start(RUNNER, str(voc_root), str(tiny_transcam_weights), str(run_dir), str(go))
     _wait_for(Path(str(go) + ".waiting").exists, first, "the first runner did not start")
     before = _snapshot(run_dir)
-    second = run_cli("-c", RUNNER, str(voc_root), str(tiny_transcam_weights), str(run_dir), "")
+    second = run_script("-c", RUNNER, str(voc_root), str(tiny_transcam_weights), str(run_dir), "")
     _refused_line(second, f"PID {first.pid}", "give another --run_dir")
-    status = run_cli("-m", "protocol.pipeline", "--run_dir", str(run_dir), "--status")
+    status = run_script("-m", "protocol.pipeline", "--run_dir", str(run_dir), "--status")
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith(f"a run is in progress: PID {first.pid} on ")
     assert json.loads((run_dir / "run.json").read_text())["start"] == "transcam"  # status read the recorded run
@@ -335,7 +335,7 @@ def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
     assert first.returncode == 0, err
     _same_weights(run_dir / "bao" / "bao", undisturbed)
     assert not (run_dir / LOCK_NAME).exists()
-    status = run_cli("-m", "protocol.pipeline", "--run_dir", str(run_dir), "--status")
+    status = run_script("-m", "protocol.pipeline", "--run_dir", str(run_dir), "--status")
     assert "in progress" not in status.stdout and "bao            done" in status.stdout
 
 

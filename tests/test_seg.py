@@ -20,9 +20,9 @@ from core.palette import read_label_png, save_label_png
 from data.transforms import scaled_input
 from network.deeplab import (ASPP_V2_DILATIONS, build_segmentation_model, head_and_backbone_parameters,
                              load_backbone_weights, load_segmentation_weights)
-from tests.helpers import assert_refused, call_main, run_cli
+from tests.helpers import assert_refused, call_main, run_script
 from engine.resume import state_digest
-from tool.segmentation import (VOC_SERVER_DIR, argmax_labels, batch_probs, multiscale_probs, poly_lr,
+from tool.segmentation import (VOC_SERVER_DIR, argmax_classes, batch_probs, multiscale_probs, poly_lr,
                                segmentation_loss, set_poly_lr)
 
 
@@ -221,7 +221,7 @@ def test_device_argmax_labels_are_numpy_s_argmax_ties_included():
     probs = rng.random((2, 6, 9, 11)).astype(np.float32)
     probs[:, :, :3] = np.round(probs[:, :, :3] * 2) / 2  # many ties: numpy takes the first class
     probs[0, :, 4, 4] = 0.25
-    got = argmax_labels(torch.from_numpy(probs))
+    got = argmax_classes(torch.from_numpy(probs))
     assert got.dtype == torch.uint8 and got.shape == (2, 9, 11)
     for p, labels in zip(probs, got.numpy()):
         assert np.array_equal(labels, p.argmax(0).astype(np.uint8))
@@ -297,7 +297,7 @@ def _train(voc_root: Path, save_dir: Path, session: str, *extra: str, label_dir:
 
 
 def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, tmp_path):
-    ok = run_cli(*_train(voc_root, tmp_path, "full"))
+    ok = run_script(*_train(voc_root, tmp_path, "full"))
     assert ok.returncode == 0, ok.stderr
     full = torch.load(tmp_path / "full" / "full_final.pth", weights_only=True)
     ckpt = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
@@ -310,22 +310,22 @@ def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, 
     assert step_lrs[1] == pytest.approx(0.01)  # step 1 (iteration 0) runs at the base rate
     assert step_lrs[3] == pytest.approx(0.01 * (1 - 2 / 5) ** 0.9)
 
-    stopped = run_cli(*_train(voc_root, tmp_path, "cut", "--max_steps", "2"))
+    stopped = run_script(*_train(voc_root, tmp_path, "cut", "--max_steps", "2"))
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "cut" / "cut_final.pth").exists()
     mid = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
     assert mid["position"] == {"epoch": 0, "step": 2, "global_step": 2}
-    resumed = run_cli(*_train(voc_root, tmp_path, "cut", "--resume", "auto"))
+    resumed = run_script(*_train(voc_root, tmp_path, "cut", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     cut = torch.load(tmp_path / "cut" / "cut_final.pth", weights_only=True)
     assert full.keys() == cut.keys()
     assert all(torch.equal(full[k], cut[k]) for k in full)
-    changed = run_cli(*_train(voc_root, tmp_path, "cut", "--resume", "auto", "--crop_size", "64"))
+    changed = run_script(*_train(voc_root, tmp_path, "cut", "--resume", "auto", "--crop_size", "64"))
     assert changed.returncode == 2 and "--crop_size 48 (now 64)" in changed.stderr
 
 
 def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_path, capsys):
-    ok = run_cli(*_train(voc_root, tmp_path, "m"))
+    ok = run_script(*_train(voc_root, tmp_path, "m"))
     assert ok.returncode == 0, ok.stderr
     names = (voc_root / "ImageSets/Segmentation/val.txt").read_text().split()
     out = {k: tmp_path / k for k in ("pred", "crf", "server")}
@@ -333,7 +333,7 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
     infer = ["infer_seg.py", *_data(voc_root), "--weights", str(tmp_path / "m" / "m_final.pth"), "--infer_list", str(voc_root / "ImageSets/Segmentation/val.txt"), "--scales", "0.5,1.0",
              "--num_workers", "0", "--out_pred", str(out["pred"]), "--out_crf", str(out["crf"]),
              "--out_server", str(out["server"]), "--server_labels", "pred"]
-    done = run_cli(*infer)
+    done = run_script(*infer)
     assert done.returncode == 0, done.stderr
     assert (f"model settings from {tmp_path / 'm' / 'args.json'} (the run that wrote --weights): "
             "--model deeplabv2, --backbone tiny\n") in done.stdout
@@ -346,10 +346,10 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
         assert np.array_equal(read_label_png(server), read_label_png(out["pred"] / f"{name}.png"))
     with tarfile.open(out["server"] / "results.tar.gz") as tar:
         assert sorted(tar.getnames()) == sorted(f"results/VOC2012/Segmentation/comp6_test_cls/{n}.png" for n in names)
-    again = run_cli(*infer)
+    again = run_script(*infer)
     assert again.returncode == 0 and f"{len(names)} already done (skipped), 0 to do" in again.stdout
     # the CRF ran in worker processes (the default); in the main process it writes the same bytes
-    inline = run_cli(*infer[:infer.index("--out_pred")], "--out_crf", str(tmp_path / "inline"), "--crf_workers", "0")
+    inline = run_script(*infer[:infer.index("--out_pred")], "--out_crf", str(tmp_path / "inline"), "--crf_workers", "0")
     assert inline.returncode == 0, inline.stderr
     assert all((tmp_path / "inline" / f"{n}.png").read_bytes() == (out["crf"] / f"{n}.png").read_bytes()
                for n in names)
@@ -373,7 +373,7 @@ def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_p
     assert "model settings from" not in stdout
     assert all((tmp_path / "explicit" / f"{n}.png").read_bytes() == (out["pred"] / f"{n}.png").read_bytes()
                for n in names)
-    evaluated = run_cli("evaluation_bao.py", "--predict_dir", str(out["crf"]), "--gt_dir",
+    evaluated = run_script("evaluation_bao.py", "--predict_dir", str(out["crf"]), "--gt_dir",
                         str(voc_root / "SegmentationClass"), "--list", str(voc_root / "ImageSets/Segmentation/val.txt"),
                         "--label_file", str(voc_root / "cls_labels.json"), "--logfile", str(tmp_path / "log.txt"))
     assert evaluated.returncode == 0 and "mIoU" in evaluated.stdout
@@ -496,7 +496,7 @@ def test_inference_with_weights_of_another_model_is_refused(voc_root, tmp_path, 
 
 def test_torchrun_two_processes_end_identical(voc_root, tmp_path, num_classes):
     """DDP over two processes (gloo): both ranks end with the saved weights, trained batch norm included."""
-    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    *_train(voc_root, tmp_path, "ddp", "--max_iters", "3"), env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout

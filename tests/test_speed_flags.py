@@ -1,5 +1,6 @@
 """The opt-in speed flags (issue 23): ``--compile`` compiles the model in place, ``--tf32`` sets
-CUDA's matmul precision and nothing on the CPU; both are off by default in every script."""
+CUDA's matmul precision and nothing on the CPU; both are off by default in every script. And the
+speed-up that changes no number on the CPU: channels_last, decided in one place."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,8 @@ import torch
 
 from core.errors import UserError
 from tests.helpers import call_main
-from core.device import COMPILE_MODES, compile_model, configure_math
+from core.device import COMPILE_MODES, LAYOUT_WORK, compile_model, configure_math, memory_layout
+from data.layout import REPO_ROOT
 
 SCRIPTS = ("train_bao", "train_seg", "infer_bao", "infer_seg", "visual_bao")
 
@@ -63,3 +65,18 @@ def test_infer_bao_compiles_its_model_and_says_its_math(voc_root, tiny_bao_weigh
     compiled.clear()
     code, _, err = call_main("infer_bao", [*args, "--overwrite"], capsys)
     assert code == 0 and compiled == []
+
+
+def test_channels_last_is_decided_in_one_place():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert all(memory_layout(cuda, work) == torch.channels_last for work in LAYOUT_WORK)
+    # On the CPU only CAM prediction, whose recorded outputs were made in it (tests/identity.py).
+    assert memory_layout(cpu, "cam_prediction") == torch.channels_last
+    assert memory_layout(cpu, "training") == memory_layout(cpu, "seg_inference") == torch.preserve_format
+    with pytest.raises(ValueError, match="work must be one of"):
+        memory_layout(cpu, "inference")
+    packages = ("core", "data", "network", "crf", "tool", "scoring", "engine", "apps", "protocol", "bench", "coco14",
+                "voc12")
+    sources = [*REPO_ROOT.glob("*.py"), *(p for name in packages for p in (REPO_ROOT / name).rglob("*.py"))]
+    deciding = [p.relative_to(REPO_ROOT).as_posix() for p in sources if "torch.channels_last" in p.read_text()]
+    assert deciding == ["core/device.py"]

@@ -25,7 +25,7 @@ from data.datasets import ClassificationDataset
 from data.labels import ImageLabels, read_list
 from data.layout import DatasetLayout
 from data.transforms import TrainAugment
-from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, deadline, run_cli
+from tests.helpers import ROOT, assert_no_partial_files, assert_refused, call_main, deadline, run_script
 from core.device import Runtime
 from engine.resume import ResumableSampler, make_loader, release_workers, state_digest
 
@@ -51,7 +51,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def full_run(voc_root, tiny_transcam_weights, tmp_path_factory) -> Path:
     """Two uninterrupted BAO epochs (6 steps), logging every step."""
     save = tmp_path_factory.mktemp("full")
-    proc = run_cli("train_bao.py", *_args(voc_root, save, "--weights", str(tiny_transcam_weights),
+    proc = run_script("train_bao.py", *_args(voc_root, save, "--weights", str(tiny_transcam_weights),
                                           "--max_epoches", "2", "--log_every", "1"))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -91,11 +91,11 @@ def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes)
 
 def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_transcam_weights, tmp_path):
     args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "2")
-    first = run_cli("train_bao.py", *args, "--max_steps", "4")  # stops inside the second epoch
+    first = run_script("train_bao.py", *args, "--max_steps", "4")  # stops inside the second epoch
     assert first.returncode == 0, first.stderr
     run_dir = tmp_path / "bao"
     assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["step"] == 1
-    second = run_cli("train_bao.py", *args, "--resume", "auto")
+    second = run_script("train_bao.py", *args, "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout
     for name in ("bao_1epochs_modelt.pth", "bao_1epochs_models.pth"):
@@ -122,13 +122,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights,
     done = torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"]
     assert done >= 1
 
-    resumed = run_cli("train_bao.py", *args, "--resume", "auto", "--max_steps", str(done + 2))
+    resumed = run_script("train_bao.py", *args, "--resume", "auto", "--max_steps", str(done + 2))
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"] == done + 2
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root, tiny_transcam_weights, tmp_path):
-    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+    proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--max_epoches", "2", "--debug_fault", "nan:5"))
     assert_refused(proc.returncode, proc.stderr, "non-finite loss at epoch 2, step 2", "last good checkpoint", "--resume")
     run_dir = tmp_path / "bao"
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
     assert _records(run_dir, "error")
 
     # the remedy the message names: a lower --lr, continuing from the last good checkpoint
-    resumed = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+    resumed = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                              "--max_epoches", "2", "--resume", "auto", "--lr", "1e-5"))
     assert resumed.returncode == 0, resumed.stderr
     assert "changed on resume: --lr 5e-05 -> 1e-05" in (run_dir / "log.txt").read_text()
@@ -150,14 +150,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
 
 
 def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights, tmp_path):
-    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+    proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--debug_fault", "oom:1"))
     assert_refused(proc.returncode, proc.stderr, "out of memory", "--batch_size", "--crop_size")
     assert not (tmp_path / "bao" / "checkpoint.pth").exists()
 
 
 def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
-    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
+    proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
                                           "--max_epoches", "1", "--val_every", "1",
                                           "--val_list", str(voc_root / "ImageSets/Segmentation/val.txt")))
     assert proc.returncode == 0, proc.stderr
@@ -198,7 +198,7 @@ def test_bad_flags_are_refused_before_any_work(voc_root, tiny_transcam_weights, 
 
 
 def test_bad_flags_through_the_process(voc_root, tiny_transcam_weights, tmp_path):
-    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+    proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--crop_size", "100"))
     assert_refused(proc.returncode, proc.stderr, "--crop_size must be a multiple of 16")
     assert not (tmp_path / "bao").exists()
@@ -307,7 +307,7 @@ def test_persistent_loader_workers_draw_the_crops_of_each_epoch(voc_root):
 def test_validation_logs_val_miou_in_percent_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
                                                                  tmp_path, capsys):
     val = str(voc_root / "ImageSets/Segmentation/val.txt")
-    proc = run_cli("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
+    proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--max_epoches", "2", "--val_list", val, "--val_every", "1"))
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "bao"
@@ -376,7 +376,7 @@ def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_wei
     shutil.copytree(voc_root, root, ignore=shutil.ignore_patterns("SegmentationClass*"))
     args = _args(root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1", "--val_every", "1",
                  "--val_list", str(root / "ImageSets/Segmentation/val.txt"))
-    proc = run_cli("train_bao.py", *args)
+    proc = run_script("train_bao.py", *args)
     assert proc.returncode == 0, proc.stderr
     assert "no validation: no image of --val_list" in proc.stdout and "has a ground-truth mask" in proc.stdout
     assert not _records(tmp_path / "bao", "val") and (tmp_path / "bao" / "bao_0epochs_modelt.pth").is_file()
@@ -388,7 +388,7 @@ def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, t
     args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "1",
                  "--val_list", val, "--val_every", "1")
     args[args.index("--batch_size") + 1] = "2"  # one image per process: where the class token's gradient was a view
-    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py", *args,
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_bao.py", *args,
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # DDP copies (and warns about) every gradient whose strides differ from its bucket's

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from data.labels import ImageLabels
-from tests.helpers import call_main, run_cli
+from tests.helpers import call_main, run_script
 from tool.overlay import (LABEL_BAND, colorize_labels, jet_overlay, read_rgb, save_rgb, stack_sheet_files,
                           stacked_sheets, summary_sheet)
 
@@ -32,7 +32,7 @@ def _size(path) -> tuple[int, int]:
 def test_writes_overlays_and_sheets(voc_root, tiny_bao_weights, tmp_path):
     labels = ImageLabels.load(voc_root / "cls_labels.json")
     names = ["synth_000012", "synth_000014"]
-    proc = run_cli("visual_bao.py", *_args(voc_root, tiny_bao_weights, tmp_path, "--names", ",".join(names)))
+    proc = run_script("visual_bao.py", *_args(voc_root, tiny_bao_weights, tmp_path, "--names", ",".join(names)))
     assert proc.returncode == 0, proc.stderr
     classes = labels.classes
     expected = set()

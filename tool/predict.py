@@ -32,7 +32,7 @@ from data.transforms import normalized_views
 from network.checkpoint import LoadReport, load_weights
 from network.factory import build_network
 from tool.cam import fold_views, normalize_maps, present_keys, pseudo_labels
-from core.device import autocast
+from core.device import autocast, memory_layout
 
 # The maps inference can make: BAO (learned background + TransCAM foreground), TransCAM CAMs,
 # and the CNN CAMs before attention refinement (an ablation).
@@ -55,8 +55,7 @@ def load_model(network: str, arch: str, weights: str, num_classes: int, method: 
     """
     model = build_network(network, arch, num_classes, refine=refine)
     report = load_weights(model, weights, purpose=WEIGHT_PURPOSE[method])
-    # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (GPU); equal up to float rounding.
-    model = model.eval().to(device=device, memory_format=torch.channels_last)
+    model = model.eval().to(device=device, memory_format=memory_layout(device, "cam_prediction"))
     return model, report
 
 
@@ -196,7 +195,8 @@ class MultiScalePredictor:
             stop = min(start + chunk, rows)
             first = start // views  # the images whose views rows start..stop-1 are
             x = normalized_views(images[first:(stop - 1) // views + 1], views)
-            x = x[start - first * views:stop - first * views].contiguous(memory_format=torch.channels_last)
+            x = x[start - first * views:stop - first * views]
+            x = x.contiguous(memory_format=memory_layout(self.device, "cam_prediction"))
             y = labels[start:stop] if labels is not None else None
             with autocast(self.device, self.amp_dtype):
                 if self.method == "cnn":

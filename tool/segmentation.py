@@ -116,7 +116,7 @@ def batch_probs(model: nn.Module, inputs: Sequence[torch.Tensor], size: tuple[in
     return total / views
 
 
-def argmax_labels(probs: torch.Tensor) -> torch.Tensor:
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) probabilities -> (B, H, W) uint8 class ids where they are, the first class on
     ties as numpy's argmax: labels, not the probabilities, cross to the host."""
     return probs.argmax(1).to(torch.uint8)

@@ -1,6 +1,11 @@
-"""The losses of one training batch for each stage of the method: BAO (teacher-student) and
-TransCAM (classification only). The loop that drives them is :mod:`engine.loop`; the loss
-functions themselves are in :mod:`tool.losses`, the teacher update in :mod:`tool.teacher`.
+"""The losses of one training batch for each stage: BAO (teacher-student), TransCAM
+(classification only) and the segmentation model trained on pseudo-labels.
+
+``*_batch_losses`` are the step functions the training scripts hand the engine (and the
+benchmarks time): a loader batch moved to the device, in the training layout
+(:func:`core.device.memory_layout`), then its losses. The loop and the optimisation step that
+drive them are :mod:`engine.loop` and :mod:`engine.step`; the loss functions themselves are in
+:mod:`tool.losses` and :mod:`tool.segmentation`, the teacher update in :mod:`tool.teacher`.
 """
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import torch.nn as nn
 from core.errors import UserError
 from data.labels import ImageLabels
 from network.checkpoint import BAO_HEADS
-from core.device import autocast
+from core.device import autocast, memory_layout
 from tool.losses import class_balanced_ce, classification_loss, smooth_targets, teacher_pseudo_label
+from tool.segmentation import segmentation_loss
 
 STAGES = ("bao", "transcam")  # the trainable stages; each has its loss function below
 
@@ -37,6 +43,21 @@ def freeze_bao_heads(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if name.startswith(BAO_HEADS):
             p.requires_grad_(False)
+
+
+def epoch_weight_files(session: str, epoch: int, model: nn.Module,
+                       teacher: nn.Module | None) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+    """The plain weight files of a finished ``epoch`` (0-based) of a stage, named as published:
+    ``name -> (module, key prefixes left out)``.
+
+    BAO (with a ``teacher``): ``{session}_{epoch}epochs_modelt.pth`` (the teacher) and
+    ``..._models.pth`` (the student); TransCAM: ``{session}_{epoch}epochs.pth`` without the
+    (untrained) BAO heads, the published TransCAM layout.
+    """
+    prefix = f"{session}_{epoch}epochs"
+    if teacher is not None:
+        return {f"{prefix}_modelt.pth": (teacher, ()), f"{prefix}_models.pth": (model, ())}
+    return {f"{prefix}.pth": (model, BAO_HEADS)}
 
 
 def bao_losses(student: nn.Module, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -85,3 +106,43 @@ def transcam_losses(student: nn.Module, images: torch.Tensor, labels: torch.Tens
         out = student(images)
     loss_cls = classification_loss(out.conv_logits.float(), out.trans_logits.float(), labels)
     return {"loss": loss_cls, "loss_cls": loss_cls}
+
+
+def to_training_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch's ``img`` (B, 3, S, S), in the training layout, and ``label`` on ``device``
+    (copied without waiting: the loader pins its batches on CUDA)."""
+    images = batch["img"].to(device, non_blocking=True, memory_format=memory_layout(device, "training"))
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+def bao_batch_losses(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                     eps: float, l_pcl: float, amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """:func:`bao_losses` of a loader batch (``img`` (B, 3, S, S), ``label`` (B, C-1)) moved to ``device``."""
+    images, labels = to_training_device(batch, device)
+    return bao_losses(student, teacher, images, labels, eps, l_pcl, amp_dtype)
+
+
+def transcam_batch_losses(student: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                          amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """:func:`transcam_losses` of a loader batch (``img`` (B, 3, S, S), ``label`` (B, C-1)) moved to ``device``."""
+    images, labels = to_training_device(batch, device)
+    return transcam_losses(student, images, labels, amp_dtype)
+
+
+def seg_batch_losses(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                     amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Loss of one segmentation training step: :func:`tool.segmentation.segmentation_loss` of the
+    model's logits on a loader batch moved to ``device``.
+
+    Args:
+        model: the segmentation model (possibly DDP-wrapped), ``(B, 3, S, S) -> (B, C, h, w)`` logits.
+        batch: ``img`` (B, 3, S, S) normalised crops, ``label`` (B, S, S) int64 class ids (255 ignored).
+        device: the training device.
+        amp_dtype: autocast dtype of the forward, or None for float32.
+    Returns:
+        ``{"loss": L}``, a scalar float32 tensor.
+    """
+    images, labels = to_training_device(batch, device)
+    with autocast(device, amp_dtype):
+        logits = model(images)
+    return {"loss": segmentation_loss(logits, labels)}

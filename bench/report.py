@@ -1,5 +1,4 @@
-"""Machine description and the sections of bench/RESULTS.md, shared by the benchmarks and the
-miniature reproduction."""
+"""Machine description and the sections of bench/RESULTS.md, shared by the benchmarks."""
 from __future__ import annotations
 
 import os
