@@ -57,3 +57,41 @@ def tiny_bao_weights(tmp_path_factory, num_classes) -> Path:
 def tiny_transcam_weights(tmp_path_factory, num_classes) -> Path:
     """A tiny TransCAM-style checkpoint: the BAO heads label_enc/classifier_x removed."""
     return _save_tiny(tmp_path_factory.mktemp("w") / "tiny_transcam.pth", num_classes, 1, True)
+
+
+def signal_state() -> dict[str, object]:
+    """This process's Python handlers of SIGINT and SIGTERM, and (Linux) the signals ignored and
+    blocked at the C level, which every process it starts inherits (an ignored Ctrl-C included)."""
+    import signal
+
+    state: dict[str, object] = {"SIGINT": signal.getsignal(signal.SIGINT), "SIGTERM": signal.getsignal(signal.SIGTERM)}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("SigIgn", "SigBlk"):
+                state[key] = value.strip()
+    return state
+
+
+_SIGNALS_BEFORE = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_SIGNALS_BEFORE] = signal_state()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every test, its fixtures' set-up and tear-down included, leaves the test process's signal
+    handling as it found it (a library call restores every handler it changes; an ignored Ctrl-C
+    would be inherited by every script the later tests start, which then cannot be interrupted):
+    otherwise its tear-down fails, naming what changed."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown" and report.passed and _SIGNALS_BEFORE in item.stash:
+        before, after = item.stash[_SIGNALS_BEFORE], signal_state()
+        if after != before:
+            report.outcome = "failed"
+            report.longrepr = f"signal handling changed by this test or its fixtures: {before} -> {after}"

@@ -12,34 +12,11 @@ import torch
 from core.errors import UserError
 from crf import densecrf, params, refine
 from crf.params import CRFParams
+from tests import make_crf_reference as make_ref
+from tests.make_crf_reference import REFERENCE
 
 # pydensecrf2 is optional (requirements-crf.txt): the comparisons with it skip where it is not installed.
 NO_PYDENSECRF = "compares with pydensecrf2 (optional, requirements-crf.txt), which is not installed"
-
-
-def _image(h: int, w: int, seed: int) -> np.ndarray:
-    """(h, w, 3) uint8: colour ramps with blocks and noise, so that the bilateral kernel has edges."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    base = np.stack([xx * 4, yy * 5, (xx + yy) * 3], -1) + 90 * ((xx // 9 + yy // 7) % 2)[..., None]
-    return np.clip(base + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _noisy_labels(h: int, w: int, n_labels: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    labels = ((xx // 9 + yy // 7) % 3).astype(np.uint8)
-    flip = rng.random((h, w)) < 0.25
-    labels[flip] = rng.integers(0, n_labels, int(flip.sum()))
-    return labels
-
-
-def _smooth_probs(c: int, h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    coarse = rng.normal(size=(c, h // 8 + 1, w // 8 + 1)).astype(np.float32) * 3
-    logits = np.kron(coarse, np.ones((8, 8), np.float32))[:, :h, :w] + rng.normal(size=(c, h, w)).astype(np.float32)
-    probs = np.exp(logits - logits.max(0))
-    return probs / probs.sum(0)
 
 
 @pytest.mark.parametrize("sxy, srgb", [(1.0, None), (2.0, 30.0)])
@@ -55,7 +32,7 @@ def test_lattice_filter_matches_brute_force_gaussian(sxy, srgb):
     percent (3-4% here, 12 x 10 pixels, 2-D positions and 5-D positions and colours), bounded
     at 8%. A lattice without blur is off by 30-50%, one with an axis' blur missing by 14% (2-D).
     """
-    image = _image(10, 12, 0)
+    image = make_ref.image(10, 12, 0)
     features = densecrf._features([image], sxy, srgb, torch.device("cpu"))
     lattice = densecrf.Lattice(features, torch.zeros(features.shape[0], dtype=torch.int64))
     values = torch.from_numpy(np.random.default_rng(1).random((features.shape[0], 3)).astype(np.float32))
@@ -70,25 +47,18 @@ def test_lattice_filter_matches_brute_force_gaussian(sxy, srgb):
     torch.testing.assert_close(lattice.weights.sum(1), torch.ones(features.shape[0]), atol=1e-6, rtol=0)
 
 
-def _pydensecrf_marginals(image, unary, gaussian, bilateral, iterations):
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason=NO_PYDENSECRF)
-    h, w = image.shape[:2]
-    model = dcrf.DenseCRF2D(w, h, unary.shape[0])
-    model.setUnaryEnergy(np.ascontiguousarray(unary))
-    model.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1])
-    model.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=bilateral[2])
-    return np.asarray(model.inference(iterations), np.float32).reshape(unary.shape[0], h, w)
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    """pydensecrf2's marginals on two inputs, stored by tests/make_crf_reference.py."""
+    with np.load(REFERENCE) as stored:
+        return dict(stored)
 
 
-def test_label_map_crf_agrees_with_pydensecrf():
+def test_label_map_crf_agrees_with_pydensecrf(reference):
     """gt_prob 0.7, the published pairwise terms, 21 labels; 45 x 61 pixels (not a multiple of 4:
-    pydensecrf's padded lattice points are reproduced)."""
-    utils = pytest.importorskip("pydensecrf.utils", reason=NO_PYDENSECRF)
-    image, labels = _image(45, 61, 2), _noisy_labels(45, 61, 21, 3)
-    unary = utils.unary_from_labels(labels.astype(np.int64), 21, gt_prob=0.7, zero_unsure=False)
-    np.testing.assert_allclose(densecrf.label_unary(labels, 21, 0.7).T, unary, rtol=1e-6)
-    ref = _pydensecrf_marginals(image, unary, (params.GAUSSIAN_SXY, params.GAUSSIAN_COMPAT),
-                                (params.BILATERAL_SXY, params.BILATERAL_SRGB, params.BILATERAL_COMPAT), params.ITERATIONS)
+    pydensecrf's padded lattice points are reproduced). Against the stored reference, so it runs
+    where pydensecrf2 is not installed."""
+    image, labels, ref = reference["label_image"], reference["labels"], reference["label_marginals"]
     q = densecrf.mean_field([image], torch.from_numpy(densecrf.label_unary(labels, 21, 0.7)),
                             (params.GAUSSIAN_SXY, params.GAUSSIAN_COMPAT),
                             (params.BILATERAL_SXY, params.BILATERAL_SRGB, params.BILATERAL_COMPAT), params.ITERATIONS)
@@ -97,29 +67,44 @@ def test_label_map_crf_agrees_with_pydensecrf():
     refined = densecrf.crf_refine_labels(image, labels, 21)
     assert (refined == ref.argmax(0)).mean() >= 0.995
     assert (refined != labels).mean() > 0.05  # the CRF did change the noisy map
+    # Through crf/refine.py's switch, the torch backend gives the same marginals.
+    np.testing.assert_array_equal(refine.crf_label_marginals(image, labels, 21, backend="torch"),
+                                  densecrf.crf_label_marginals_batch([image], [labels], 21)[0])
 
 
-def test_probability_crf_agrees_with_pydensecrf():
-    """DeepLab-V2's terms (CRFParams) on softmax probabilities."""
-    utils = pytest.importorskip("pydensecrf.utils", reason=NO_PYDENSECRF)
-    image, probs = _image(40, 56, 4), _smooth_probs(6, 40, 56, 5)
-    params = CRFParams()
-    ref = _pydensecrf_marginals(image, utils.unary_from_softmax(probs),
-                                (params.gaussian_sxy, params.gaussian_compat),
-                                (params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat), params.iterations)
-    q = densecrf.crf_refine_probs(image, probs, params)
+def test_probability_crf_agrees_with_pydensecrf(reference):
+    """DeepLab-V2's terms (CRFParams) on softmax probabilities, against the stored reference."""
+    image, probs, ref = reference["prob_image"], reference["probs"], reference["prob_marginals"]
+    crf_params = CRFParams()
+    q = densecrf.crf_refine_probs(image, probs, crf_params)
     assert q.shape == probs.shape and q.dtype == np.float32
     assert np.abs(q - ref).max() < 1e-4
     assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.995
-    # Through crf/refine.py's switch, both backends.
-    np.testing.assert_allclose(refine.crf_refine_probs(image, probs, params, backend="torch"), q, atol=0, rtol=0)
-    np.testing.assert_allclose(refine.crf_refine_probs(image, probs, params, backend="pydensecrf"), ref, atol=0, rtol=0)
+    # Through crf/refine.py's switch.
+    np.testing.assert_allclose(refine.crf_refine_probs(image, probs, crf_params, backend="torch"), q, atol=0, rtol=0)
+
+
+def test_the_stored_reference_is_what_pydensecrf_gives(reference):
+    """Where pydensecrf2 is installed: the stored inputs are the generator's and the stored marginals
+    are pydensecrf2's own (also through crf/refine.py's pydensecrf backend)."""
+    utils = pytest.importorskip("pydensecrf.utils", reason=NO_PYDENSECRF)
+    image, labels = make_ref.image(45, 61, 2), make_ref.noisy_labels(45, 61, 21, 3)
+    np.testing.assert_array_equal(image, reference["label_image"])
+    np.testing.assert_array_equal(labels, reference["labels"])
+    unary = utils.unary_from_labels(labels.astype(np.int64), 21, gt_prob=0.7, zero_unsure=False)
+    np.testing.assert_allclose(densecrf.label_unary(labels, 21, 0.7).T, unary, rtol=1e-6)
+    live = refine.crf_label_marginals(image, labels, 21, backend="pydensecrf")
+    np.testing.assert_allclose(live, reference["label_marginals"], atol=1e-6, rtol=0)
+    probs = make_ref.smooth_probs(6, 40, 56, 5)
+    np.testing.assert_array_equal(probs, reference["probs"])
+    live = refine.crf_refine_probs(reference["prob_image"], probs, CRFParams(), backend="pydensecrf")
+    np.testing.assert_allclose(live, reference["prob_marginals"], atol=1e-6, rtol=0)
 
 
 def test_batch_of_different_sizes_equals_one_by_one():
     """Images sharing one lattice (keys carry the image) give what each gives alone."""
-    images = [_image(20, 28, 6), _image(17, 23, 7), _image(20, 28, 8)]
-    labels = [_noisy_labels(*image.shape[:2], 5, 9 + i) for i, image in enumerate(images)]
+    images = [make_ref.image(20, 28, 6), make_ref.image(17, 23, 7), make_ref.image(20, 28, 8)]
+    labels = [make_ref.noisy_labels(*image.shape[:2], 5, 9 + i) for i, image in enumerate(images)]
     together = densecrf.crf_refine_labels_batch(images, labels, 5, pixels_per_call=10 ** 9)
     alone = [densecrf.crf_refine_labels(image, label, 5) for image, label in zip(images, labels)]
     for a, b in zip(together, alone):
@@ -148,7 +133,7 @@ def test_auto_backend_without_pydensecrf_uses_torch(no_pydensecrf, monkeypatch):
     monkeypatch.setattr(sys.modules["crf"], "refine", refine)
     monkeypatch.delitem(sys.modules, "crf.refine")
     fresh = importlib.import_module("crf.refine")
-    image, labels = _image(12, 16, 10), _noisy_labels(12, 16, 4, 11)
+    image, labels = make_ref.image(12, 16, 10), make_ref.noisy_labels(12, 16, 4, 11)
     np.testing.assert_array_equal(fresh.crf_refine_labels(image, labels, 4),
                                   densecrf.crf_refine_labels(image, labels, 4))
 
@@ -160,7 +145,7 @@ def test_pydensecrf_backend_without_it_is_one_user_error(no_pydensecrf):
     assert "\n" not in message
     assert "pip install pydensecrf2" in message and "--crf_backend torch" in message
     with pytest.raises(UserError):
-        refine.crf_refine_labels(_image(8, 8, 12), np.zeros((8, 8), np.uint8), 3, backend="pydensecrf")
+        refine.crf_refine_labels(make_ref.image(8, 8, 12), np.zeros((8, 8), np.uint8), 3, backend="pydensecrf")
     with pytest.raises(ValueError):
         params.resolve_backend("gpu")
 
