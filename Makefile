@@ -1,5 +1,5 @@
-# The two commands of the README. Both create .venv from requirements.txt when it is
-# missing or older than requirements.txt, requirements-crf.txt or pyproject.toml, and install
+# The commands of the README (demo, test, test-all). Each creates .venv from requirements.txt when it is
+# missing or older than requirements.txt, requirements-crf.txt or pyproject.toml, and installs
 # this repository in it (editable); nothing else needs to be typed. pydensecrf2
 # (requirements-crf.txt) is optional: when it does not build, one line says so, its pip output
 # stays in .venv/pydensecrf2-install.log, and the torch CRF runs instead.
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test test-all venv clean-demo
 
 venv: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): requirements.txt requirements-crf.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The fast tier while working (unit tests of every module and short end-to-end runs); the whole
+# suite, which CI runs, with the slowest tests listed at the end (tests/README.md: the tiers).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest --durations=25
 
 demo: $(STAMP)
 	$(PY) -m protocol.demo

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from core.palette import read_label_png
@@ -63,6 +64,7 @@ def test_losses_under_bf16_autocast_are_float32_and_finite():
                for p in student.parameters())
 
 
+@pytest.mark.slow
 def test_bf16_training_both_stages_saves_float32_weights(voc_root, tmp_path):
     tc = run_script("train_bao.py", *_train_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
                                               "--amp", "bf16"))

@@ -34,6 +34,7 @@ def _given_weights(folder: Path, bao_weights: Path, num_classes: int) -> tuple[P
     return bao, seg
 
 
+@pytest.mark.slow
 def test_smoke_run_on_one_tiny_image_prints_every_row(tmp_path, tiny_bao_weights, num_classes):
     """Every row of both tables; --bao_weights / --seg_weights add the pseudo-labels infer_bao.py
     makes with a run's weights and a segmentation model's softmax to the agreement table."""
@@ -67,6 +68,7 @@ def test_smoke_run_on_one_tiny_image_prints_every_row(tmp_path, tiny_bao_weights
         assert abs(float(cells[5])) <= 100 and float(cells[6]) >= 0  # mIoU difference, marginals' difference
 
 
+@pytest.mark.slow
 def test_torch_only_mode_times_the_torch_crf_on_a_device_without_pydensecrf(tmp_path):
     """--torch_only DEVICE (the GPU row's mode; pydensecrf2 not needed): every row, labels equal to
     the CPU's (on the CPU itself, one image per lattice or several: the same marginals up to float

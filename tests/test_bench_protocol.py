@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 
 from tests.helpers import run_script
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
 
 SMOKE = ["-m", "bench.bench_protocol", "--device", "cpu", "--arch", "tiny", "--seg_backbone", "tiny", "--num_train",
          "8", "--num_val", "4", "--size", "64", "--batch_size", "4", "--crop_size", "64", "--scales", "32,64",

@@ -91,6 +91,7 @@ def _val_stems() -> list[str]:
     return [_stem(i) for i in (7, 8, 9)]
 
 
+@pytest.mark.slow
 def test_training_skips_unlabelled_images_and_builds_81_classes(run):
     labels = ImageLabels.load(run["lists"] / "cls_labels.json", num_fg=80)
     assert labels.ids[_stem(5)] == [] and labels.ids[_stem(2)] == [17, 26]
@@ -208,6 +209,7 @@ def test_evaluation_refuses_flags_contradicting_the_masks(run):
               "--dataset", "coco", "--convention", "raw")
 
 
+@pytest.mark.slow
 def test_visualisation(run, tmp_path):
     out = tmp_path / "visual"
     _ok(run_script("visual_bao.py", *run["data"], *TINY, "--list", str(run["lists"] / "val.txt"),
@@ -243,6 +245,7 @@ def test_label_file_names_the_table(tmp_path):
         _main(*base)
 
 
+@pytest.mark.slow
 def test_segmentation_stage_on_coco(run, tmp_path):
     """BAO pseudo-labels of the train list -> train_seg.py -> infer_seg.py on val -> evaluation (81 classes)."""
     train, val = run["lists"] / "train.txt", run["lists"] / "val.txt"

@@ -15,6 +15,8 @@ from network.conformer import REFINE_MODES
 from tests.helpers import assert_refused, call_main, run_script
 from tool.overlay import read_rgb, stacked_sheets
 
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
+
 
 def _miou(voc: Path, names: list[str], num_classes: int, pred_dir: Path | None) -> float:
     """mIoU over ``names`` of the PNGs in ``pred_dir`` (None: all background), by hand."""

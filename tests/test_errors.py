@@ -166,6 +166,7 @@ def odd_root(tmp_path_factory, voc_root) -> Path:
 
 # ------------------------------------------------------------------------------ training
 
+@pytest.mark.slow
 def test_train_corrupt_jpeg_in_a_loader_worker_is_one_line(corrupt_root, tiny_transcam_weights, tmp_path):
     root, jpeg = corrupt_root
     proc = run_script("train_bao.py", *_replace(_train_args(root, tmp_path, "--weights", str(tiny_transcam_weights)),
@@ -282,6 +283,7 @@ def test_train_disk_full_names_the_file_and_keeps_no_partial_file(voc_root, tiny
     assert_no_partial_files(tmp_path / "bao")
 
 
+@pytest.mark.slow
 def test_train_ctrl_c_with_loader_workers(voc_root, tiny_transcam_weights, tmp_path):
     """Ctrl-C in a terminal reaches the whole process group, loader workers included."""
     args = _replace(_train_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "100",
@@ -369,6 +371,7 @@ def test_infer_write_errors_name_the_path(failure, voc_root, tiny_bao_weights, t
     assert out.is_dir() and not list(out.iterdir())
 
 
+@pytest.mark.slow
 def test_infer_ctrl_c_exits_cleanly_and_leaves_only_complete_files(voc_root, tiny_bao_weights, tmp_path):
     out = tmp_path / "out"
     args = _replace(_infer_args(voc_root, tiny_bao_weights, "--out_pred", str(out / "pred"), "--out_cam",
@@ -392,6 +395,7 @@ def test_infer_ctrl_c_exits_cleanly_and_leaves_only_complete_files(voc_root, tin
 
 # -------------------------------------------------------------------------- visualisation
 
+@pytest.mark.slow
 def test_visual_corrupt_jpeg_through_a_worker(corrupt_root, tiny_bao_weights, tmp_path):
     root, jpeg = corrupt_root
     out = tmp_path / "vis"

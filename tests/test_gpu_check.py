@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 
 from tests.helpers import run_script
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
 
 SMOKE = ["-m", "bench.gpu_check", "--device", "cpu", "--arch", "tiny", "--batch_size", "2", "--crop_size", "64",
          "--train_steps", "1", "--warmup", "1", "--infer_images", "2", "--infer_size", "64", "--scales", "32,64",

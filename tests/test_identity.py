@@ -23,6 +23,8 @@ from core.palette import read_label_png
 from data.camio import load_cams
 from tests.identity import REFERENCE, checkpoint_tensors, fingerprint, machine, produce
 
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
+
 RECORD = json.loads((REFERENCE / "reference.json").read_text())
 
 

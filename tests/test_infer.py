@@ -54,6 +54,7 @@ def bao_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_crf_in_worker_processes_equals_inline(bao_run, voc_root, tiny_bao_weights, tmp_path, capsys):
     """bao_run's CRF ran in two worker processes; in the main process the PNGs are the same bytes."""
     code, _, err = _infer([*_common(voc_root, tiny_bao_weights), "--out_crf", str(tmp_path / "crf"),
@@ -72,6 +73,7 @@ def torch_crf_run(voc_root, tiny_bao_weights, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_torch_crf_backend_agrees_with_pydensecrf(bao_run, torch_crf_run, voc_root):
     """bao_run's CRF is pydensecrf2's (auto, where it is installed): the torch CRF gives the same
     label on >= 99.5% of the pixels (crf/densecrf.py; they differ only where marginals tie)."""
@@ -94,6 +96,7 @@ def _hide_pydensecrf(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(package.parent), str(ROOT)])}
 
 
+@pytest.mark.slow
 def test_without_pydensecrf_auto_runs_the_torch_crf_and_pydensecrf_is_refused(torch_crf_run, voc_root,
                                                                                tiny_bao_weights, tmp_path):
     env = _hide_pydensecrf(tmp_path)
@@ -163,6 +166,7 @@ def test_resume_skips_done_images_and_redoes_missing_ones(bao_run, voc_root, tin
     assert {kind: _files(out / kind) for kind in ("pred", "cam")} == before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_files(voc_root, tiny_bao_weights, tmp_path, capsys):
     # Larger scales make each image take ~0.1 s, so the kill lands mid-run.
     args = _common(voc_root, tiny_bao_weights, scales="128,256")
@@ -413,6 +417,7 @@ def test_bad_inputs_are_refused_before_any_output(case, voc_root, num_classes, t
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_command_line_error_exits_cleanly(voc_root, tmp_path):
     missing = run_script("infer_bao.py", *_common(voc_root, tmp_path / "missing.pth"), "--out_pred", str(tmp_path / "o"))
     assert missing.returncode == 2
@@ -440,6 +445,7 @@ def test_label_file_from_the_run_is_named_in_help_and_error(voc_root, tiny_bao_w
     assert_refused(code, err, "have no image-level label in " + str(tmp_path / "few.json"))
 
 
+@pytest.mark.slow
 def test_torchrun_shards_the_list_and_writes_the_same_files(bao_run, voc_root, tiny_bao_weights, tmp_path):
     out = tmp_path / "ddp"
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_bao.py",

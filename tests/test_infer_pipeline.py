@@ -170,6 +170,7 @@ def test_crf_pngs_with_the_writer_threads(voc_root, tiny_bao_weights, tmp_path, 
     assert f"{len(names)}/{len(names)}" in err
 
 
+@pytest.mark.slow
 def test_a_write_error_in_a_writer_thread_is_one_line_and_a_failed_exit(voc_root, tiny_bao_weights, tmp_path):
     """A folder where an image's PNG must go: the writer thread's error ends the real process with the one
     line of a write error (status 2, no traceback, no hanging thread), the files written before are

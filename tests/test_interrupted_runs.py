@@ -133,6 +133,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_training_stopped_mid_epoch_resumes_to_identical_weights(voc_root, tiny_transcam_weights,
                                                                              tmp_path):
     # 12 images, batch 4 over two processes: 3 steps per epoch; loader workers draw the crops.

@@ -164,6 +164,7 @@ def _run(voc_root: Path, run_dir: Path, weights: Path, *extra: str) -> pipeline.
     return plan
 
 
+@pytest.mark.slow
 def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_root, tiny_transcam_weights,
                                                                           tmp_path, capsys):
     whole = _run(voc_root, tmp_path / "whole", tiny_transcam_weights)
@@ -316,6 +317,7 @@ def test_status_of_a_folder_without_a_run_says_so(tmp_path, capsys):
     assert_refused(code, err, "does not exist")
 
 
+@pytest.mark.slow
 def test_two_seeds_of_a_protocol_file_on_a_subset_write_mean_and_sample_sd(voc_root, tiny_transcam_weights, tmp_path,
                                                                              capsys):
     """A user's protocol file (a subset of the generated train list, tiny settings) run with --seeds 0 1:

@@ -11,6 +11,9 @@ import torch
 
 from tests.helpers import run_script
 from tests.identity import checkpoint_tensors
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
 
 
 def _train(voc_root: Path, save_dir: Path, seed: int) -> dict[str, torch.Tensor]:

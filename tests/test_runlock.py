@@ -162,6 +162,7 @@ def undisturbed(voc_root, tiny_transcam_weights, tmp_path_factory) -> Path:
     return save / "bao"
 
 
+@pytest.mark.slow
 def test_training_started_twice_refuses_the_second_and_a_sigkilled_first_resumes(
         voc_root, tiny_transcam_weights, undisturbed, tmp_path):
     go = tmp_path / "go"
@@ -223,6 +224,7 @@ def _last_line(err: str) -> str:
     return err.replace("\r", "\n").strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_training_with_a_resumable_checkpoint(voc_root, tiny_transcam_weights, tmp_path):
     args = _train_args(voc_root, tiny_transcam_weights, tmp_path, "--max_epoches", "100", "--log_every", "1")
@@ -254,6 +256,7 @@ def _crf_inference(voc_root: Path, weights: Path, out: Path) -> subprocess.Popen
     return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopped_inference_leaves_complete_files_and_no_worker(voc_root, tiny_bao_weights, tmp_path, sig):
@@ -317,6 +320,7 @@ run_cli(main, pipeline.get_args_parser().parse_args(argv))
 """
 
 
+@pytest.mark.slow
 def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
         voc_root, tiny_transcam_weights, undisturbed, tmp_path):
     run_dir, go = tmp_path / "protocol", tmp_path / "go"
@@ -339,6 +343,7 @@ def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
     assert "in progress" not in status.stdout and "bao            done" in status.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_sent_to_the_runner_alone_stops_its_stage_with_a_resumable_checkpoint(
         voc_root, tiny_transcam_weights, tmp_path):

@@ -296,6 +296,7 @@ def _train(voc_root: Path, save_dir: Path, session: str, *extra: str, label_dir:
             "--log_every", "1", *extra]
 
 
+@pytest.mark.slow
 def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, tmp_path):
     ok = run_script(*_train(voc_root, tmp_path, "full"))
     assert ok.returncode == 0, ok.stderr
@@ -324,6 +325,7 @@ def test_training_interrupted_and_resumed_ends_with_identical_weights(voc_root, 
     assert changed.returncode == 2 and "--crop_size 48 (now 64)" in changed.stderr
 
 
+@pytest.mark.slow
 def test_inference_writes_palette_pngs_crf_and_the_server_layout(voc_root, tmp_path, capsys):
     ok = run_script(*_train(voc_root, tmp_path, "m"))
     assert ok.returncode == 0, ok.stderr
@@ -494,6 +496,7 @@ def test_inference_with_weights_of_another_model_is_refused(voc_root, tmp_path, 
     assert not (tmp_path / "pred").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_end_identical(voc_root, tmp_path, num_classes):
     """DDP over two processes (gloo): both ranks end with the saved weights, trained batch norm included."""
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -16,6 +16,8 @@ from network.deeplab import build_segmentation_model
 from tests.helpers import run_script
 from tool.segmentation import SERVER_ARCHIVE, VOC_SERVER_DIR
 
+pytestmark = pytest.mark.slow  # the whole module: tests/README.md, tiers
+
 
 @pytest.fixture(scope="module")
 def seg_weights(tmp_path_factory, num_classes) -> Path:

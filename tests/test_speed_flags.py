@@ -26,6 +26,7 @@ def test_every_model_script_has_the_flags_off_by_default(script):
     assert chosen.tf32 is True and chosen.compile == "reduce-overhead"
 
 
+@pytest.mark.slow
 def test_compile_compiles_in_place_and_keeps_keys_and_values():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))

@@ -89,6 +89,7 @@ def test_bao_run_writes_published_files_and_finite_losses(full_run, num_classes)
     assert {"student", "teacher", "optimizer", "scaler", "rng", "args"} <= ckpt.keys()
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_transcam_weights, tmp_path):
     args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "2")
     first = run_script("train_bao.py", *args, "--max_steps", "4")  # stops inside the second epoch
@@ -102,6 +103,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(full_run, voc_root, tiny_
         assert _same_weights(run_dir / name, full_run / name), name
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights, tmp_path):
     args = _args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights), "--max_epoches", "50",
                  "--log_every", "1")
@@ -127,6 +129,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(voc_root, tiny_transcam_weights,
     assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["position"]["global_step"] == done + 2
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root, tiny_transcam_weights, tmp_path):
     proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--max_epoches", "2", "--debug_fault", "nan:5"))
@@ -149,6 +152,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(full_run, voc_root
     assert all(g["lr"] == 1e-5 for g in ckpt["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights, tmp_path):
     proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--debug_fault", "oom:1"))
@@ -156,6 +160,7 @@ def test_out_of_memory_names_the_flags_to_lower(voc_root, tiny_transcam_weights,
     assert not (tmp_path / "bao" / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_transcam_stage_from_scratch(voc_root, tmp_path, num_classes):
     proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--method", "transcam", "--from_scratch",
                                           "--max_epoches", "1", "--val_every", "1",
@@ -197,6 +202,7 @@ def test_bad_flags_are_refused_before_any_work(voc_root, tiny_transcam_weights, 
     assert not (tmp_path / "bao").exists()
 
 
+@pytest.mark.slow
 def test_bad_flags_through_the_process(voc_root, tiny_transcam_weights, tmp_path):
     proc = run_script("train_bao.py", *_args(voc_root, tmp_path, "--weights", str(tiny_transcam_weights),
                                           "--crop_size", "100"))
@@ -304,6 +310,7 @@ def test_persistent_loader_workers_draw_the_crops_of_each_epoch(voc_root):
     assert not torch.equal(first_batches[0], first_batches[1])
 
 
+@pytest.mark.slow
 def test_validation_logs_val_miou_in_percent_and_leaves_training_unchanged(full_run, voc_root, tiny_transcam_weights,
                                                                  tmp_path, capsys):
     val = str(voc_root / "ImageSets/Segmentation/val.txt")
@@ -369,6 +376,7 @@ def test_inference_takes_the_model_settings_of_the_run_beside_the_weights(full_r
         assert (tmp_path / "explicit" / f"{name}.png").read_bytes() == (tmp_path / "from_run" / f"{name}.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_weights, tmp_path):
     import shutil
 
@@ -382,6 +390,7 @@ def test_validation_without_masks_says_so_and_trains(voc_root, tiny_transcam_wei
     assert not _records(tmp_path / "bao", "val") and (tmp_path / "bao" / "bao_0epochs_modelt.pth").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_end_identical(voc_root, tiny_transcam_weights, tmp_path, num_classes):
     # validated every epoch too: each process scores its share of the list, the counts are summed
     val = str(voc_root / "ImageSets/Segmentation/val.txt")
