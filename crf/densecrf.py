@@ -399,13 +399,7 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_p
                       iterations: int = ITERATIONS, device: str | torch.device = "cpu") -> np.ndarray:
     """Refine a label map with the dense CRF (crf.refine's label-map CRF, in torch).
 
-    Args:
-        image: (H, W, 3) uint8 RGB original image.
-        labels: (H, W) integer class ids in 0..n_labels-1.
-        n_labels: number of classes the map may hold (background included).
-        gt_prob: confidence given to the input label of each pixel.
-        iterations: mean-field iterations.
-        device: where to compute.
+    Args: as :func:`crf.refine.crf_label_marginals`; ``device``: where to compute.
     Returns:
         (H, W) uint8 refined class ids.
     """
