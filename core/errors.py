@@ -97,12 +97,15 @@ def worker_process_init(*_args: object) -> None:
     die_with_parent()
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """Have the kernel SIGKILL this process when its parent ends, however the parent ends (SIGKILL
     included), so that no worker outlives its run. Linux only (``prctl(PR_SET_PDEATHSIG)``);
     elsewhere nothing changes.
 
     The parent is the thread that started this process: start workers from the main thread.
+    ``parent_pid``: the parent's PID, for a process that is no multiprocessing child (a
+    ``subprocess`` ``preexec_fn``, where the setting survives the exec of the new program); a
+    parent already gone by then ends this process at once.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -114,8 +117,9 @@ def die_with_parent() -> None:
     except (OSError, AttributeError):
         return
     # The parent may have ended before prctl took effect: then no signal will come.
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:
+    if parent_pid is None and (parent := multiprocessing.parent_process()) is not None:
+        parent_pid = parent.pid
+    if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
 
 

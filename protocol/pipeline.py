@@ -38,7 +38,9 @@ every BAO and TransCAM stage; the TransCAM CAMs are then the CNN CAMs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -49,7 +51,7 @@ from typing import Sequence
 
 from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_args, add_refine_arg,
                       add_stages_device_arg, crf_backend_from_args, run_cli)
-from core.errors import UserError, stop_signal
+from core.errors import UserError, die_with_parent, stop_signal
 from core.fileio import atomic_path
 from core.runlock import RunLock, describe, in_use_hint, lock_holder
 from data.layout import REPO_ROOT
@@ -223,9 +225,11 @@ def _run_stage(plan: Plan, stage: str) -> None:
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
             # In a process group of its own: a terminal's Ctrl-C reaches the runner alone, which
-            # passes every stop on (_stop_stage), however it was sent.
+            # passes every stop on (_stop_stage), however it was sent. A runner that cannot pass a
+            # stop on (kill -9) takes the script with it, and the script its workers.
             proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, process_group=0)
+                                    stderr=subprocess.STDOUT, process_group=0,
+                                    preexec_fn=functools.partial(die_with_parent, os.getpid()))
             try:
                 _pass_output(proc, log)
             except KeyboardInterrupt:

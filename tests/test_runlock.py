@@ -343,6 +343,68 @@ def test_runner_started_twice_refuses_the_second_and_status_reads_the_run(
     assert "in progress" not in status.stdout and "bao            done" in status.stdout
 
 
+# The runner with a one-stage table: a script that writes its PID, then sleeps without a word (a
+# stage whose output pipe would never tell it that the runner is gone). argv: voc_root, run_dir.
+SILENT_STAGE_RUNNER = """
+import sys
+from pathlib import Path
+from apps.cli import run_cli
+from protocol import pipeline
+from protocol.plan import Stage
+
+voc_root, run_dir = sys.argv[1:3]
+sets = Path(voc_root) / "ImageSets" / "Segmentation"
+protocol = pipeline.Protocol(lists={"train": str(sets / "train.txt"), "score": str(sets / "val.txt")})
+code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+silent = Stage("silent", ("-c",), lambda plan, planned: [["-c", code, str(Path(run_dir) / "stage.pid")]],
+               reads=("train",))
+
+
+def main(args):
+    pipeline.run(pipeline.make_plan(args, protocol, stages=(silent,)), show_table=False)
+
+
+argv = ["--run_dir", run_dir, "--start", "scratch", "--device", "cpu", "--voc12_root", voc_root]
+run_cli(main, pipeline.get_args_parser().parse_args(argv))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
+def test_a_sigkilled_runner_takes_a_silent_stage_with_it(voc_root, tmp_path):
+    run_dir = tmp_path / "protocol"
+    pid_file = run_dir / "stage.pid"
+    runner = _start(SILENT_STAGE_RUNNER, str(voc_root), str(run_dir))
+    _wait_for(lambda: pid_file.is_file() and pid_file.read_text(), runner, "the stage did not start")
+    stage = {int(pid_file.read_text())}
+    assert _alive(stage)
+    runner.kill()
+    runner.communicate(timeout=30)
+    _all_gone(stage, within=5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
+def test_a_sigkilled_runner_takes_its_stage_with_it_and_the_rerun_completes(
+        voc_root, tiny_transcam_weights, undisturbed, tmp_path):
+    """kill -9 of the runner cannot be passed on: the stage's script dies with it, and its workers with
+    the script; within 5 s nothing of the run is left. The same command then continues the run to the
+    weights of an undisturbed one. (This stage also writes to the runner's pipe, which ends it soon
+    enough by itself; the silent stage above is the one only the kernel's parent-death signal ends.)"""
+    run_dir = tmp_path / "protocol"
+    runner = _start(RUNNER, str(voc_root), str(tiny_transcam_weights), str(run_dir), "")
+    log = run_dir / "bao" / "bao" / "log.jsonl"
+    _wait_for(lambda: log.is_file() and _descendants(runner.pid), runner, "the bao stage did not start")
+    stage = _descendants(runner.pid)
+    runner.kill()
+    runner.communicate(timeout=30)
+    _all_gone(stage, within=5)
+    rerun = run_script("-c", RUNNER, str(voc_root), str(tiny_transcam_weights), str(run_dir), "")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    _same_weights(run_dir / "bao" / "bao", undisturbed)
+    assert (run_dir / "stages" / "bao.json").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_sent_to_the_runner_alone_stops_its_stage_with_a_resumable_checkpoint(
