@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core.errors import UserError
+from core.errors import UserError, die_with_parent
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("off", *AMP_DTYPES)
@@ -62,6 +62,10 @@ def setup_distributed(device_name: str = "auto") -> Runtime:
     if world_size <= 1:
         return Runtime(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Started by torch's launcher: a launcher killed outright (kill -9, or with the runner that
+        # started it) cannot stop its ranks, which would wait for ever at their next collective.
+        die_with_parent(os.getppid())
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

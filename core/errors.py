@@ -97,10 +97,11 @@ def worker_process_init(*_args: object) -> None:
     die_with_parent()
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
+def die_with_parent(parent_pid: int | None = None, signum: int = signal.SIGKILL) -> None:
     """Have the kernel SIGKILL this process when its parent ends, however the parent ends (SIGKILL
     included), so that no worker outlives its run. Linux only (``prctl(PR_SET_PDEATHSIG)``);
-    elsewhere nothing changes.
+    elsewhere nothing changes. ``signum``: another signal to send instead (SIGTERM: a process that
+    has children of its own to stop first).
 
     The parent is the thread that started this process: start workers from the main thread.
     ``parent_pid``: the parent's PID, for a process that is no multiprocessing child (a
@@ -112,7 +113,7 @@ def die_with_parent(parent_pid: int | None = None) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        if libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0) != 0:
             return
     except (OSError, AttributeError):
         return

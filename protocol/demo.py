@@ -187,7 +187,7 @@ def demo_plan(args: argparse.Namespace, p: Paths, regime: str = "attention") -> 
     if regime == "attention":
         values["start"] = "scratch"
     else:
-        values.update(refine="none", start="transcam", weights=transcam_weights(demo_plan(args, p), planned=True))
+        values.update(refine="none", start="transcam", weights=transcam_weights(demo_plan(args, p)))
     runner_args = pipeline.runner_args(p.results / run, **values)
     return pipeline.make_plan(runner_args, demo_protocol(args, regime), seed=p.seed, run_dir=p.results / run)
 

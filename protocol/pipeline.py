@@ -32,35 +32,37 @@ CNN CAM ablation from given TransCAM weights) run once in ``<run_dir>/``. The me
 standard deviation (n - 1) of every result row, with the per-seed values, goes to
 ``<run_dir>/seeds.md`` and ``seeds.json``.
 
+``--nproc_per_node N`` runs every training and inference stage on N processes through torch's
+launcher (``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``: on several machines, the same command
+on each); ``--print_commands`` prints the command lines of the stages still to do as a bash script
+(each stage closed by a ``--finish_stage`` line) instead of running them: docs/clusters.md.
+
 ``--refine none`` runs the ablation without attention refinement (train_bao.py's flag) in
 every BAO and TransCAM stage; the TransCAM CAMs are then the CNN CAMs.
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from apps.cli import (DefaultsHelpFormatter, add_crf_backend_arg, add_dataset_args, add_refine_arg,
                       add_stages_device_arg, crf_backend_from_args, run_cli)
-from core.errors import UserError, die_with_parent, stop_signal
-from core.fileio import atomic_path
+from core.errors import UserError
 from core.runlock import RunLock, describe, in_use_hint, lock_holder
 from data.layout import REPO_ROOT
-from protocol import protocol_file
+from protocol import protocol_file, stagerun
+from protocol.launch import PORTS_USED, launch_from_args, program, shell_line
 # Re-exported for the runner's callers (bench/bench_protocol.py, the demo, the tests), beside what it uses itself.
 from protocol.plan import (Plan, Stage, check_commands, check_definition, check_prerequisites, commands,  # noqa: F401
                            script_parsers)
 from protocol.protocol_file import Protocol, fixed_t_problem
-from protocol.results import check_seeds, write_seed_table, write_table
+from protocol.results import check_seeds, write_seed_table
+from protocol.stagerun import done_file, mark_done, programs, status
 from protocol.stages import EXTRAS, SETTING_KEYS, STAGE_TABLE, STAGES  # noqa: F401
 
 RUN_DIR_IN_USE = in_use_hint("--run_dir")
@@ -92,6 +94,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
                         help="redo this stage and every later one (their outputs are removed first)")
     parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    parser.add_argument("--print_commands", action="store_true",
+                        help="print the command line of every stage still to do, in order, as a bash script (the "
+                             "torchrun form with several processes), and exit without running anything; each "
+                             "stage ends with a --finish_stage line (docs/clusters.md)")
+    parser.add_argument("--finish_stage", choices=STAGES, default=None,
+                        help="mark a stage done whose command lines ran outside the runner (--print_commands): "
+                             "write its results when it writes them, and its done marker")
+    launch = parser.add_argument_group("several processes and machines (torchrun's names; docs/clusters.md)")
+    launch.add_argument("--nproc_per_node", type=int, default=1,
+                        help="processes per machine of every training and inference stage (one per GPU), started "
+                             "with torch's launcher; the published global batch, learning rate and schedule stay")
+    launch.add_argument("--nnodes", type=int, default=1,
+                        help="machines: the same command on every one, the run folder on a shared filesystem")
+    launch.add_argument("--node_rank", type=int, default=0,
+                        help="this machine's number, 0 to --nnodes - 1; node 0 runs the one-process stages and "
+                             "writes the run's state, the others run their ranks of the model stages")
+    launch.add_argument("--rdzv_endpoint", default=None,
+                        help=f"HOST:PORT of node 0, the same on every node (with --nnodes > 1); the run uses "
+                             f"ports PORT to PORT+{PORTS_USED - 1}")
     add_stages_device_arg(parser)
     add_crf_backend_arg(parser)
     add_refine_arg(parser)
@@ -146,7 +167,8 @@ def make_plan(args: argparse.Namespace, protocol: Protocol | None = None, seed: 
     root = Path(args.run_dir).resolve()
     if run_dir is None:
         run_dir = root / f"seed{seed}" if seed is not None else root
-    plan = Plan(args, protocol, Path(run_dir).resolve(), resolved, root, tuple(stages), seed, given=lists)
+    plan = Plan(args, protocol, Path(run_dir).resolve(), resolved, root, tuple(stages), seed, given=lists,
+                launch=launch_from_args(args))
     if check:
         check_commands(plan)
     return plan
@@ -192,90 +214,20 @@ def recorded_plans(args: argparse.Namespace) -> list[Plan]:
     return [make_plan(recorded, protocol, seed=s, check=False) for s in seeds]
 
 
-def _done_file(plan: Plan, stage: str) -> Path:
-    return plan.home(stage) / "stages" / f"{stage}.json"
-
-
-def status(plan: Plan) -> list[tuple[str, str]]:
-    """(stage, "done in N s" | "partly done (resumes)" | "to do" | its record's ``absent``) for every stage."""
-    states = []
-    for record in plan.stages:
-        stage, done = record.name, _done_file(plan, record.name)
-        if not plan.runs(stage):
-            states.append((stage, record.absent))
-        elif done.is_file():
-            states.append((stage, f"done in {json.loads(done.read_text())['seconds']:.0f} s"))
-        elif plan.out(stage).exists():
-            states.append((stage, "partly done (resumes)"))
-        else:
-            states.append((stage, "to do"))
-    return states
-
-
-def _run_stage(plan: Plan, stage: str) -> None:
-    """Run the stage's commands, teeing their output to ``logs/<stage>.log``; write the results when its
-    record says so; mark it done."""
-    start = time.time()
-    log_path = plan.home(stage) / "logs" / f"{stage}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    plan.out(stage).mkdir(parents=True, exist_ok=True)
-    cmds = commands(plan, stage)
-    with open(log_path, "ab") as log:
-        for cmd in cmds:
-            log.write(f"$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            # In a process group of its own: a terminal's Ctrl-C reaches the runner alone, which
-            # passes every stop on (_stop_stage), however it was sent. A runner that cannot pass a
-            # stop on (kill -9) takes the script with it, and the script its workers.
-            proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, process_group=0,
-                                    preexec_fn=functools.partial(die_with_parent, os.getpid()))
-            try:
-                _pass_output(proc, log)
-            except KeyboardInterrupt:
-                _stop_stage(proc, log)
-                raise
-            if proc.wait() != 0:
-                raise UserError(f"stage {stage} failed (exit {proc.returncode}); its output is in {log_path}; fix the "
-                                "cause and rerun the same command, which continues from this stage")
-    if plan.stage(stage).writes_results:
-        write_table(plan)
-    with atomic_path(_done_file(plan, stage)) as tmp:
-        Path(tmp).write_text(json.dumps({"seconds": time.time() - start, "commands": cmds}, indent=1) + "\n")
-
-
-def _stop_stage(proc: subprocess.Popen, log) -> None:
-    """Stop the stage's script as the runner was stopped (Ctrl-C or ``kill -INT``: SIGINT; SIGTERM:
-    SIGTERM) and let it save, passing its output on until it ends; a second stop while it saves is
-    passed on too, as a terminal would pass it."""
-    while True:
-        proc.send_signal(signal.SIGTERM if stop_signal() == signal.SIGTERM else signal.SIGINT)
-        try:
-            _pass_output(proc, log)
-            proc.wait()
-            return
-        except KeyboardInterrupt:
-            continue
-
-
-def _pass_output(proc: subprocess.Popen, log) -> None:
-    """Copy a stage's output to the screen and its log until it ends."""
-    # Raw chunks, not lines: a progress bar redraws its line with carriage returns, which a
-    # line reader would turn into one printed line per refresh.
-    while chunk := proc.stdout.read1(65536):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-        log.write(chunk)
-
-
-def run(plan: Plan, show_table: bool = True, redo_shared: bool = True) -> None:
+def run(plan: Plan, show_table: bool = True, redo_shared: bool = True, ports: Iterator[int] | None = None) -> None:
     """Run the stages that are not done (from ``--from``, up to ``--until``); print the table at the end.
-    ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them).
+    ``redo_shared`` False: ``--from`` leaves the stages shared by the seeds (another seed redid them);
+    ``ports``: the rendezvous ports' count over the run's several-process lines (of all its seeds).
 
     The run folder is locked for the whole run (:class:`core.runlock.RunLock`): a second runner
-    on it is refused before it writes anything."""
+    on it is refused before it writes anything. Node r > 0 of several takes no lock and writes no
+    state: node 0's runner does."""
+    ports = itertools.count() if ports is None else ports
+    if not plan.launch.leads:
+        _run_stages(plan, show_table, redo_shared, ports)
+        return
     with RunLock(plan.run_dir, RUN_DIR_IN_USE):
-        _run_stages(plan, show_table, redo_shared)
+        _run_stages(plan, show_table, redo_shared, ports)
 
 
 def _selected(plan: Plan) -> list[str]:
@@ -292,39 +244,107 @@ def _reaches_results(plan: Plan, selected: list[str]) -> bool:
     return any(plan.stage(s).writes_results and plan.runs(s) for s in selected)
 
 
-def _run_stages(plan: Plan, show_table: bool, redo_shared: bool) -> None:
+def _todo(plan: Plan, redo_shared: bool = True) -> list[str]:
+    """The selected stages that this run will run (not done, or redone from ``--from``), in order;
+    ``redo_shared`` False: a stage shared by the seeds is not redone (another seed redid it)."""
     a, selected = plan.args, _selected(plan)
     first = plan.names.index(a.from_stage) if a.from_stage else 0
     if first >= len(selected):
         raise UserError(f"--from {a.from_stage} comes after --until {a.until}")
-    todo = [s for s in selected if plan.names.index(s) >= first or not _done_file(plan, s).is_file()]
+    redone = [s for s in plan.names[first:] if a.from_stage and (redo_shared or not plan.shared(s))]
+    return [s for s in selected if plan.runs(s) and (s in redone or not done_file(plan, s).is_file())]
+
+
+def _run_stages(plan: Plan, show_table: bool, redo_shared: bool, ports: Iterator[int]) -> None:
+    a, selected, todo = plan.args, _selected(plan), _todo(plan, redo_shared)
     check_prerequisites(plan, todo)
-    check_definition(plan)
-    if a.from_stage:
-        for stage in (s for s in plan.names[first:] if redo_shared or not plan.shared(s)):
-            _done_file(plan, stage).unlink(missing_ok=True)
+    if plan.launch.leads:
+        check_definition(plan, todo)
+        redone = plan.names[plan.names.index(a.from_stage):] if a.from_stage else []
+        for stage in (s for s in redone if redo_shared or not plan.shared(s)):
+            done_file(plan, stage).unlink(missing_ok=True)
             shutil.rmtree(plan.out(stage), ignore_errors=True)
     for stage in selected:
         if not plan.runs(stage):
             continue
-        if _done_file(plan, stage).is_file():
+        if stage not in todo or (plan.shared(stage) and not redo_shared and done_file(plan, stage).is_file()):
             print(f"== {stage}: done before, skipped", flush=True)
             continue
         print(f"\n== {stage}", flush=True)
-        _run_stage(plan, stage)
-    if show_table and _reaches_results(plan, selected):
+        stagerun.run_stage(plan, stage, ports)
+    if show_table and plan.launch.leads and _reaches_results(plan, selected):
         print("\n" + (plan.run_dir / "results.md").read_text())
 
 
 def run_seeds(plans: list[Plan]) -> None:
     """Run every seed's plan (a shared stage once: the first seed runs it, the others find it done); when
     the runs reach their results, write and print the seeds table in the root."""
+    ports = itertools.count()
+    if not plans[0].launch.leads:
+        for plan in plans:
+            run(plan, show_table=False, redo_shared=plan is plans[0], ports=ports)
+        return
     with RunLock(plans[0].root, RUN_DIR_IN_USE):  # each seed's folder is locked by run() too
         for plan in plans:
             print(f"\n=== seed {plan.seed}: {plan.run_dir}", flush=True)
-            run(plan, show_table=False, redo_shared=plan is plans[0])  # --from redoes a shared stage once
+            run(plan, show_table=False, redo_shared=plan is plans[0], ports=ports)  # --from redoes a shared stage once
         if _reaches_results(plans[0], _selected(plans[0])):
             print("\n" + write_seed_table(plans, plans[0].root))
+
+
+def runner_argv(args: argparse.Namespace, **changes: object) -> list[str]:
+    """The runner's command line of ``args`` (every flag not at its default), with ``changes`` (dest ->
+    value; None or False leave a flag out)."""
+    argv = []
+    for action in get_args_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = changes.get(action.dest, getattr(args, action.dest, action.default))
+        if value == action.default or value is None or value is False:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if action.nargs == 0 else [flag, *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def print_commands(args: argparse.Namespace, plans: list[Plan]) -> None:
+    """Print, as a bash script, the command lines of every stage still to do, in order: on node 0 each
+    stage's lines, then its ``--finish_stage`` line, and at the end the runner's own command (every stage
+    done: it prints the table); on node r > 0 the several-process lines alone."""
+    ports, leads, seen = itertools.count(), plans[0].launch.leads, set()
+    lines = ["#!/usr/bin/env bash", f"# {len(plans)} run(s) of python -m protocol.pipeline {shell_line(runner_argv(args))}",
+             "set -euo pipefail", f"cd {shell_line([os.getcwd()])}"]
+    for plan in plans:
+        for stage in _todo(plan, redo_shared=plan is plans[0]):
+            if (plan.home(stage), stage) in seen:  # shared by the seeds: the first seed runs it
+                continue
+            seen.add((plan.home(stage), stage))
+            argvs = [argv for argv, ranked in programs(plan, stage, ports) if leads or ranked]
+            if argvs or leads:
+                lines.append(f"# stage {stage}" + (f" (seed {plan.seed})" if plan.run_dir != plan.root else ""))
+            lines += [shell_line(argv) for argv in argvs]
+            if leads:
+                seed = {"seeds": [plan.seed]} if plan.run_dir != plan.root else {}
+                lines.append(shell_line(program(["-m", "protocol.pipeline"], runner_argv(
+                    args, print_commands=False, from_stage=None, until=None, finish_stage=stage, **seed))))
+    if leads:
+        lines += ["# every stage done: the runner prints the table",
+                  shell_line(program(["-m", "protocol.pipeline"], runner_argv(args, print_commands=False,
+                                                                              from_stage=None)))]
+    print("\n".join(lines))
+
+
+def finish_stage(plan: Plan, stage: str) -> None:
+    """Mark ``stage`` done after its command lines ran outside the runner (:func:`print_commands`)."""
+    if not plan.runs(stage):
+        raise UserError(f"--finish_stage {stage}: the stage is not in this run")
+    with RunLock(plan.root, RUN_DIR_IN_USE):
+        check_definition(plan)
+        if commands(plan, stage) and not plan.out(stage).exists():
+            raise UserError(f"--finish_stage {stage}: {plan.out(stage)} does not exist; run the stage's command "
+                            "lines first")
+        mark_done(plan, stage, None)
+        print(f"== {stage}: marked done")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -343,7 +363,13 @@ def main(args: argparse.Namespace) -> None:
     # Nothing is created before here: the run folder is made by the lock, which removes it again when
     # the run is refused before its first stage wrote anything (its flags, data or weights).
     plans = make_plans(args)
-    if args.seeds:
+    if args.print_commands:
+        print_commands(args, plans)
+    elif args.finish_stage:
+        if len(plans) != 1:
+            raise UserError("--finish_stage marks one run's stage: give the one seed (--seeds S) it belongs to")
+        finish_stage(plans[0], args.finish_stage)
+    elif args.seeds:
         run_seeds(plans)
     else:
         run(plans[0])

@@ -13,13 +13,14 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 from apps.cli import dataset_from_args
 from core.errors import UserError
 from core.fileio import atomic_path
 from crf.params import resolve_backend
 from data.labels import read_list
+from protocol.launch import Launch
 from protocol.protocol_file import LIST_KEYS, Protocol
 
 # What a stage may need besides its lists (Stage.needs), checked before the first stage runs:
@@ -46,8 +47,12 @@ class Stage:
     Attributes:
         name: its folder ``<run_dir>/<name>``, log and done-marker name; ``--from`` / ``--until`` take it.
         scripts: the entry scripts its command lines run (each line's first word).
-        commands: ``(plan, planned) -> command lines`` (run in order; ``planned``: before the earlier
-            stages ran, the weights they write get stand-in names).
+        commands: ``plan -> command lines`` (run in order), known in full before any stage runs (the
+            weights an earlier stage will write are named by its command line).
+        ranked: the scripts of its command lines that run on every process of a several-process run
+            (``--nproc_per_node``, ``--nnodes``: through torch's launcher); the others run once, on node 0.
+        trains: its results depend on the number of processes (a training: the ranks' batches and
+            random streams); a run is not continued with another number while such a stage is left to run.
         reads: the list keys its command lines read (checked before it runs); it has work only in a plan
             that has them all.
         masks: the list keys whose ground-truth masks it reads (checked before it runs).
@@ -66,7 +71,9 @@ class Stage:
 
     name: str
     scripts: tuple[str, ...]
-    commands: Callable[[Plan, bool], list[list[str]]]
+    commands: Callable[[Plan], list[list[str]]]
+    ranked: tuple[str, ...] = ()
+    trains: bool = False
     reads: tuple[str, ...] = ()
     masks: tuple[str, ...] = ()
     when: Callable[[Plan], bool] | None = None
@@ -87,7 +94,8 @@ class Plan:
     ``run_dir`` is this run's folder (``<root>/seed<S>`` for one seed of ``--seeds``); ``root`` the
     folder of the stages shared by the seeds (:meth:`shared`) and of ``run.json``; ``seed``: the
     ``--seed`` given to the training scripts (None: their default); ``stages``: the stage table, in
-    order; ``given``: each list as the protocol spells it (for the messages on a missing list).
+    order; ``given``: each list as the protocol spells it (for the messages on a missing list);
+    ``launch``: the processes and machines its model stages run on.
     """
 
     args: argparse.Namespace
@@ -98,6 +106,7 @@ class Plan:
     stages: tuple[Stage, ...]
     seed: int | None = None
     given: dict[str, str] = field(default_factory=dict)
+    launch: Launch = Launch()
 
     @property
     def names(self) -> list[str]:
@@ -141,10 +150,9 @@ def cams_name(plan: Plan) -> str:
     return "TransCAM CAMs" if plan.args.refine == "attention" else "CNN CAMs (TransCAM CAMs unrefined)"
 
 
-def commands(plan: Plan, stage: str, planned: bool = False) -> list[list[str]]:
-    """The entry-script command lines of ``stage`` (run in order; [] when the stage has nothing to do);
-    ``planned``: before the earlier stages ran (weights they write get stand-in names)."""
-    return plan.stage(stage).commands(plan, planned) if plan.runs(stage) else []
+def commands(plan: Plan, stage: str) -> list[list[str]]:
+    """The entry-script command lines of ``stage`` (run in order; [] when the stage has nothing to do)."""
+    return plan.stage(stage).commands(plan) if plan.runs(stage) else []
 
 
 def script_parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
@@ -166,7 +174,7 @@ def check_commands(plan: Plan) -> None:
     that is not an entry script (a stage a test adds) is left to that program."""
     parsers = script_parsers()
     for record in plan.stages:
-        for cmd in commands(plan, record.name, planned=True):
+        for cmd in commands(plan, record.name):
             if cmd[0] not in record.scripts:
                 raise ValueError(f"stage {record.name} runs {cmd[0]}, which its record does not name in scripts")
             if cmd[0] not in parsers:
@@ -179,7 +187,11 @@ def check_commands(plan: Plan) -> None:
                                 f"settings that reach it: {keys})")
 
             parser.error = refuse  # argparse reports every parse error through error()
-            parser.parse_args(cmd[1:])
+            parsed, world = parser.parse_args(cmd[1:]), plan.launch.world_size
+            if record.trains and cmd[0] in record.ranked and parsed.batch_size % world:
+                raise UserError(f"stage {record.name}: {cmd[0]}'s --batch_size {parsed.batch_size} is the global batch "
+                                f"and does not divide by the {world} processes ({plan.launch.describe()}); change "
+                                f"the number of processes or the protocol's batch size (settings: {keys})")
 
 
 def _missing_list(plan: Plan, key: str) -> UserError:
@@ -232,7 +244,8 @@ def definition(plan: Plan) -> dict:
             "seg_from_scratch": plan.args.seg_from_scratch, "crf_backend": resolve_backend(plan.args.crf_backend),
             "lists": plan.lists, "settings": p.settings,
             "extras": list(p.extras), "fixed_t": p.fixed_t, "published": p.published,
-            "seed": plan.seed if plan.run_dir == plan.root else "one folder per seed"}
+            "seed": plan.seed if plan.run_dir == plan.root else "one folder per seed",
+            "processes": plan.launch.world_size}
 
 
 def _differences(before, now, name: str) -> list[str]:
@@ -243,20 +256,30 @@ def _differences(before, now, name: str) -> list[str]:
     return [] if before == now else [f"{name} {before} -> {now}"]
 
 
-def check_definition(plan: Plan) -> None:
+def check_definition(plan: Plan, todo: Sequence[str] = ()) -> None:
     """Write ``run.json`` on a new run; refuse a rerun whose :func:`definition` differs (its finished
-    stages would be mixed with stages of other settings), naming every setting that differs."""
+    stages would be mixed with stages of other settings), naming every setting that differs.
+
+    The number of processes is the one setting a rerun may change, once no training stage is among
+    the stages ``todo`` (inference shards its list by image and gives the same files on any number;
+    training does not): ``run.json`` keeps the number that trained."""
     path = plan.root / "run.json"
     now = definition(plan)
     if path.is_file():
-        # a run made before "published", "seed" and "crf_backend" were recorded had none of them (published
-        # figures change no result; its CRF was the one "auto" gives here)
-        before = {"published": now["published"], "seed": None, "crf_backend": now["crf_backend"],
+        # a run made before "published", "seed", "crf_backend" and "processes" were recorded had none of
+        # them (published figures change no result; its CRF was the one "auto" gives here; one process)
+        before = {"published": now["published"], "seed": None, "crf_backend": now["crf_backend"], "processes": 1,
                   **json.loads(path.read_text())}
-        changed = _differences(before, now, "")
+        changed = _differences({**before, "processes": now["processes"]}, now, "")
         if changed:
             raise UserError(f"{plan.root} holds a run made with other settings ({'; '.join(changed)}); rerun it "
                             "with the same flags and protocol, or give another --run_dir")
+        training = [s for s in todo if plan.runs(s) and plan.stage(s).trains]
+        if before["processes"] != now["processes"] and training:
+            raise UserError(f"{plan.root} trains on {before['processes']} processes (run.json) and its training stage "
+                            f"{', '.join(training)} is left to run, which {now['processes']} would train otherwise: "
+                            f"rerun with {before['processes']} processes in all (--nproc_per_node x --nnodes), or give "
+                            "another --run_dir")
         return
     plan.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from apps.cli import dataset_from_args
-from core.errors import UserError
 from protocol.plan import Figure, Plan, Stage, cams_name
+from tool.training import weights_prefix
 
 # ---------------------------------------------------------------------------- command-line parts
 
@@ -46,7 +46,7 @@ def _label_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _eval(plan: Plan, list_key: str, *flags: str) -> list[str]:
-    gt_dir = str(dataset_from_args(plan.args).layout.mask_folder())
+    gt_dir = str(dataset_from_args(plan.args).layout.mask_folder().resolve())
     return ["evaluation_bao.py", "--gt_dir", gt_dir, "--list", plan.lists[list_key], "--logfile",
             str(plan.run_dir / "eval_log.txt"), "--no_progress", *_label_flags(plan.args), *flags]
 
@@ -65,27 +65,29 @@ def _train_bao(plan: Plan, stage: str) -> list[str]:
             str(plan.out(stage)), "--resume", "auto", *plan.settings("train"), *_seed(plan)]
 
 
-def transcam_weights(plan: Plan, planned: bool = False) -> str:
-    """The TransCAM weights BAO starts from: the given ones, or the TransCAM stage's last epoch
-    (``planned``: a stand-in name when that stage has not run yet)."""
+def transcam_weights(plan: Plan) -> str:
+    """The TransCAM weights BAO starts from: the given ones, or the TransCAM stage's last epoch."""
     if plan.args.start == "transcam":
         return str(Path(plan.args.weights or "").resolve())
-    return str(_last_weights(plan.out("transcam") / "transcam", "epochs.pth", planned))
+    return str(_final_weights(plan, "transcam"))
 
 
-def bao_weights(plan: Plan, planned: bool = False) -> str:
-    return str(_last_weights(plan.out("bao") / "bao", "epochs_modelt.pth", planned))
+def bao_weights(plan: Plan) -> str:
+    """The BAO stage's last epoch: the teacher's weights."""
+    return str(_final_weights(plan, "bao"))
 
 
-def _last_weights(run: Path, suffix: str, planned: bool = False) -> Path:
-    """The highest-epoch ``*_{ep}{suffix}`` file of a training run folder; ``planned``: a stand-in
-    name when there is none yet (a command line checked before its stage can run)."""
-    found = sorted(run.glob(f"*_*{suffix}"), key=lambda p: int(p.name[:-len(suffix)].rsplit("_", 1)[1]))
-    if not found and planned:
-        return run / f"<last epoch>{suffix}"
-    if not found:
-        raise UserError(f"no weights *{suffix} in {run}: the training stage did not finish; rerun the pipeline")
-    return found[-1]
+def _final_weights(plan: Plan, stage: str) -> Path:
+    """The weights of the last epoch that the training ``stage`` writes, named from its command line (its
+    session and epoch count) as train_bao.py names them, before the stage runs: the command lines of a
+    run are known in full before its first stage (``--print_commands``, every node of a run alike)."""
+    import train_bao
+
+    (cmd,) = plan.stage(stage).commands(plan)
+    run, _ = train_bao.get_args_parser().parse_known_args(cmd[1:])  # an unknown flag: check_commands says so
+    epochs, session = run.max_epoches or train_bao.DEFAULT_EPOCHS[run.method], run.session_name or run.method
+    name = weights_prefix(session, epochs - 1) + ("_modelt.pth" if run.method == "bao" else ".pth")
+    return Path(run.save_dir) / session / name
 
 
 def _bao_line(plan: Plan) -> list[str]:
@@ -125,29 +127,29 @@ def _seg_weights(plan: Plan) -> Path:
 # ------------------------------------------------------------------------- each stage's commands
 
 
-def _transcam(plan: Plan, planned: bool) -> list[list[str]]:
+def _transcam(plan: Plan) -> list[list[str]]:
     a = plan.args
     start = ["--from_scratch"] if a.start == "scratch" else ["--weights", str(Path(a.weights or "").resolve())]
     return [[*_train_bao(plan, "transcam"), "--method", "transcam", *start, "--session_name", "transcam",
              *plan.settings("transcam")]]
 
 
-def _bao(plan: Plan, planned: bool) -> list[list[str]]:
-    return [[*_train_bao(plan, "bao"), "--weights", transcam_weights(plan, planned), "--session_name", "bao",
+def _bao(plan: Plan) -> list[list[str]]:
+    return [[*_train_bao(plan, "bao"), "--weights", transcam_weights(plan), "--session_name", "bao",
              *plan.settings("bao")]]
 
 
-def _pseudo_score(plan: Plan, planned: bool) -> list[list[str]]:
+def _pseudo_score(plan: Plan) -> list[list[str]]:
     out, settings, infer = plan.out("pseudo_score"), plan.settings("infer"), ["infer_bao.py", *_data_flags(plan)]
-    return [[*infer, *_refine(plan), "--weights", bao_weights(plan, planned), "--infer_list", plan.lists["score"],
+    return [[*infer, *_refine(plan), "--weights", bao_weights(plan), "--infer_list", plan.lists["score"],
              "--out_pred", str(out / "bao_pred"), "--out_cam", str(out / "bao_cams"), *settings],
             _eval(plan, "score", "--predict_dir", str(out / "bao_pred"), "--json", str(out / "bao_pseudo.json"),
                   "--comment", "pipeline: BAO pseudo-labels"),
-            [*infer, *_refine(plan), "--method", "transcam", "--weights", transcam_weights(plan, planned),
+            [*infer, *_refine(plan), "--method", "transcam", "--weights", transcam_weights(plan),
              "--infer_list", plan.lists["score"], "--out_cam", str(out / "transcam_cams"), *settings]]
 
 
-def _eval_score(plan: Plan, planned: bool) -> list[list[str]]:
+def _eval_score(plan: Plan) -> list[list[str]]:
     src, out = plan.out("pseudo_score"), plan.out("eval_score")
     return [_eval(plan, "score", "--type", "npy", "--bg_from_file", "--predict_dir", str(src / "bao_cams"),
                   "--json", str(out / "bao_maps.json"), "--plot", str(out / "bao_maps_sweep.png"),
@@ -157,24 +159,24 @@ def _eval_score(plan: Plan, planned: bool) -> list[list[str]]:
                   "--comment", f"pipeline: {cams_name(plan)} sweep", "--no_progress")]
 
 
-def _cnn_score(plan: Plan, planned: bool) -> list[list[str]]:
+def _cnn_score(plan: Plan) -> list[list[str]]:
     out = plan.out("cnn_score")
     line = [] if plan.shared("cnn_score") else _bao_line(plan)  # one seed's BAO line would not fit the others
-    return [["infer_bao.py", *_data_flags(plan), "--method", "cnn", "--weights", transcam_weights(plan, planned),
+    return [["infer_bao.py", *_data_flags(plan), "--method", "cnn", "--weights", transcam_weights(plan),
              "--infer_list", plan.lists["score"], "--out_cam", str(out / "cnn_cams"), *plan.settings("infer")],
             _eval(plan, "score", "--type", "npy", "--predict_dir", str(out / "cnn_cams"), "--json",
                   str(out / "cnn.json"), "--plot", str(out / "cnn_sweep.png"), *line,
                   "--comment", "pipeline: CNN CAM sweep (ablation)", "--no_progress")]
 
 
-def _overlays(plan: Plan, planned: bool) -> list[list[str]]:
-    return [["visual_bao.py", *_data_flags(plan), *_refine(plan), "--weights", bao_weights(plan, planned), "--list",
+def _overlays(plan: Plan) -> list[list[str]]:
+    return [["visual_bao.py", *_data_flags(plan), *_refine(plan), "--weights", bao_weights(plan), "--list",
              plan.lists["score"], "--out_dir", str(plan.out("overlays")), *plan.settings("infer"),
              *plan.settings("overlays")]]
 
 
-def _pseudo_seg(plan: Plan, planned: bool) -> list[list[str]]:
-    return [["infer_bao.py", *_data_flags(plan), *_refine(plan), "--weights", bao_weights(plan, planned),
+def _pseudo_seg(plan: Plan) -> list[list[str]]:
+    return [["infer_bao.py", *_data_flags(plan), *_refine(plan), "--weights", bao_weights(plan),
              "--infer_list", plan.lists["seg_train"], "--out_pred", str(plan.out("pseudo_seg")),
              *plan.settings("infer")]]
 
@@ -184,26 +186,26 @@ def seg_labels(plan: Plan) -> Path:
     return plan.out("pseudo_seg") if plan.runs("pseudo_seg") else plan.out("pseudo_score") / "bao_pred"
 
 
-def _seg_train(plan: Plan, planned: bool) -> list[list[str]]:
+def _seg_train(plan: Plan) -> list[list[str]]:
     return [[*_train_seg(plan), "--label_dir", str(seg_labels(plan)), "--save_dir", str(plan.out("seg_train"))]]
 
 
-def _seg_val(plan: Plan, planned: bool) -> list[list[str]]:
+def _seg_val(plan: Plan) -> list[list[str]]:
     return _segment_and_score(plan, _seg_weights(plan), plan.out("seg_val"), "segmentation val")
 
 
-def _seg_upper(plan: Plan, planned: bool) -> list[list[str]]:
-    masks, upper = dataset_from_args(plan.args).layout.mask_folder(), plan.out("seg_upper")
+def _seg_upper(plan: Plan) -> list[list[str]]:
+    masks, upper = dataset_from_args(plan.args).layout.mask_folder().resolve(), plan.out("seg_upper")
     return [[*_train_seg(plan), "--label_dir", str(masks), "--save_dir", str(upper)],
             *_segment_and_score(plan, upper / "seg" / "seg_final.pth", upper, "segmentation val, masks")]
 
 
-def _seg_test(plan: Plan, planned: bool) -> list[list[str]]:
+def _seg_test(plan: Plan) -> list[list[str]]:
     return [["infer_seg.py", *_data_flags(plan), "--weights", str(_seg_weights(plan)), *plan.settings("seg_infer"),
              "--infer_list", plan.lists["seg_test"], "--out_server", str(plan.out("seg_test")), *_crf_flags(plan)]]
 
 
-def _no_commands(plan: Plan, planned: bool) -> list[list[str]]:
+def _no_commands(plan: Plan) -> list[list[str]]:
     return []
 
 
@@ -228,32 +230,35 @@ def _of_given_transcam_weights(plan: Plan) -> bool:
 # --------------------------------------------------------------------------------------- the table
 
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage("transcam", ("train_bao.py",), _transcam, reads=("train",), when=_trains_transcam, needs=("weights",),
-          settings=("train", "transcam")),
-    Stage("bao", ("train_bao.py",), _bao, reads=("train",), needs=("weights",), settings=("train", "bao")),
-    Stage("pseudo_score", ("infer_bao.py", "evaluation_bao.py"), _pseudo_score, reads=("score",), masks=("score",),
-          needs=("transcam_weights",), settings=("infer",),
+    Stage("transcam", ("train_bao.py",), _transcam, ranked=("train_bao.py",), trains=True, reads=("train",),
+          when=_trains_transcam, needs=("weights",), settings=("train", "transcam")),
+    Stage("bao", ("train_bao.py",), _bao, ranked=("train_bao.py",), trains=True, reads=("train",), needs=("weights",),
+          settings=("train", "bao")),
+    Stage("pseudo_score", ("infer_bao.py", "evaluation_bao.py"), _pseudo_score, ranked=("infer_bao.py",),
+          reads=("score",), masks=("score",), needs=("transcam_weights",), settings=("infer",),
           figures=(Figure("bao_pseudo", "bao_pseudo.json", "result"),)),
     Stage("eval_score", ("evaluation_bao.py",), _eval_score, reads=("score",), masks=("score",),
           figures=(Figure("bao_maps_best", "bao_maps.json", "best"), Figure("transcam_best", "transcam.json", "best"),
                    Figure("transcam_fixed", "transcam.json", "fixed"))),
-    Stage("cnn_score", ("infer_bao.py", "evaluation_bao.py"), _cnn_score, reads=("score",), masks=("score",),
-          shared=_of_given_transcam_weights, needs=("transcam_weights",), settings=("infer",),
+    Stage("cnn_score", ("infer_bao.py", "evaluation_bao.py"), _cnn_score, ranked=("infer_bao.py",), reads=("score",),
+          masks=("score",), shared=_of_given_transcam_weights, needs=("transcam_weights",), settings=("infer",),
           figures=(Figure("cnn_best", "cnn.json", "best"),), extra=True),
     Stage("overlays", ("visual_bao.py",), _overlays, reads=("score",), settings=("infer", "overlays"), extra=True),
-    Stage("pseudo_seg", ("infer_bao.py",), _pseudo_seg, reads=("seg_train",), when=_own_seg_labels,
-          settings=("infer",), absent="not in this run (the scoring list's pseudo-labels are reused)"),
-    Stage("seg_train", ("train_seg.py",), _seg_train, reads=("seg_train",), needs=("backbone",),
-          settings=("seg_train",)),
-    Stage("seg_val", ("infer_seg.py", "evaluation_bao.py"), _seg_val, reads=("seg_val",), masks=("seg_val",),
-          settings=("seg_infer",), figures=(Figure("seg_val", "pred.json", "result"),
-                                            Figure("seg_val_crf", "crf.json", "result"))),
+    Stage("pseudo_seg", ("infer_bao.py",), _pseudo_seg, ranked=("infer_bao.py",), reads=("seg_train",),
+          when=_own_seg_labels, settings=("infer",),
+          absent="not in this run (the scoring list's pseudo-labels are reused)"),
+    Stage("seg_train", ("train_seg.py",), _seg_train, ranked=("train_seg.py",), trains=True, reads=("seg_train",),
+          needs=("backbone",), settings=("seg_train",)),
+    Stage("seg_val", ("infer_seg.py", "evaluation_bao.py"), _seg_val, ranked=("infer_seg.py",), reads=("seg_val",),
+          masks=("seg_val",), settings=("seg_infer",),
+          figures=(Figure("seg_val", "pred.json", "result"), Figure("seg_val_crf", "crf.json", "result"))),
     Stage("seg_upper", ("train_seg.py", "infer_seg.py", "evaluation_bao.py"), _seg_upper,
-          reads=("seg_train", "seg_val"), masks=("seg_train", "seg_val"), needs=("backbone",),
-          settings=("seg_train", "seg_infer"), figures=(Figure("seg_upper", "pred.json", "result"),
-                                                        Figure("seg_upper_crf", "crf.json", "result")), extra=True),
-    Stage("seg_test", ("infer_seg.py",), _seg_test, reads=("seg_test",), settings=("seg_infer",),
-          upload="results.tar.gz"),
+          ranked=("train_seg.py", "infer_seg.py"), trains=True, reads=("seg_train", "seg_val"),
+          masks=("seg_train", "seg_val"), needs=("backbone",), settings=("seg_train", "seg_infer"),
+          figures=(Figure("seg_upper", "pred.json", "result"), Figure("seg_upper_crf", "crf.json", "result")),
+          extra=True),
+    Stage("seg_test", ("infer_seg.py",), _seg_test, ranked=("infer_seg.py",), reads=("seg_test",),
+          settings=("seg_infer",), upload="results.tar.gz"),
     Stage("table", (), _no_commands, writes_results=True),
 )
 

@@ -73,10 +73,7 @@ def test_voc_and_coco_protocol_files_make_the_command_lines_of_the_former_built_
             args = pipeline.get_args_parser().parse_args(["--run_dir", str(run), "--weights", f["weights"],
                                                           "--backbone_weights", f["backbone"], "--start", start,
                                                           *extra])
-            plan = pipeline.make_plan(args)  # the dataset's protocol file
-            for folder, weights in (("transcam", "transcam_4epochs.pth"), ("bao", "bao_9epochs_modelt.pth")):
-                (run / folder / folder).mkdir(parents=True)
-                (run / folder / folder / weights).touch()
+            plan = pipeline.make_plan(args)  # the dataset's protocol file; the weights' names from the epochs
             made = json.dumps({s: pipeline.commands(plan, s) for s in pipeline.STAGES})
             made = made.replace(str(run), "{run}").replace(str(tmp_path), "{tmp}").replace(str(ROOT), "{repo}")
             assert json.loads(made) == expected[f"{name}_{start}"], (name, start)
@@ -100,7 +97,7 @@ def test_every_stage_s_command_line_parses_with_its_script_s_parser(tmp_path):
         plan = pipeline.make_plan(args, protocol, seed=3)
         parsed = 0
         for stage in pipeline.STAGES:
-            for cmd in pipeline.commands(plan, stage, planned=True):
+            for cmd in pipeline.commands(plan, stage):
                 parsed_args = parsers[cmd[0]]().parse_args(cmd[1:])
                 if cmd[0] in ("train_bao.py", "train_seg.py"):
                     assert parsed_args.seed == 3, (name, stage)
@@ -126,7 +123,7 @@ def test_crf_backend_command_reaches_only_the_stages_that_run_a_crf(tmp_path, mo
         plan = pipeline.make_plan(args, protocol)
         with_flag = []
         for stage in pipeline.STAGES:
-            for cmd in pipeline.commands(plan, stage, planned=True):
+            for cmd in pipeline.commands(plan, stage):
                 if "--crf_backend" in cmd:
                     assert cmd[cmd.index("--crf_backend") + 1] == backend
                     with_flag.append((stage, cmd[0]))

@@ -290,24 +290,24 @@ RUNNER = """
 import sys, time
 from pathlib import Path
 from apps.cli import run_cli
-from protocol import pipeline
+from protocol import pipeline, stagerun
 
 voc_root, weights, run_dir, go = sys.argv[1:5]
 sets = Path(voc_root) / "ImageSets" / "Segmentation"
 train = ["--arch", "tiny", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0", "--max_epoches", "2"]
 protocol = pipeline.Protocol(lists={"train": str(sets / "train.txt"), "score": str(sets / "val.txt")},
                              settings={"bao": train})
-run_stage = pipeline._run_stage
+run_stage = stagerun.run_stage
 
 
-def paused(plan, stage):
+def paused(plan, stage, ports):
     while go and not Path(go).exists():
         Path(go + ".waiting").touch()
         time.sleep(0.01)
-    run_stage(plan, stage)
+    run_stage(plan, stage, ports)
 
 
-pipeline._run_stage = paused
+stagerun.run_stage = paused
 
 
 def main(args):
@@ -349,14 +349,14 @@ SILENT_STAGE_RUNNER = """
 import sys
 from pathlib import Path
 from apps.cli import run_cli
-from protocol import pipeline
+from protocol import pipeline, stagerun
 from protocol.plan import Stage
 
 voc_root, run_dir = sys.argv[1:3]
 sets = Path(voc_root) / "ImageSets" / "Segmentation"
 protocol = pipeline.Protocol(lists={"train": str(sets / "train.txt"), "score": str(sets / "val.txt")})
 code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
-silent = Stage("silent", ("-c",), lambda plan, planned: [["-c", code, str(Path(run_dir) / "stage.pid")]],
+silent = Stage("silent", ("-c",), lambda plan: [["-c", code, str(Path(run_dir) / "stage.pid")]],
                reads=("train",))
 
 

@@ -28,7 +28,7 @@ print("said hello")
 
 def _hello_stage(script: Path, **fields) -> Stage:
     """A trivial stage: runs ``script`` on its own folder; reads the train list."""
-    return Stage("hello", (str(script),), lambda plan, planned: [[str(script), str(plan.out("hello"))]],
+    return Stage("hello", (str(script),), lambda plan: [[str(script), str(plan.out("hello"))]],
                  reads=("train",), **fields)
 
 
@@ -69,9 +69,9 @@ def test_each_record_s_settings_keys_reach_its_command_lines_and_no_others(tmp_p
                      settings={key: [f"--marker_{key}"] for key in pipeline.SETTING_KEYS})
     plan = pipeline.make_plan(args, marked, check=False)
     for record in pipeline.STAGE_TABLE:
-        words = {w for cmd in pipeline.commands(plan, record.name, planned=True) for w in cmd}
+        words = {w for cmd in pipeline.commands(plan, record.name) for w in cmd}
         assert {w[len("--marker_"):] for w in words if w.startswith("--marker_")} == set(record.settings), record.name
-        assert all(cmd[0] in record.scripts for cmd in pipeline.commands(plan, record.name, planned=True))
+        assert all(cmd[0] in record.scripts for cmd in pipeline.commands(plan, record.name))
     assert set(pipeline.SETTING_KEYS) == {"train", "transcam", "bao", "infer", "overlays", "seg_train", "seg_infer"}
     assert pipeline.EXTRAS == ("cnn_score", "overlays", "seg_upper")
 

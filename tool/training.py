@@ -45,6 +45,11 @@ def freeze_bao_heads(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+def weights_prefix(session: str, epoch: int) -> str:
+    """The start of the weight files' names of a finished ``epoch`` (0-based): ``{session}_{epoch}epochs``."""
+    return f"{session}_{epoch}epochs"
+
+
 def epoch_weight_files(session: str, epoch: int, model: nn.Module,
                        teacher: nn.Module | None) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
     """The plain weight files of a finished ``epoch`` (0-based) of a stage, named as published:
@@ -54,7 +59,7 @@ def epoch_weight_files(session: str, epoch: int, model: nn.Module,
     ``..._models.pth`` (the student); TransCAM: ``{session}_{epoch}epochs.pth`` without the
     (untrained) BAO heads, the published TransCAM layout.
     """
-    prefix = f"{session}_{epoch}epochs"
+    prefix = weights_prefix(session, epoch)
     if teacher is not None:
         return {f"{prefix}_modelt.pth": (teacher, ()), f"{prefix}_models.pth": (model, ())}
     return {f"{prefix}.pth": (model, BAO_HEADS)}
