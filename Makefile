@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean-demo
+.PHONY: demo test test-all gpu-check venv clean-demo
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest --durations=25
+
+# On a CUDA machine: the gpu tier, then the GPU benchmarks, within 9 minutes, results in
+# gpu_check_out/RESULTS.md as they come (bench/gpu_suite.py; docs/benchmarks.md).
+# GPU_CHECK_ARGS=--smoke: the same command on the CPU with the smallest sizes.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_suite $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m protocol.demo

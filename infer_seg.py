@@ -55,7 +55,7 @@ from crf.params import CRFParams
 from core.device import (Runtime, amp_dtype, barrier, cleanup_distributed, compile_model, configure_math,
                          memory_layout, setup_distributed)
 from tool.segmentation import (DEFAULT_SEG_SCALES, VOC_SERVER_DIR, argmax_classes, batch_probs, save_labels,
-                               write_label_pngs, write_server_archive)
+                               write_label_pngs, write_label_pngs_batch, write_server_archive)
 
 # Images segmented by default: the val lists the segmentation stage is scored on (not
 # data.layout.DEFAULT_INFER_LISTS, the training images pseudo-labels are made for). COCO val:
@@ -216,14 +216,18 @@ def _run(args: argparse.Namespace, outputs: dict[str, Path], runtime: Runtime, t
                             worker_init_fn=quiet_loader_worker, pin_memory=cuda)
         # The CRF (seconds per image on one core) runs in worker processes while the model goes
         # on; without it, writing the PNGs inline costs next to nothing, and so does the torch CRF
-        # on a GPU, which runs in this process beside the model.
+        # on a GPU, which runs in this process beside the model, on a whole batch per call.
         setup = crf_setup(args, runtime.device, crf_needed)
         with tqdm(total=len(todo), unit="img", desc="segment", disable=not runtime.is_main) as bar, \
                 TaskPool(setup.workers) as pool:
             for group in equal_size_groups(loader, batch_size):
                 inputs = [torch.stack([item["inputs"][s] for item in group]) for s in range(len(args.scales))]
                 probs = batch_probs(model, inputs, group[0]["image"].shape[:2], args.flip, runtime.device, amp)
-                if crf_needed:
+                if crf_needed and setup.backend == "torch" and not setup.workers:  # the CRF here: a batch per call
+                    write_label_pngs_batch([item["name"] for item in group], [item["image"] for item in group],
+                                           probs.cpu().numpy(), outputs, args.server_labels, crf, setup.device)
+                    bar.update(len(group))
+                elif crf_needed:
                     for item, image_probs in zip(group, probs.cpu().numpy()):
                         bar.update(pool.submit(write_label_pngs, item["name"], item["image"], Shared(image_probs),
                                                outputs, args.server_labels, crf, setup.backend, setup.device,

@@ -52,13 +52,14 @@ from data.labels import ImageLabels, read_list
 from data.synthetic import generate
 from crf import densecrf
 from network.deeplab import build_segmentation_model, load_segmentation_weights
-from crf.params import CRFParams
+from crf.params import CRFParams, pydensecrf_installed
 from crf.refine import crf_label_marginals, crf_refine_probs
 from tool.segmentation import multiscale_probs, write_label_pngs
 from engine.trainrun import read_run_args
 
 NUM_CLASSES = 21
 ROOT = Path(__file__).resolve().parents[1]
+PER_CORE_IMAGES = 4  # pydensecrf2's images timed beside --torch_only
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -246,6 +247,23 @@ def _same_pngs(a: Path, b: Path, count: int) -> bool:
         all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
 
 
+def _pydensecrf_per_core(images: list[np.ndarray], uses: dict[str, tuple]) -> str:
+    """One sentence: pydensecrf2's images/s on one core of this machine for each use, on the first
+    :data:`PER_CORE_IMAGES` images (seconds per image on a CPU: a few give its rate), or why not."""
+    if not pydensecrf_installed():
+        return "pydensecrf2 per core: not measured (pydensecrf2 is not installed here; see the bench_crf section)."
+    refine = {densecrf.crf_label_marginals_batch: crf_label_marginals,
+              densecrf.crf_refine_probs_batch: crf_refine_probs}
+    k = min(len(images), PER_CORE_IMAGES)
+    rates = []
+    for use, (batch_refine, inputs, extra) in uses.items():
+        start = time.perf_counter()
+        for image, given in zip(images[:k], inputs[:k]):
+            refine[batch_refine](image, given, *extra, backend="pydensecrf")
+        rates.append(f"{use.split(',')[0]} {k / (time.perf_counter() - start):.2f} img/s")
+    return f"pydensecrf2 per core (one process, the first {k} images, this machine's CPU): {'; '.join(rates)}."
+
+
 def torch_only(args: argparse.Namespace) -> str:
     """``--torch_only DEVICE``: the torch CRF on DEVICE, both uses, one image per call and up to
     :data:`crf.densecrf.PIXELS_PER_CALL` pixels per lattice, against the torch CRF on the CPU (one
@@ -282,7 +300,8 @@ def torch_only(args: argparse.Namespace) -> str:
             f"{n} generated images of about {args.size} px, 21 labels, 10 iterations; labels compared with the "
             "torch CRF on the CPU (one image per lattice), which the bench_crf section compares with pydensecrf2.\n\n"
             "| use | variant | seconds | images/s | labels equal to the CPU's (mean %) | worst image (%) | "
-            "marginals max abs diff |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "marginals max abs diff |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            + _pydensecrf_per_core(images, uses) + "\n")
     print("\n" + body)
     if args.results:
         write_section(args.results, "bench_crf_device", body)

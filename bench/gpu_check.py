@@ -36,9 +36,11 @@ reference of every comparison), ``tf32`` (``--tf32``), ``bf16`` (``--amp bf16``)
 
 It prints the throughput of each variant over the published loop's and over fp32's. The
 Markdown report (:mod:`bench.gpu_report`) is printed and written to the ``gpu_check``
-section of bench/RESULTS.md
-(``--no_write`` to skip). A measurement that fails (for instance out of memory) is reported as
-failed, the others still run, and the exit status is then 1.
+section of bench/RESULTS.md (``--section`` for another name, ``--no_write`` to skip). The section
+is also written after each measurement, its missing parts marked "not reached", so that a run
+cut off (a time limit, a lost machine) leaves what it measured. ``--e2e_only`` runs the end-to-end
+part alone (bench/gpu_suite.py runs it as a later part of its own). A measurement that fails (for
+instance out of memory) is reported as failed, the others still run, and the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -58,11 +60,11 @@ import torch
 
 from apps.cli import non_negative_int, parse_scales, positive_int, run_cli
 from bench.e2e import BAO_VARIANTS, SEG_VARIANTS, VOC_SIZE, run_e2e
-from bench.gpu_common import VARIANTS, Variant, release, say
+from bench.gpu_common import NOT_REACHED, VARIANTS, Variant, release, say
 from bench.gpu_infer import infer_bao, infer_seg, inference_data, inference_model
-from bench.gpu_report import cell, report, seg_report
+from bench.gpu_report import cell, device_lines, report, seg_report
 from bench.gpu_train import train_bao, train_batch, train_seg
-from bench.report import RESULTS_FILE, write_section
+from bench.report import RESULTS_FILE, machine_line, write_section
 from core.device import resolve_device
 from core.errors import UserError
 from data.layout import REPO_ROOT
@@ -109,7 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and images (default: 0)")
     parser.add_argument("--out", default=str(RESULTS_FILE),
                         help="results file whose gpu_check section is replaced (default: bench/RESULTS.md)")
+    parser.add_argument("--section", default="gpu_check",
+                        help="name of the section of --out that the report replaces (default: gpu_check)")
     parser.add_argument("--no_write", action="store_true", help="print the report only, do not write --out")
+    parser.add_argument("--e2e_only", action="store_true",
+                        help="only the end-to-end runs of the scripts (--e2e_images of them), no model measurement")
     parser.add_argument("--skip_ddp", action="store_true", help="skip the two-process distributed training run")
     parser.add_argument("--ddp_timeout", type=positive_int, default=180,
                         help="seconds allowed for the distributed run (default: 180)")
@@ -204,6 +210,41 @@ def _failed(results: dict[str, dict[str, Any]], ddp: str) -> bool:
     return bad_train or any(isinstance(r["infer"], str) for r in results.values()) or ddp.startswith("FAILED")
 
 
+def _write(args: argparse.Namespace, body: str, partial: bool) -> None:
+    """Replace the --section of --out with ``body`` (unless --no_write); a partial body says so."""
+    if args.no_write:
+        return
+    note = ("\n\n**Partial:** written while the run went on; the parts marked not reached had not run when "
+            "it was written, and a run cut off leaves this." if partial else "")
+    write_section(args.out, args.section, body + note)
+
+
+def _end_to_end(args: argparse.Namespace, device: torch.device, variants: dict[str, Variant],
+                work: Path) -> tuple[list[str], bool]:
+    """The end-to-end lines of the report (with a blank line first) and whether every run ran."""
+    if not args.e2e_images:
+        return ["", "End to end: skipped (--e2e_images 0)."], True
+    lines, ok = run_e2e(work / "e2e", str(device), args.arch, args.seg_backbone, args.e2e_images, args.seed,
+                        args.e2e_timeout, say, *e2e_variants(variants), size=tuple(args.e2e_size),
+                        scales=",".join(map(str, args.scales)))
+    return ["", *lines], ok
+
+
+def e2e_only(args: argparse.Namespace, device: torch.device, variants: dict[str, Variant]) -> None:
+    """``--e2e_only``: the end-to-end runs alone, in their own section."""
+    command = "python -m bench.gpu_check" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    head = ["## GPU check, end to end (bench/gpu_check.py --e2e_only)", "", machine_line(), *device_lines(device),
+            f"Command: `{command}`"]
+    _write(args, "\n".join([*head, "", "End to end: not reached."]), partial=True)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        lines, ok = _end_to_end(args, device, variants, Path(tmp))
+    body = "\n".join([*head, *lines])
+    say("\n" + body)
+    _write(args, body, partial=False)
+    if not ok:
+        sys.exit(1)
+
+
 def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if args.crop_size % 16:
@@ -213,9 +254,20 @@ def main(args: argparse.Namespace) -> None:
     variants = {name: VARIANTS[name] for name in VARIANTS if name in args.variants}
     if "fp32" not in variants:
         raise UserError("--variants must include fp32: the other variants are compared with it")
+    if args.e2e_only:
+        return e2e_only(args, device, variants)
     say(f"gpu_check on {device}: Conformer-{args.arch}, variants {', '.join(variants)}")
     model = inference_model(args)
-    results: dict[str, dict[str, Any]] = {v: {} for v in variants}
+    results: dict[str, dict[str, Any]] = {v: {"train": NOT_REACHED, "infer": NOT_REACHED} for v in variants}
+    seg: dict[str, dict[str, Any]] = {} if args.skip_seg else \
+        {v: {"train": NOT_REACHED, "infer": NOT_REACHED} for v in variants}
+    sizes, ddp = "not generated yet", "not reached"
+    e2e_lines = ["", "End to end: " + ("not reached." if args.e2e_images else "skipped (--e2e_images 0).")]
+
+    def body() -> str:
+        return "\n".join([report(args, device, results, sizes, ddp), *seg_report(args, seg), *e2e_lines])
+
+    _write(args, body(), partial=True)
     batch = train_batch(args, device)
     for name, variant in variants.items():
         say(f"training {name}: {args.warmup} + {args.train_steps} steps of batch {args.batch_size} at "
@@ -224,6 +276,7 @@ def main(args: argparse.Namespace) -> None:
         results[name]["train"] = res
         if not isinstance(res, str):
             say(f"  {res.images_per_s:.2f} img/s, peak memory {cell(res, 'peak_gib', '.2f')} GiB")
+        _write(args, body(), partial=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         say(f"generating {args.infer_images} images for inference ...")
@@ -238,30 +291,24 @@ def main(args: argparse.Namespace) -> None:
             results[name]["infer"] = res
             if not isinstance(res, str):
                 say(f"  {res.images_per_s:.2f} img/s, peak memory {cell(res, 'peak_gib', '.2f')} GiB")
+            _write(args, body(), partial=True)
         del model, batches, singles
         release(device)
         ddp = _ddp_smoke(args, device, work)
         say(f"ddp: {ddp}")
-        seg: dict[str, dict[str, Any]] = {}
-        if not args.skip_seg:
-            for name, variant in variants.items():
-                say(f"segmentation {name}: training and inference ({args.seg_backbone}) ...")
-                seg[name] = {"train": _guarded(f"segmentation training {name}",
-                                               lambda: train_seg(args, device, variant)),
-                             "infer": _guarded(f"segmentation inference {name}",
-                                               lambda: infer_seg(args, device, variant))}
-        e2e_lines, e2e_ok = ["", "End to end: skipped (--e2e_images 0)."], True
-        if args.e2e_images:
-            lines, e2e_ok = run_e2e(work / "e2e", str(device), args.arch, args.seg_backbone, args.e2e_images, args.seed,
-                                    args.e2e_timeout, say, *e2e_variants(variants), size=tuple(args.e2e_size),
-                                    scales=",".join(map(str, args.scales)))
-            e2e_lines = ["", *lines]
-    body = "\n".join([report(args, device, results, sizes, ddp), *seg_report(args, seg), *e2e_lines])
+        for name, variant in variants.items():
+            if args.skip_seg:
+                break
+            say(f"segmentation {name}: training and inference ({args.seg_backbone}) ...")
+            seg[name]["train"] = _guarded(f"segmentation training {name}", lambda: train_seg(args, device, variant))
+            seg[name]["infer"] = _guarded(f"segmentation inference {name}", lambda: infer_seg(args, device, variant))
+            _write(args, body(), partial=True)
+        e2e_lines, e2e_ok = _end_to_end(args, device, variants, work)
     say("")
-    say(body)
+    say(body())
+    _write(args, body(), partial=False)
     if not args.no_write:
-        write_section(args.out, "gpu_check", body)
-        say(f"\nwritten to the gpu_check section of {args.out}")
+        say(f"\nwritten to the {args.section} section of {args.out}")
     if _failed(results, ddp) or (seg and _failed(seg, "")) or not e2e_ok:
         sys.exit(1)
 

@@ -33,6 +33,10 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# A measurement not taken yet, in a report written while the run goes on (a cut-off run leaves it).
+NOT_REACHED = "not reached"
+
+
 def say(text: str) -> None:
     """Print a progress line at once."""
     print(text, flush=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bench.gpu_common import NUM_CLASSES, Variant, layout, peak_gib, release, say, set_math, sync
+from bench.gpu_common import NOT_REACHED, NUM_CLASSES, Variant, layout, peak_gib, release, say, set_math, sync
 from bench.gpu_train import seg_model
 from core.device import compile_model
 from data.classes import VOC_CLASSES
@@ -137,6 +137,9 @@ def infer_seg(args: argparse.Namespace, device: torch.device, variant: Variant) 
 
 
 def label_change(reference: InferResult | str, other: InferResult | str) -> str:
+    """The share of ``other``'s labels that differ from ``reference``'s, or why there is none."""
+    if NOT_REACHED in (reference, other):
+        return NOT_REACHED
     if isinstance(reference, str) or isinstance(other, str):
         return "not measured (an inference run failed)"
     changed = sum(int((a != b).sum()) for a, b in zip(reference.labels, other.labels))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from bench.gpu_common import NOT_REACHED
 from bench.gpu_infer import InferResult, label_change
 from bench.gpu_train import TrainResult
 from bench.report import machine_line
@@ -15,9 +16,9 @@ from tool.segmentation import DEFAULT_SEG_SCALES
 
 
 def cell(result: TrainResult | InferResult | str, field: str, fmt: str) -> str:
-    """A table cell: ``field`` of a result formatted, "failed" or "n/a"."""
+    """A table cell: ``field`` of a result formatted, "failed", "not reached" or "n/a"."""
     if isinstance(result, str):
-        return "failed"
+        return NOT_REACHED if result == NOT_REACHED else "failed"
     value = getattr(result, field)
     return "n/a" if value is None else format(value, fmt)
 

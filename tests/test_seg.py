@@ -509,3 +509,30 @@ def test_torchrun_two_processes_end_identical(voc_root, tmp_path, num_classes):
     model = build_segmentation_model("deeplabv2", "tiny", num_classes, "train")
     load_segmentation_weights(model, tmp_path / "ddp" / "ddp_final.pth")
     assert state_digest(model) == ranks[0]["digests"][0][0]
+
+
+def test_a_batch_s_crf_in_one_call_writes_the_pngs_of_one_image_per_call(tmp_path):
+    """infer_seg.py's CRF in the main process (a GPU's path): a whole batch in one lattice writes the files
+    that one CRF call per image writes (torch CRF; the lattice keeps the images apart)."""
+    from crf.params import CRFParams
+    from tool.segmentation import write_label_pngs, write_label_pngs_batch
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (18, 24, 3), dtype=np.uint8) for _ in range(3)]
+    logits = torch.from_numpy(rng.normal(size=(3, 4, 18, 24)).astype(np.float32))
+    probs = F.interpolate(logits, scale_factor=0.25, mode="bilinear")  # smooth maps, as a model's
+    probs = F.interpolate(probs, size=(18, 24), mode="bilinear").mul(4).softmax(1).numpy()
+    names = ["a", "b", "c"]
+    one = {k: tmp_path / "one" / k for k in ("pred", "crf")}
+    batch = {k: tmp_path / "batch" / k for k in ("pred", "crf")}
+    for folder in [*one.values(), *batch.values()]:
+        folder.mkdir(parents=True)
+    for name, image, p in zip(names, images, probs):
+        write_label_pngs(name, image, p, one, "crf", CRFParams(), backend="torch")
+    write_label_pngs_batch(names, images, probs, batch, "crf", CRFParams(), "cpu", pixels_per_call=10 ** 9)
+    for kind in ("pred", "crf"):
+        for name in names:
+            assert (batch[kind] / f"{name}.png").read_bytes() == (one[kind] / f"{name}.png").read_bytes()
+    crf = [read_label_png(one["crf"] / f"{n}.png") for n in names]
+    pred = [read_label_png(one["pred"] / f"{n}.png") for n in names]
+    assert any((c != p).any() for c, p in zip(crf, pred))  # the CRF changed labels: the comparison means something

@@ -161,6 +161,26 @@ def write_label_pngs(name: str, image: np.ndarray, probs: np.ndarray, outputs: d
     save_labels(name, labels, outputs, server_labels)
 
 
+def write_label_pngs_batch(names: Sequence[str], images: Sequence[np.ndarray], probs: np.ndarray,
+                           outputs: dict[str, Path], server_labels: str, crf: CRFParams, device: str,
+                           pixels_per_call: int | None = None) -> None:
+    """:func:`write_label_pngs` of a batch with the torch CRF in this process, several images per
+    CRF call (:func:`crf.densecrf.crf_refine_probs_batch`: up to ``pixels_per_call`` pixels per
+    lattice; None: its default for ``device``, several VOC images on a GPU, one on the CPU).
+
+    Args:
+        names: B image names.
+        images: B (H, W, 3) uint8 images of one size, the CRF's colour term.
+        probs: (B, C, H, W) float class probabilities at the images' size.
+    """
+    from crf.densecrf import crf_refine_probs_batch
+
+    refined = crf_refine_probs_batch(images, list(probs), crf, device, pixels_per_call)
+    for name, image_probs, crf_probs in zip(names, probs, refined, strict=True):
+        labels = {"pred": image_probs.argmax(0).astype(np.uint8), "crf": crf_probs.argmax(0).astype(np.uint8)}
+        save_labels(name, labels, outputs, server_labels)
+
+
 def save_labels(name: str, labels: dict[str, np.ndarray], outputs: dict[str, Path], server_labels: str) -> None:
     """Save ``labels`` ("pred" and/or "crf" -> (H, W) uint8) as the PNGs of ``outputs`` that hold
     them ("server" receives ``labels[server_labels]``), atomically."""
