@@ -312,8 +312,8 @@ def print_commands(args: argparse.Namespace, plans: list[Plan]) -> None:
     stage's lines, then its ``--finish_stage`` line, and at the end the runner's own command (every stage
     done: it prints the table); on node r > 0 the several-process lines alone."""
     ports, leads, seen = itertools.count(), plans[0].launch.leads, set()
-    lines = ["#!/usr/bin/env bash", f"# {len(plans)} run(s) of python -m protocol.pipeline {shell_line(runner_argv(args))}",
-             "set -euo pipefail", f"cd {shell_line([os.getcwd()])}"]
+    lines = ["#!/usr/bin/env bash", "# the stages still to do of: python -m protocol.pipeline "
+             + shell_line(runner_argv(args)), "set -euo pipefail", f"cd {shell_line([os.getcwd()])}"]
     for plan in plans:
         for stage in _todo(plan, redo_shared=plan is plans[0]):
             if (plan.home(stage), stage) in seen:  # shared by the seeds: the first seed runs it

@@ -212,18 +212,27 @@ def test_printed_commands_run_by_bash_give_the_runner_s_results(one_process, voc
     lines = [line for line in printed.splitlines() if line and not line.startswith("#")]
     finishes = [line.split("--finish_stage ")[1].split()[0] for line in lines if "--finish_stage" in line]
     assert finishes == ["bao", "pseudo_score", "eval_score", "table"]
+    # the BAO stage done (the one-process run's: its weights are the runner's), the printed rest run by bash
+    (run_dir / "stages").mkdir(parents=True)
+    shutil.copytree(one_process / "bao", run_dir / "bao")
+    shutil.copy(one_process / "stages" / "bao.json", run_dir / "stages")
+    code, printed, err = call_main("protocol.pipeline", argv, capsys)
+    assert code == 0, err
+    assert [line.split("--finish_stage ")[1].split()[0] for line in printed.splitlines() if "--finish_stage" in line] \
+        == ["pseudo_score", "eval_score", "table"]
     script = tmp_path / "protocol.sh"
     script.write_text(printed)
     done = subprocess.run(["bash", str(script)], cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _results(run_dir) == _results(one_process)
-    assert (run_dir / BAO).read_bytes() != b"" and "| BAO pseudo-labels, threshold-free |" in done.stdout
+    assert "| BAO pseudo-labels, threshold-free |" in done.stdout
     code, status, err = call_main("protocol.pipeline", ["--run_dir", str(run_dir), "--status"], capsys)
     assert code == 0, err
     states = dict(line.split(None, 1) for line in status.splitlines())
-    assert {s: state for s, state in states.items() if not state.startswith("not in this run")} == dict.fromkeys(
-        ["bao", "pseudo_score", "eval_score", "table"], "done (its printed commands)")
+    assert {s: state for s, state in states.items() if not state.startswith("not in this run")} == {
+        "bao": states["bao"], **dict.fromkeys(["pseudo_score", "eval_score", "table"], "done (its printed commands)")}
+    assert states["bao"].startswith("done in")
     code, again, err = call_main("protocol.pipeline", argv, capsys)
     assert code == 0 and "--finish_stage" not in again, err  # every stage done: only the runner's own line is left
 
