@@ -245,7 +245,7 @@ def definition(plan: Plan) -> dict:
             "lists": plan.lists, "settings": p.settings,
             "extras": list(p.extras), "fixed_t": p.fixed_t, "published": p.published,
             "seed": plan.seed if plan.run_dir == plan.root else "one folder per seed",
-            "processes": plan.launch.world_size}
+            "processes": plan.launch.world_size, "nodes": plan.launch.nnodes}
 
 
 def _differences(before, now, name: str) -> list[str]:
@@ -260,17 +260,17 @@ def check_definition(plan: Plan, todo: Sequence[str] = ()) -> None:
     """Write ``run.json`` on a new run; refuse a rerun whose :func:`definition` differs (its finished
     stages would be mixed with stages of other settings), naming every setting that differs.
 
-    The number of processes is the one setting a rerun may change, once no training stage is among
-    the stages ``todo`` (inference shards its list by image and gives the same files on any number;
-    training does not): ``run.json`` keeps the number that trained."""
+    The number of processes (and of machines) is the one setting a rerun may change, once no training
+    stage is among the stages ``todo`` (inference shards its list by image and gives the same files on
+    any number; training does not): ``run.json`` keeps the numbers that trained."""
     path = plan.root / "run.json"
     now = definition(plan)
     if path.is_file():
-        # a run made before "published", "seed", "crf_backend" and "processes" were recorded had none of
-        # them (published figures change no result; its CRF was the one "auto" gives here; one process)
+        # a run made before "published", "seed", "crf_backend", "processes" and "nodes" were recorded had none
+        # of them (published figures change no result; its CRF was the one "auto" gives here; one process)
         before = {"published": now["published"], "seed": None, "crf_backend": now["crf_backend"], "processes": 1,
-                  **json.loads(path.read_text())}
-        changed = _differences({**before, "processes": now["processes"]}, now, "")
+                  "nodes": 1, **json.loads(path.read_text())}
+        changed = _differences({**before, "processes": now["processes"], "nodes": now["nodes"]}, now, "")
         if changed:
             raise UserError(f"{plan.root} holds a run made with other settings ({'; '.join(changed)}); rerun it "
                             "with the same flags and protocol, or give another --run_dir")

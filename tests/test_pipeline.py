@@ -205,11 +205,12 @@ def test_pipeline_interrupted_resumed_and_redone_ends_with_the_same_table(voc_ro
     assert "== bao: done before, skipped" in out and "resumed" in out
     assert json.loads((cut / "results.json").read_text())["results"] == results
 
-    # --from redoes a stage and what follows it
-    before = (cut / "stages" / "pseudo_seg.json").read_text()
-    _run(voc_root, cut, tiny_transcam_weights, "--from", "seg_val")
-    assert (cut / "stages" / "pseudo_seg.json").read_text() == before
-    assert json.loads((cut / "stages" / "seg_val.json").read_text())["seconds"] >= 0
+    # --from redoes a stage and what follows it (the last two: seg_test and table), and nothing before
+    before = {s: (cut / "stages" / f"{s}.json").read_text() for s in ("pseudo_seg", "seg_val", "seg_test")}
+    (cut / "seg_test" / "stale.txt").write_text("a file the redone stage's folder must not keep")
+    _run(voc_root, cut, tiny_transcam_weights, "--from", "seg_test")
+    assert [(cut / "stages" / f"{s}.json").read_text() == before[s] for s in before] == [True, True, False]
+    assert not (cut / "seg_test" / "stale.txt").exists() and (cut / "seg_test" / "results.tar.gz").is_file()
     assert json.loads((cut / "results.json").read_text())["results"] == results
 
 

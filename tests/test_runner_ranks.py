@@ -298,11 +298,13 @@ def test_another_number_of_processes_continues_only_once_training_is_done(voc_ro
         return pipeline.make_plan(pipeline.get_args_parser().parse_args(argv))
 
     pipeline.check_definition(plan(), ["bao"])
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["processes"] == 1
+    recorded = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert recorded["processes"] == recorded["nodes"] == 1
     with pytest.raises(UserError, match=r"trains on 1 processes .* training stage bao is left to run, which "
                                                  r"2 would train otherwise"):
         pipeline.check_definition(plan("--nproc_per_node", "2"), ["bao", "pseudo_score"])
     with pytest.raises(UserError, match="bao is left to run"):
         pipeline.check_definition(plan("--nnodes", "2", "--rdzv_endpoint", "h:1000"), ["bao"])
-    pipeline.check_definition(plan("--nproc_per_node", "2"), ["pseudo_score", "eval_score", "table"])
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["processes"] == 1  # the number that trained
+    pipeline.check_definition(plan("--nnodes", "2", "--rdzv_endpoint", "h:1000"), ["pseudo_score", "eval_score"])
+    recorded = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert recorded["processes"] == recorded["nodes"] == 1  # the numbers that trained
